@@ -1,0 +1,433 @@
+"""One typed config tree for every stage of megatron-autothink.
+
+A run is described by one YAML file (``recipes/*.yaml``) plus dotted overrides from the command
+line (``train.lr=1e-5 parallel.tp=2``). Everything is validated before any work starts: unknown
+keys, wrong types and impossible parallel layouts fail with a message naming the key.
+
+Why pydantic and not plain dataclasses: we get per-field type coercion from YAML/CLI strings and
+error messages that carry the dotted location for free, with ``extra="forbid"`` catching typos.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key and the allowed values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class VisionConfig(_Section):
+    """Qwen2.5-VL vision tower (HF ``vision_config``)."""
+
+    depth: int = 2
+    """Number of ViT blocks."""
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 4
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    window_size: int = 56
+    """Window attention size in pixels (HF default 112); blocks not in ``fullatt_block_indexes``
+    attend within windows of ``window_size // patch_size // spatial_merge_size`` merged tokens."""
+    fullatt_block_indexes: list[int] = Field(default_factory=lambda: [1])
+    rms_norm_eps: float = 1e-6
+
+
+class ModelConfig(_Section):
+    """Qwen2.5-VL-architecture VLM: a megatron GPT stack plus a vision tower."""
+
+    name: str = "tiny"
+    """Free-form size label (``tiny``, ``qwen2.5-vl-3b``, ...); shapes come from the fields below."""
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """GQA: key/value heads."""
+    vocab_size: int = 1024
+    """Tokenizer vocabulary; padded up for TP by ``make_vocab_size_divisible_by``."""
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    rope_theta: float = 1_000_000.0
+    mrope_section: list[int] = Field(default_factory=lambda: [4, 6, 6])
+    """Rotary frequencies given to (t, h, w); sums to head_dim // 2."""
+    rms_norm_eps: float = 1e-6
+    add_qkv_bias: bool = True
+    tie_word_embeddings: bool = True
+    image_token_id: int = -1
+    """Id of ``<|image_pad|>``; -1 means: read from the tokenizer at build time."""
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """``auto``: Transformer Engine layers when TE imports and a GPU is present, else local."""
+    fp8: Literal["none", "hybrid", "e4m3"] = "none"
+    """FP8 recipe for TE layers on Hopper; must be ``none`` with local layers."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    init_method_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallelism, data, optimisation, training
+# ----------------------------------------------------------------------------------------------
+
+
+class ParallelConfig(_Section):
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel size."""
+    pp: int = Field(1, ge=1)
+    """Pipeline-parallel size."""
+    vpp: int | None = Field(None, ge=1)
+    """Virtual pipeline stages per rank (interleaved 1F1B); ``None`` disables."""
+    cp: int = Field(1, ge=1)
+    """Context-parallel size (GPU + TE only)."""
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """``auto``: nccl with CUDA, gloo without."""
+
+
+class DataConfig(_Section):
+    train_path: str = ""
+    """Folder or ``s3://``/``msc://`` URL of prepared shards (``autothink prep``)."""
+    eval_path: str = ""
+    tokenizer_path: str = ""
+    """Local HF tokenizer directory; empty -> the one saved next to the shards."""
+    seq_length: int = Field(512, ge=16)
+    micro_batch_size: int = Field(2, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    pack: bool = True
+    think_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of samples rendered with their thinking answer when a sample carries both."""
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 256 * 28 * 28
+    num_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = 100
+    max_error_rate: float = 0.01
+    text_only: bool = False
+    s3_endpoint: str = ""
+    """Object-storage endpoint URL (else ``AWS_ENDPOINT_URL``)."""
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_fraction: float = Field(0.03, ge=0, le=1)
+    decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100, ge=0)
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    eval_every: int = Field(0, ge=0)
+    eval_steps: int = Field(4, ge=0)
+    log_every: int = Field(1, ge=1)
+    init_from: str = ""
+    """Empty: random init. A megatron checkpoint dir or a HF model dir (converted on the fly)."""
+
+
+class CheckpointConfig(_Section):
+    dir: str = ""
+    """Checkpoint root; empty -> ``<run_dir>/checkpoints``."""
+    save_every: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    save_on_signal: bool = True
+    """Save when SIGTERM/SIGUSR1 arrives (SLURM pre-emption), then exit."""
+    resume: bool = True
+    """Resume from the latest valid checkpoint in ``dir`` when one exists."""
+
+
+class WandbConfig(_Section):
+    enabled: bool = False
+    project: str = "megatron-autothink"
+    mode: Literal["online", "offline"] = "offline"
+
+
+class LoggingConfig(_Section):
+    run_dir: str = "runs/default"
+    tensorboard: bool = True
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout and RL
+# ----------------------------------------------------------------------------------------------
+
+
+class RolloutConfig(_Section):
+    backend: Literal["vllm"] = "vllm"
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    eval_temperature: float = 0.0
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    sleep_level: Literal[0, 1, 2] = 1
+    """vLLM sleep level while the trainer steps (no-op on CPU). Level 2 drops weights and relies on
+    the next weight sync; see docs."""
+    enforce_eager: bool = True
+    weight_bucket_mb: int = Field(64, ge=1)
+    require_fresh_weights: bool = True
+    """The engine refuses to generate with a policy version older than the trainer's."""
+
+
+class BPOConfig(_Section):
+    g_think: int = Field(4, ge=0)
+    """Rollouts per prompt forced into thinking mode (``long`` prefill)."""
+    g_nothink: int = Field(4, ge=0)
+    """Rollouts per prompt forced into non-thinking mode (``short`` prefill)."""
+
+
+class SSRConfig(_Section):
+    enabled: bool = False
+    alpha: float = 1.0
+    all_correct_share: float = 0.1
+
+
+class RethinkConfig(_Section):
+    enabled: bool = False
+    drop_prob: float = 0.35
+    truncate_prob: float = 0.5
+    min_budget_tokens: int = 1024
+    temperature: float = 0.9
+
+
+class RewardWeights(_Section):
+    accuracy: float = 1.0
+    think_format: float = 0.0
+    lmm_r1_format: float = 0.0
+
+
+class RLConfig(_Section):
+    algorithm: Literal["grpo", "bpo", "reinforce"] = "grpo"
+    prompts_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=1)
+    """Samples per prompt (GRPO / REINFORCE); BPO uses ``bpo.g_think + bpo.g_nothink``."""
+    std_normalize: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    nll_coef: float = 0.0
+    updates_per_step: int = Field(1, ge=1)
+    dynamic_filter: bool = False
+    bpo: BPOConfig = Field(default_factory=BPOConfig)
+    ssr: SSRConfig = Field(default_factory=SSRConfig)
+    rethink: RethinkConfig = Field(default_factory=RethinkConfig)
+    rewards: RewardWeights = Field(default_factory=RewardWeights)
+
+
+class StageConfig(_Section):
+    """One stage of a multi-stage recipe (annealing, FRE text-only RL, MGT multimodal RL, ...)."""
+
+    name: str
+    kind: Literal["sft", "rl"]
+    steps: int = Field(ge=0)
+    train_path: str = ""
+    """Overrides ``data.train_path`` for this stage."""
+    text_only: bool = False
+    lr: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Root
+# ----------------------------------------------------------------------------------------------
+
+
+class AutothinkConfig(_Section):
+    """The whole run."""
+
+    recipe: str = "tiny_cpu"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_static(self) -> AutothinkConfig:
+        check_static(self)
+        return self
+
+    def world_layout(self, world_size: int) -> dict[str, int]:
+        """Validate the layout against a world size and return ``{tp, pp, cp, dp}``."""
+        return check_world_size(self, world_size)
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def check_static(cfg: AutothinkConfig) -> None:
+    """Checks that need no knowledge of the launch (world size, hardware)."""
+    m, p, v = cfg.model, cfg.parallel, cfg.model.vision
+    if m.hidden_size % m.num_attention_heads:
+        _fail("model.hidden_size", f"{m.hidden_size} is not divisible by model.num_attention_heads")
+    if m.num_attention_heads % m.num_query_groups:
+        _fail(
+            "model.num_query_groups",
+            f"{m.num_query_groups} must divide num_attention_heads={m.num_attention_heads}",
+        )
+    if sum(m.mrope_section) * 2 != m.head_dim:
+        _fail(
+            "model.mrope_section",
+            f"{m.mrope_section} sums to {sum(m.mrope_section)}; must be head_dim/2={m.head_dim // 2}",
+        )
+    if m.num_attention_heads % p.tp:
+        allowed = [d for d in range(1, m.num_attention_heads + 1) if m.num_attention_heads % d == 0]
+        _fail("parallel.tp", f"{p.tp} does not divide model.num_attention_heads; allowed: {allowed}")
+    if m.num_query_groups % p.tp:
+        allowed = [d for d in range(1, m.num_query_groups + 1) if m.num_query_groups % d == 0]
+        _fail("parallel.tp", f"{p.tp} does not divide model.num_query_groups; allowed: {allowed}")
+    if v.num_heads % p.tp:
+        allowed = [d for d in range(1, v.num_heads + 1) if v.num_heads % d == 0]
+        _fail("parallel.tp", f"{p.tp} does not divide model.vision.num_heads; allowed: {allowed}")
+    stages = p.pp * (p.vpp or 1)
+    if m.num_layers % stages:
+        allowed = [d for d in range(1, m.num_layers + 1) if m.num_layers % d == 0]
+        _fail(
+            "parallel.pp",
+            f"pp*vpp={stages} does not divide model.num_layers={m.num_layers}; allowed: {allowed}",
+        )
+    if p.vpp is not None and p.pp < 2:
+        _fail("parallel.vpp", "interleaved schedules need parallel.pp >= 2")
+    if p.sequence_parallel and p.tp == 1:
+        _fail("parallel.sequence_parallel", "needs parallel.tp > 1")
+    if any(i >= v.depth or i < 0 for i in v.fullatt_block_indexes):
+        _fail("model.vision.fullatt_block_indexes", f"indexes must lie in [0, {v.depth})")
+    d = cfg.data
+    if d.global_batch_size % d.micro_batch_size:
+        _fail(
+            "data.global_batch_size",
+            f"{d.global_batch_size} is not a multiple of data.micro_batch_size={d.micro_batch_size}",
+        )
+    if m.transformer_impl == "local" and m.fp8 != "none":
+        _fail("model.fp8", "FP8 needs model.transformer_impl=transformer_engine (or auto on GPU)")
+    if cfg.rl.algorithm == "bpo" and cfg.rl.bpo.g_think + cfg.rl.bpo.g_nothink < 2:
+        _fail("rl.bpo", "g_think + g_nothink must be >= 2 for group advantages")
+
+
+def check_world_size(cfg: AutothinkConfig, world_size: int) -> dict[str, int]:
+    """Checks that need the world size; returns the derived data-parallel size."""
+    p, d = cfg.parallel, cfg.data
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by tp*pp*cp={model_parallel}; "
+            f"use a world size that is a multiple of {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ConfigError(
+            f"data.global_batch_size: {d.global_batch_size} is not divisible by "
+            f"micro_batch_size*dp={d.micro_batch_size * dp} (dp={dp} at world size {world_size})"
+        )
+    return {"tp": p.tp, "pp": p.pp, "cp": p.cp, "dp": dp}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """Resolve ``tiny_cpu`` or ``recipes/tiny_cpu.yaml`` or any YAML path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = RECIPES_DIR / f"{p.stem}.yaml"
+    if cand.exists():
+        return cand
+    known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe '{name_or_path}' not found; known recipes: {known}")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: '{k}' is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-5", "parallel.tp=2"]`` -> ``[("train.lr", 1e-05), ("parallel.tp", 2)]``.
+
+    Values are parsed as YAML scalars/lists so ``a=[1,2]`` and ``b=true`` work.
+    """
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(recipe: str | Path = "tiny_cpu", overrides: list[str] | None = None) -> AutothinkConfig:
+    """Load one recipe YAML and apply dotted overrides; raise ``ConfigError`` on any problem."""
+    path = recipe_path(str(recipe))
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    tree.setdefault("recipe", path.stem)
+    try:
+        return AutothinkConfig.model_validate(tree)
+    except ValidationError as err:
+        # A ConfigError raised inside a validator arrives wrapped; surface its own message.
+        for e in err.errors():
+            ctx_err = (e.get("ctx") or {}).get("error")
+            if isinstance(ctx_err, ConfigError):
+                raise ConfigError(f"{path}: {ctx_err}") from None
+        raise ConfigError(_format_validation_error(err, str(path))) from None
+
+
+def dump_config(cfg: AutothinkConfig) -> str:
+    """YAML text of a resolved config (saved in every run dir and checkpoint)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

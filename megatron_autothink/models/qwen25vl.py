@@ -1,0 +1,211 @@
+"""Qwen2.5-VL-architecture VLM on megatron-core.
+
+* Language model: megatron ``GPTModel`` (GQA, RMSNorm, SwiGLU, QKV bias, multimodal RoPE with
+  ``mrope_section``, optional tied embeddings), layers from a ``ModuleSpec`` (local or TE).
+* Vision tower: :class:`~megatron_autothink.models.vision.Qwen25VisionModel` on the first
+  pipeline stage only.
+* Image features replace the ``<|image_pad|>`` token embeddings (one merged 2x2 patch per token),
+  before the decoder, so tensor/pipeline/context parallel splits see ordinary hidden states.
+
+Parallelism lives in megatron-core: this file builds modules and passes the
+``ProcessGroupCollection`` it is given; it never reads global parallel state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_autothink.config import ModelConfig, ParallelConfig
+from megatron_autothink.models.specs import language_layer_spec, resolve_impl, vision_layer_spec
+from megatron_autothink.models.vision import Qwen25VisionModel
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Round the vocabulary up so every TP rank holds an equal, aligned slice.
+
+    >>> padded_vocab_size(1000, 128, 2)
+    1024
+    """
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def language_config(
+    m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, *, use_cpu_init: bool
+) -> TransformerConfig:
+    impl = resolve_impl(m.transformer_impl)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        mrope_section=list(m.mrope_section),
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Fusions are CUDA kernels; the TE path enables its own.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # Full-tensor init on CPU then split: TP=N starts from the same weights as TP=1.
+        use_cpu_initialization=use_cpu_init,
+        fp8=None if m.fp8 == "none" or impl != "transformer_engine" else m.fp8,
+        recompute_granularity=None if m.recompute == "none" else m.recompute,
+        recompute_method="uniform" if m.recompute == "full" else None,
+        recompute_num_layers=1 if m.recompute == "full" else None,
+        variable_seq_lengths=False,
+    )
+
+
+def vision_config(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, *, use_cpu_init: bool) -> TransformerConfig:
+    v = m.vision
+    return TransformerConfig(
+        num_layers=v.depth,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.intermediate_size,
+        num_attention_heads=v.num_heads,
+        kv_channels=v.hidden_size // v.num_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=v.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=use_cpu_init,
+    )
+
+
+class Qwen25VLModel(MegatronModule):
+    """One pipeline chunk of the VLM. Forward returns per-token loss ``[B, S]`` when ``labels`` are
+    given (last stage), vocab-parallel logits ``[B, S, V/tp]`` otherwise (last stage), or hidden
+    states ``[S, B, H]`` on earlier stages."""
+
+    def __init__(
+        self,
+        m: ModelConfig,
+        p: ParallelConfig,
+        *,
+        vocab_size: int,
+        image_token_id: int,
+        pg_collection: ProcessGroupCollection,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        use_cpu_init = not torch.cuda.is_available()
+        lm_cfg = language_config(m, p, dtype, use_cpu_init=use_cpu_init)
+        super().__init__(config=lm_cfg)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.tp_group = pg_collection.tp  # read by MegatronModule.sharded_state_dict
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.image_token_id = image_token_id
+        self.vocab_size = vocab_size
+        self.language_model = GPTModel(
+            config=lm_cfg,
+            transformer_layer_spec=language_layer_spec(m.transformer_impl),
+            vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, p.tp),
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=m.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=int(m.rope_theta),
+            parallel_output=True,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.share_embeddings_and_output_weights = m.tie_word_embeddings
+        self.vision: Qwen25VisionModel | None = None
+        if pre_process:
+            self.vision = Qwen25VisionModel(
+                vision_config(m, p, dtype, use_cpu_init=use_cpu_init),
+                vision_layer_spec(),
+                m.vision,
+                out_hidden=m.hidden_size,
+                pg_collection=pg_collection,
+            )
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self) -> Tensor:
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def embed(self, tokens: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+        """Token embeddings ``[S, B, H]`` with image features at ``<|image_pad|>`` positions."""
+        emb = self.language_model.embedding(input_ids=tokens, position_ids=None)  # [S, B, H]
+        is_image = tokens == self.image_token_id  # [B, S]
+        n_slots = int(is_image.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if n_slots:
+                raise ValueError(f"batch has {n_slots} <|image_pad|> tokens but no pixel_values")
+            return emb
+        assert self.vision is not None and image_grid_thw is not None
+        feats = self.vision(pixel_values, image_grid_thw)  # [N_img_tokens, H]
+        if feats.shape[0] != n_slots:
+            raise ValueError(
+                f"image features ({feats.shape[0]} tokens from grid {image_grid_thw.tolist()}) do "
+                f"not match the {n_slots} <|image_pad|> tokens in the batch"
+            )
+        mask = is_image.t()[..., None].expand_as(emb)  # [S, B, H]
+        # Token order of feats is batch-major (row 0's images first); emb is [S, B, H], so scatter
+        # through a [B, S, H] view to keep that order.
+        emb_bsh = emb.transpose(0, 1)
+        emb_bsh = emb_bsh.masked_scatter(mask.transpose(0, 1), feats.to(emb.dtype))
+        return emb_bsh.transpose(0, 1).contiguous()
+
+    def forward(
+        self,
+        tokens: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor | None,
+        labels: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+    ) -> Tensor:
+        decoder_input = self.embed(tokens, pixel_values, image_grid_thw) if self.pre_process else None
+        return self.language_model(
+            input_ids=tokens,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+        )

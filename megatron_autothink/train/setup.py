@@ -1,0 +1,137 @@
+"""Build model chunks, megatron DDP, the distributed optimizer and the LR schedule from config.
+
+Kept apart from the loop so the SFT trainer, the RL trainer and the tests share one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig as MOptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_autothink.config import AutothinkConfig
+from megatron_autothink.models.qwen25vl import Qwen25VLModel
+from megatron_autothink.parallel import ParallelContext
+
+
+def train_dtype(cfg: AutothinkConfig) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless the recipe pins one."""
+    if cfg.train.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def build_model_chunks(
+    cfg: AutothinkConfig,
+    ctx: ParallelContext,
+    *,
+    vocab_size: int,
+    image_token_id: int,
+) -> list[torch.nn.Module]:
+    """One chunk per virtual pipeline stage on this rank (one chunk without interleaving)."""
+    vpp = cfg.parallel.vpp or 1
+    dtype = train_dtype(cfg)
+    chunks: list[torch.nn.Module] = []
+    for vp_stage in range(vpp):
+        first = ctx.is_first_stage and vp_stage == 0
+        last = ctx.is_last_stage and vp_stage == vpp - 1
+        model = Qwen25VLModel(
+            cfg.model,
+            cfg.parallel,
+            vocab_size=vocab_size,
+            image_token_id=image_token_id,
+            pg_collection=ctx.pg,
+            pre_process=first,
+            post_process=last,
+            vp_stage=vp_stage if cfg.parallel.vpp else None,
+            dtype=dtype,
+        )
+        model.to(ctx.device)
+        # Per-token loss: the schedules hand back token counts and finalize_model_grads divides
+        # the summed gradients by the global count (DP ranks and micro-batches included).
+        model.config.calculate_per_token_loss = True
+        chunks.append(model)
+    return chunks
+
+
+def wrap_ddp(
+    cfg: AutothinkConfig, chunks: list[torch.nn.Module], ctx: ParallelContext
+) -> list[torch.nn.Module]:
+    """Wrap chunks in megatron DDP (contiguous grad buffers; reduce-scatter with the distributed
+    optimizer) and wire the hooks the schedules call. Load weights *before* wrapping: DDP moves
+    parameters into its buffers."""
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        average_in_collective=False,
+    )
+    wrapped: list[torch.nn.Module] = []
+    for i, model in enumerate(chunks):
+        wrapped.append(
+            DistributedDataParallel(
+                config=model.config,
+                ddp_config=ddp_cfg,
+                module=model,
+                # Bucketing only pays off with overlap; off for extra chunks as megatron does.
+                disable_bucketing=i > 0,
+                pg_collection=ctx.pg,
+            )
+        )
+    cfg0 = wrapped[0].config
+    cfg0.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=ctx.pg)
+    cfg0.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped
+
+
+@dataclass
+class OptimizerBundle:
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+
+
+def build_optimizer(
+    cfg: AutothinkConfig, chunks: list[torch.nn.Module], ctx: ParallelContext, total_steps: int
+) -> OptimizerBundle:
+    o = cfg.optim
+    dtype = train_dtype(cfg)
+    mcfg = MOptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    # Our groups are passed in; megatron would otherwise build extra gloo groups of its own.
+    optimizer = get_megatron_optimizer(
+        mcfg, chunks, use_gloo_process_groups=False, pg_collection=ctx.pg
+    )
+    chunks[0].config.grad_scale_func = optimizer.scale_loss  # type: ignore[union-attr]
+    total = max(total_steps, 1)
+    warmup = int(round(o.warmup_fraction * total))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=total,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=total,
+        wd_incr_style="constant",
+    )
+    return OptimizerBundle(optimizer, scheduler)
