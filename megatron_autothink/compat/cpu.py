@@ -26,13 +26,14 @@ Patches (see ``PATCHES``):
 ``device_kwarg``
     A ``TorchFunctionMode`` that rewrites ``device="cuda"`` / ``cuda:N`` / an int device in
     tensor factories and ``Tensor.to``/``Tensor.cuda`` to the CPU. Covers the literal
-    ``device="cuda"`` token counters in ``pipeline_parallel.schedules.forward_backward_*``.
+    ``device="cuda"`` tensors in DDP's grad-buffer set-up and the token counters in
+    ``pipeline_parallel.schedules.forward_backward_*``.
 ``cuda_tensor_type``
     ``Tensor.type()`` reports ``torch.cuda.FloatTensor`` (and friends) for CPU tensors. Covers the
     type assert in ``DistributedOptimizer._build_model_and_main_param_groups``.
 ``sync_noops``
     ``torch.cuda.synchronize`` / ``empty_cache`` / memory queries become no-ops (called by
-    megatron's timers, checkpoint code and our own logging).
+    ``dist_checkpointing.save`` and by our own logging).
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ PATCHES: dict[str, Patch] = {
         ),
         Patch(
             "device_kwarg",
-            "pipeline_parallel.schedules total_num_tokens (device='cuda')",
+            "literal device='cuda' tensors: DDP grad-buffer set-up, schedules' token counters",
             _apply_device_kwarg,
             _revert_device_kwarg,
         ),
@@ -251,7 +252,7 @@ PATCHES: dict[str, Patch] = {
         ),
         Patch(
             "sync_noops",
-            "torch.cuda.synchronize/empty_cache/memory queries (timers, logging)",
+            "torch.cuda.synchronize in dist_checkpointing.save; memory queries in logging",
             _apply_sync_noops,
             _revert_sync_noops,
         ),
@@ -259,16 +260,21 @@ PATCHES: dict[str, Patch] = {
 }
 
 
+_skipped: set[str] = set()
+
+
 def activate(skip: tuple[str, ...] = (), force: bool = False) -> list[str]:
     """Apply the CPU patches (only without CUDA, unless ``force``); return the names applied.
 
-    ``skip`` leaves named patches out; the tests use it to prove that each one is needed.
+    ``skip`` leaves named patches out, also for later calls in this process; the tests use it
+    to prove that each one is needed.
     """
     if not (force or needs_cpu_mode()):
         return []
+    _skipped.update(skip)
     applied = []
     for patch in PATCHES.values():
-        if patch.name in skip or patch.active:
+        if patch.name in _skipped or patch.active:
             continue
         patch.apply()
         patch.active = True

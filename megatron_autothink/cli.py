@@ -1,0 +1,165 @@
+"""``autothink``: the one command-line entry point.
+
+Subcommands stay thin: they parse arguments and call package functions. Run configs come from one
+recipe YAML plus dotted overrides (``autothink train --config recipes/tiny_cpu.yaml train.steps=5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from megatron_autothink.config import ConfigError, dump_config, load_config
+
+EPILOG = """
+Recipes live in recipes/*.yaml (tiny_cpu is the default). Any config key can be overridden with
+dotted KEY=VALUE arguments, e.g.:  autothink train --config recipes/tiny_cpu.yaml \\
+    train.steps=20 parallel.tp=2 optim.lr=1e-4
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default="tiny_cpu",
+        help="recipe name (recipes/NAME.yaml) or path to a recipe YAML (default: tiny_cpu)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+
+
+def _not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(
+            f"autothink: '{what}' is not available in this build yet ({issue}). "
+            "See README.md 'Status' for what works today.",
+            file=sys.stderr,
+        )
+        return 2
+
+    return run
+
+
+def _resolve(entry: str) -> Callable[..., object] | None:
+    """Import ``module:function`` lazily so ``--help`` stays fast and optional parts stay optional."""
+    mod_name, fn_name = entry.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("megatron_autothink"):
+            return None
+        raise
+    return getattr(mod, fn_name, None)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    run = _resolve("megatron_autothink.train.run:main")
+    if run is None:
+        return _not_yet("train", "issue #4: the training loop")(args)
+    return int(run(cfg) or 0)  # type: ignore[call-overload]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autothink",
+        description=(
+            "megatron-autothink: train auto-thinking vision-language models "
+            "(bi-mode annealing, BPO, VL-Rethinker, LMM-R1) on megatron-core with vLLM rollouts."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the tiny end-to-end pipeline on CPU (data, annealing, RL, eval, export, report)",
+        description="Tiny end-to-end run: prep digits -> bi-mode annealing -> RL -> eval -> "
+        "HF export -> report. Resumable; prints total time.",
+    )
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--smoke", action="store_true", help="minutes-long version used by CI")
+    p.set_defaults(func=_entry("megatron_autothink.demo:main", "demo", "issue #9: the demo"))
+
+    p = sub.add_parser(
+        "prep",
+        help="build WebDataset shards (digits synthetic data, or your JSONL/Parquet)",
+        description="Data preparation into WebDataset shards with megatron-energon metadata.",
+    )
+    add_prep = _resolve("megatron_autothink.data.cli:add_prep_subcommands")
+    if add_prep is not None:
+        add_prep(p.add_subparsers(dest="prep_command", metavar="PREP", required=True))
+    else:
+        p.set_defaults(func=_not_yet("prep", "issue #3: the data pipeline"))
+
+    p = sub.add_parser(
+        "train",
+        help="train with a recipe (annealing SFT or RL stages)",
+        description="Run a recipe's stages with megatron-core (torchrun/srun for several ranks).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model in auto/long/short thinking modes",
+        description="Generate with the rollout engine on a test split and score the answers.",
+    )
+    p.add_argument("--model", required=False, help="HF directory or megatron checkpoint")
+    p.add_argument("--data", required=False, help="shard folder or URL")
+    p.add_argument("--modes", default="auto,long,short", help="comma list of thinking modes")
+    p.set_defaults(func=_entry("megatron_autothink.eval.cli:main", "eval", "issue #9: eval"))
+
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints between Hugging Face Qwen2.5-VL and megatron",
+        description="hf-to-mcore / mcore-to-hf checkpoint conversion at any TP/PP.",
+    )
+    p.add_argument("direction", nargs="?", choices=["hf-to-mcore", "mcore-to-hf"])
+    p.set_defaults(
+        func=_entry("megatron_autothink.convert.cli:main", "convert", "issue #7: conversion")
+    )
+
+    p = sub.add_parser(
+        "launch",
+        help="render and submit SLURM jobs",
+        description="Write an sbatch script for a recipe and submit it (or print it).",
+    )
+    p.set_defaults(
+        func=_entry("megatron_autothink.launch.cli:main", "launch", "issue #8: SLURM launcher")
+    )
+    return parser
+
+
+def _entry(entry: str, what: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        fn = _resolve(entry)
+        if fn is None:
+            return _not_yet(what, issue)(args)
+        return int(fn(args) or 0)  # type: ignore[call-overload]
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"autothink: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
