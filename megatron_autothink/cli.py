@@ -27,9 +27,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         help="recipe name (recipes/NAME.yaml) or path to a recipe YAML (default: tiny_cpu)",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved config and exit"
-    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def _not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], int]:

@@ -305,7 +305,9 @@ def check_static(cfg: AutothinkConfig) -> None:
         )
     if m.num_attention_heads % p.tp:
         allowed = [d for d in range(1, m.num_attention_heads + 1) if m.num_attention_heads % d == 0]
-        _fail("parallel.tp", f"{p.tp} does not divide model.num_attention_heads; allowed: {allowed}")
+        _fail(
+            "parallel.tp", f"{p.tp} does not divide model.num_attention_heads; allowed: {allowed}"
+        )
     if m.num_query_groups % p.tp:
         allowed = [d for d in range(1, m.num_query_groups + 1) if m.num_query_groups % d == 0]
         _fail("parallel.tp", f"{p.tp} does not divide model.num_query_groups; allowed: {allowed}")
@@ -408,7 +410,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(recipe: str | Path = "tiny_cpu", overrides: list[str] | None = None) -> AutothinkConfig:
+def load_config(
+    recipe: str | Path = "tiny_cpu", overrides: list[str] | None = None
+) -> AutothinkConfig:
     """Load one recipe YAML and apply dotted overrides; raise ``ConfigError`` on any problem."""
     path = recipe_path(str(recipe))
     tree = yaml.safe_load(path.read_text()) or {}

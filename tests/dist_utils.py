@@ -19,7 +19,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple) -> None:
+def _worker(
+    rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple
+) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -33,7 +35,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable[..., An
         result = fn(*args)
         torch.save({"ok": True, "result": result}, os.path.join(out_dir, f"{rank}.pt"))
     except BaseException:
-        torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(
+            {"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt")
+        )
         raise
     finally:
         from megatron_autothink.parallel import destroy_distributed
@@ -58,7 +62,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
         for r in range(world_size):
             path = os.path.join(d, f"{r}.pt")
             if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+                raise RuntimeError(
+                    f"rank {r} died without a result (exit code {procs[r].exitcode})"
+                )
             out = torch.load(path, weights_only=False)
             if not out["ok"]:
                 raise RuntimeError(f"rank {r} failed:\n{out['error']}")

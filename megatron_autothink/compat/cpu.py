@@ -105,7 +105,9 @@ def _apply_cuda_rng() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     _set(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
-    _set(torch.cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state))
+    _set(
+        torch.cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    )
     _set(torch.cuda, "manual_seed", _cpu_manual_seed)
     _set(torch.cuda, "manual_seed_all", _cpu_manual_seed)
     _set(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())

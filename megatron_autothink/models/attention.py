@@ -16,7 +16,6 @@ Mask convention is megatron's: ``True`` means *masked out*.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -54,7 +53,9 @@ class SDPAAttention(MegatronModule):
         self.num_groups = divide(config.num_query_groups or config.num_attention_heads, tp_size)
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
 
     def forward(
         self,

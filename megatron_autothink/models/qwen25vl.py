@@ -82,7 +82,9 @@ def language_config(
     )
 
 
-def vision_config(m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, *, use_cpu_init: bool) -> TransformerConfig:
+def vision_config(
+    m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, *, use_cpu_init: bool
+) -> TransformerConfig:
     v = m.vision
     return TransformerConfig(
         num_layers=v.depth,
@@ -169,7 +171,9 @@ class Qwen25VLModel(MegatronModule):
     def shared_embedding_or_output_weight(self) -> Tensor:
         return self.language_model.shared_embedding_or_output_weight()
 
-    def embed(self, tokens: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+    def embed(
+        self, tokens: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None
+    ) -> Tensor:
         """Token embeddings ``[S, B, H]`` with image features at ``<|image_pad|>`` positions."""
         emb = self.language_model.embedding(input_ids=tokens, position_ids=None)  # [S, B, H]
         is_image = tokens == self.image_token_id  # [B, S]
@@ -201,7 +205,9 @@ class Qwen25VLModel(MegatronModule):
         pixel_values: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
     ) -> Tensor:
-        decoder_input = self.embed(tokens, pixel_values, image_grid_thw) if self.pre_process else None
+        decoder_input = (
+            self.embed(tokens, pixel_values, image_grid_thw) if self.pre_process else None
+        )
         return self.language_model(
             input_ids=tokens,
             position_ids=position_ids,

@@ -64,7 +64,9 @@ def local_layer_spec(causal: bool = True) -> ModuleSpec:
             pre_mlp_layernorm=WrappedTorchNorm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
             ),
             mlp_bda=_bda(),
         ),

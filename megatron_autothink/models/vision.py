@@ -40,8 +40,16 @@ def vision_rotary_positions(grid_thw: Tensor, merge: int) -> Tensor:
     """
     out = []
     for t, h, w in grid_thw.tolist():
-        hh = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
-        ww = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
+        hh = (
+            torch.arange(h)
+            .view(h // merge, merge, 1, 1)
+            .expand(h // merge, merge, w // merge, merge)
+        )
+        ww = (
+            torch.arange(w)
+            .view(1, 1, w // merge, merge)
+            .expand(h // merge, merge, w // merge, merge)
+        )
         # block-major: (h_block, w_block, h_in, w_in)
         hh = hh.permute(0, 2, 1, 3).reshape(-1)
         ww = ww.permute(0, 2, 1, 3).reshape(-1)
@@ -49,9 +57,7 @@ def vision_rotary_positions(grid_thw: Tensor, merge: int) -> Tensor:
     return torch.cat(out)
 
 
-def window_partition(
-    grid_thw: Tensor, merge: int, window_merged: int
-) -> tuple[Tensor, Tensor]:
+def window_partition(grid_thw: Tensor, merge: int, window_merged: int) -> tuple[Tensor, Tensor]:
     """Group merged tokens into square windows of ``window_merged`` merged tokens per side.
 
     Returns:
@@ -157,11 +163,15 @@ class Qwen25VisionModel(MegatronModule):
         # Equal to HF's Conv3d(kernel=stride=(T, P, P), bias=False) on pre-cut patches.
         self.patch_embed = nn.Linear(patch_dim, vision.hidden_size, bias=False)
         head_dim = vision.hidden_size // vision.num_heads
-        inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)))
+        inv = 1.0 / (
+            10000.0 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2))
+        )
         self.register_buffer("inv_freq", inv, persistent=False)
         self.layers = nn.ModuleList(
             [
-                build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection)
+                build_module(
+                    layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection
+                )
                 for i in range(vision.depth)
             ]
         )
@@ -176,7 +186,9 @@ class Qwen25VisionModel(MegatronModule):
         for name, child in self.named_children():
             if name == "layers":
                 for i, layer in enumerate(child):
-                    out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+                    out.update(
+                        layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata)
+                    )
             else:
                 out.update(
                     sharded_state_dict_default(
@@ -187,7 +199,9 @@ class Qwen25VisionModel(MegatronModule):
 
     def rotary(self, grid_thw: Tensor) -> Tensor:
         """Megatron-layout rotary angles ``[N, 1, 1, head_dim]``: (h, w) halves, repeated."""
-        pos = vision_rotary_positions(grid_thw, self.vision.spatial_merge_size).to(self.inv_freq.device)
+        pos = vision_rotary_positions(grid_thw, self.vision.spatial_merge_size).to(
+            self.inv_freq.device
+        )
         freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, head_dim/2]: h | w
         return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -84,7 +85,7 @@ def wrap_ddp(
                 pg_collection=ctx.pg,
             )
         )
-    cfg0 = wrapped[0].config
+    cfg0: Any = wrapped[0].config
     cfg0.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=ctx.pg)
     cfg0.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     return wrapped
@@ -120,7 +121,7 @@ def build_optimizer(
     )
     chunks[0].config.grad_scale_func = optimizer.scale_loss  # type: ignore[union-attr]
     total = max(total_steps, 1)
-    warmup = int(round(o.warmup_fraction * total))
+    warmup = round(o.warmup_fraction * total)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else o.lr,

@@ -30,7 +30,9 @@ def _to(batch: PackedBatch, device: torch.device) -> PackedBatch:
     return batch.to(device)
 
 
-def loss_func(loss_mask: Tensor, mode_ids: Tensor, output_tensor: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def loss_func(
+    loss_mask: Tensor, mode_ids: Tensor, output_tensor: Tensor
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Masked token-sum loss, token count, and per-mode sums for logging.
 
     Returns the 3-tuple megatron's schedules expect with ``calculate_per_token_loss``:
@@ -50,7 +52,9 @@ def loss_func(loss_mask: Tensor, mode_ids: Tensor, output_tensor: Tensor) -> tup
     return loss_sum, n, reduced
 
 
-def forward_step(device: torch.device, data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Tensor, Any]:
+def forward_step(
+    device: torch.device, data_iterator: Iterator[PackedBatch], model: torch.nn.Module
+) -> tuple[Tensor, Any]:
     """Megatron ``forward_step_func``: every pipeline stage gets the same micro-batch (tokens,
     positions and masks are needed on every stage; pixels only on the first)."""
     batch = next(data_iterator).to(device)
@@ -117,8 +121,9 @@ def train_step(
     """Forward/backward over this rank's micro-batches and (unless ``forward_only``) one update."""
     for c in chunks:
         c.train(not forward_only)
-        if not forward_only and hasattr(c, "zero_grad_buffer"):
-            c.zero_grad_buffer()
+        zero = getattr(c, "zero_grad_buffer", None)
+        if not forward_only and zero is not None:
+            zero()
     if not forward_only:
         opt.optimizer.zero_grad()
     fb = get_forward_backward_func()

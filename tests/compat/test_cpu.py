@@ -70,7 +70,9 @@ def test_every_patch_has_a_case() -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED_STAGE))
 def test_each_patch_is_needed(name: str) -> None:
     (result,) = run_distributed(_smoke, 1, (name,))
-    assert result.startswith("failed"), f"patch '{name}' ({cpu.PATCHES[name].covers}) seems unneeded"
+    assert result.startswith("failed"), (
+        f"patch '{name}' ({cpu.PATCHES[name].covers}) seems unneeded"
+    )
     assert result.startswith(f"failed at {EXPECTED_STAGE[name]}:"), result
 
 

@@ -9,7 +9,9 @@ from megatron_autothink.data.batch import PackedBatch
 IMAGE_TOKEN = 7
 
 
-def synthetic_batch(rows: int, seq: int, vocab: int, seed: int, with_image: bool = True) -> PackedBatch:
+def synthetic_batch(
+    rows: int, seq: int, vocab: int, seed: int, with_image: bool = True
+) -> PackedBatch:
     """Row 0 holds one 1x4x4-patch image (4 merged tokens); odd rows pack two samples."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(10, vocab, (rows, seq), generator=g)

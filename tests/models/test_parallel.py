@@ -79,7 +79,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
 
 def _assert_same_training(ref: dict, got: dict, atol: float = 1e-5) -> None:
     assert got["tokens"] == ref["tokens"]
-    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(ref["loss"]), atol=atol, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(got["loss"]), torch.tensor(ref["loss"]), atol=atol, rtol=0
+    )
     torch.testing.assert_close(
         torch.tensor(got["grad_norm"]), torch.tensor(ref["grad_norm"]), atol=atol, rtol=1e-5
     )
