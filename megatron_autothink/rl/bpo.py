@@ -1,0 +1,181 @@
+r"""Bi-mode Policy Optimization (BPO) helpers, R-4B (arXiv 2508.21113).
+
+BPO is GRPO with a forced mixture in every rollout group: for each prompt, ``g_think`` responses
+start from the thinking prefill (``<think>\n``) and ``g_nothink`` from the non-thinking prefill
+(``<think>\n\n</think>\n\n``). Advantages use one baseline over the *whole mixed group*, so a
+mode that earns more reward on a prompt gets positive advantage relative to the other; a
+per-mode baseline would cancel exactly that signal and teach nothing about when to think.
+
+The paper does not publish the per-mode group size; ``g_think == g_nothink`` is the natural
+default, and ``g_nothink = 0`` reduces to plain GRPO on thinking rollouts.
+
+Layout convention (used by rollouts, rewards and advantages alike): rollouts are prompt-major,
+and within a prompt the thinking rollouts come first. Rollout ``k`` belongs to prompt
+``k // (g_think + g_nothink)``, so a flat [R] tensor reshapes to [P, g_think + g_nothink].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_autothink.rl.advantages import group_advantages
+
+THINK_PREFILL = "<think>\n"
+"""Assistant prefill that forces thinking (Qwen3 convention, R-4B ``long`` mode)."""
+NO_THINK_PREFILL = "<think>\n\n</think>\n\n"
+"""Assistant prefill that forces the empty think block (R-4B ``short`` mode)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BpoLayout:
+    """Which prompt and which forced mode each of the R rollouts of a BPO step has.
+
+    Attributes:
+        prompt_index: [R] long, prompt of each rollout.
+        thinking: [R] bool, True when the rollout is forced to think.
+        group_size: ``g_think + g_nothink``.
+    """
+
+    prompt_index: torch.Tensor
+    thinking: torch.Tensor
+    group_size: int
+
+    def prefills(self) -> list[str]:
+        """Assistant prefill string for each rollout."""
+        return [THINK_PREFILL if t else NO_THINK_PREFILL for t in self.thinking.tolist()]
+
+
+def bpo_group_layout(num_prompts: int, g_think: int, g_nothink: int) -> BpoLayout:
+    """Rollout layout for one BPO step (R-4B, arXiv 2508.21113).
+
+    Args:
+        num_prompts: Number of prompts P.
+        g_think: Rollouts per prompt with the thinking prefill.
+        g_nothink: Rollouts per prompt with the non-thinking prefill (0 = plain GRPO).
+
+    Returns:
+        The layout of ``P * (g_think + g_nothink)`` rollouts.
+
+    Example:
+        >>> lay = bpo_group_layout(2, 2, 1)
+        >>> lay.prompt_index.tolist(), lay.thinking.tolist()
+        ([0, 0, 0, 1, 1, 1], [True, True, False, True, True, False])
+    """
+    if num_prompts < 0 or g_think < 0 or g_nothink < 0:
+        raise ValueError("num_prompts, g_think and g_nothink must be non-negative")
+    group = g_think + g_nothink
+    if group == 0:
+        raise ValueError("a BPO group needs at least one rollout")
+    prompt_index = torch.arange(num_prompts).repeat_interleave(group)
+    one_group = torch.cat(
+        [torch.ones(g_think, dtype=torch.bool), torch.zeros(g_nothink, dtype=torch.bool)]
+    )
+    return BpoLayout(
+        prompt_index=prompt_index, thinking=one_group.repeat(num_prompts), group_size=group
+    )
+
+
+def bpo_advantages(
+    rewards: torch.Tensor,
+    modes: torch.Tensor,
+    *,
+    std_normalize: bool,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """BPO advantages: one group baseline over both modes (R-4B, arXiv 2508.21113).
+
+    ``modes`` does not change the arithmetic, by design (see the module docstring); it is
+    taken so callers cannot pass rewards without their mode layout, and its shape is checked.
+
+    Args:
+        rewards: [G, g_think + g_nothink] rewards, laid out as in :func:`bpo_group_layout`.
+        modes: [G, g_think + g_nothink] bool, True where the rollout was forced to think.
+        std_normalize: GRPO std normalisation (the paper calls BPO an improved GRPO; whether it
+            keeps the std is not published).
+        eps: See :func:`group_advantages`.
+
+    Returns:
+        [G, g_think + g_nothink] advantages.
+
+    Example:
+        Thinking solves the prompt twice, non-thinking never: the thinking rollouts are pushed up.
+
+        >>> r = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+        >>> m = torch.tensor([[True, True, False, False]])
+        >>> bpo_advantages(r, m, std_normalize=False).tolist()
+        [[0.5, 0.5, -0.5, -0.5]]
+    """
+    if modes.shape != rewards.shape:
+        raise ValueError(f"modes {tuple(modes.shape)} must match rewards {tuple(rewards.shape)}")
+    return group_advantages(rewards, std_normalize=std_normalize, eps=eps)
+
+
+def per_mode_metrics(
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    modes: torch.Tensor,
+    lengths: torch.Tensor,
+) -> dict[str, float]:
+    """Mean reward, advantage and response length per mode, for logging (R-4B Fig. 7 style).
+
+    Also reports, over groups holding both modes, how often each mode's mean reward is strictly
+    higher (``groups/thinking_better``, ``groups/non_thinking_better``): the signal BPO learns
+    the mode choice from. Means over an empty mode are NaN (count 0), so dashboards show a gap
+    rather than a misleading zero.
+
+    Args:
+        rewards: [G, N] rewards.
+        advantages: [G, N] advantages.
+        modes: [G, N] bool, True for thinking rollouts.
+        lengths: [G, N] response lengths in tokens.
+
+    Returns:
+        Flat ``{name: value}`` dict.
+
+    Example:
+        >>> r = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+        >>> a = torch.tensor([[0.25, 0.25, -0.75, 0.25]])
+        >>> m = torch.tensor([[True, True, False, False]])
+        >>> n = torch.tensor([[300, 500, 20, 40]])
+        >>> out = per_mode_metrics(r, a, m, n)
+        >>> out["thinking/reward_mean"], out["non_thinking/reward_mean"]
+        (1.0, 0.5)
+        >>> out["thinking/length_mean"], out["non_thinking/advantage_mean"]
+        (400.0, -0.25)
+        >>> out["groups/thinking_better"]
+        1.0
+    """
+    shapes = {tuple(t.shape) for t in (rewards, advantages, modes, lengths)}
+    if len(shapes) != 1 or rewards.dim() != 2:
+        raise ValueError(f"all inputs must share one [G, N] shape, got {shapes}")
+    think = modes.bool()
+    out: dict[str, float] = {}
+    for name, sel in (("thinking", think), ("non_thinking", ~think)):
+        count = int(sel.sum().item())
+        out[f"{name}/count"] = float(count)
+        for key, values in (("reward", rewards), ("advantage", advantages), ("length", lengths)):
+            out[f"{name}/{key}_mean"] = (
+                float(values[sel].double().mean().item()) if count else math.nan
+            )
+    out["thinking_share"] = float(think.double().mean().item()) if think.numel() else math.nan
+
+    # Per-group mode comparison, only where both modes were sampled.
+    n_think = think.sum(dim=1)
+    n_short = (~think).sum(dim=1)
+    both = (n_think > 0) & (n_short > 0)
+    if bool(both.any()):
+        r = rewards.double()
+        mean_think = (r * think).sum(dim=1) / n_think.clamp(min=1)
+        mean_short = (r * ~think).sum(dim=1) / n_short.clamp(min=1)
+        num_both = both.sum().double()
+        out["groups/thinking_better"] = float(((mean_think > mean_short) & both).sum() / num_both)
+        out["groups/non_thinking_better"] = float(
+            ((mean_short > mean_think) & both).sum() / num_both
+        )
+    else:
+        out["groups/thinking_better"] = math.nan
+        out["groups/non_thinking_better"] = math.nan
+    return out
