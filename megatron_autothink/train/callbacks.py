@@ -1,0 +1,153 @@
+"""Callbacks: logging, checkpointing and evaluation hook into the loop instead of branching in it.
+
+Every callback sees the :class:`~megatron_autothink.train.loop.LoopState` (step, metrics, the
+trainer's objects) at the same points; the loop itself only trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron_autothink.train.loop import LoopState
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    """No-op base: override what you need."""
+
+    def on_train_start(self, state: LoopState) -> None: ...
+
+    def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, state: LoopState) -> None: ...
+
+
+class MetricsFile(Callback):
+    """One JSON line per step in ``<run_dir>/metrics.jsonl`` (appends across resumes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        if not state.ctx.is_logging_rank:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": state.step, "stage": state.stage, **metrics}) + "\n")
+
+
+class ConsoleLogger(Callback):
+    """A progress line every ``every`` steps: loss per mode, lr, grad norm, tokens/s (+ MFU and
+    memory on GPU)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.t0 = time.perf_counter()
+
+    def on_train_start(self, state: LoopState) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        if not state.ctx.is_logging_rank:
+            return
+        if state.step % self.every and state.step != state.total_steps:
+            return
+        parts = [f"[{state.stage}] step {state.step}/{state.total_steps}"]
+        for key, fmt in [
+            ("loss", ".4f"),
+            ("loss_thinking", ".4f"),
+            ("loss_non_thinking", ".4f"),
+            ("eval_loss", ".4f"),
+            ("lr", ".2e"),
+            ("grad_norm", ".3f"),
+            ("tokens_per_s", ".0f"),
+            ("mfu", ".1%"),
+            ("mem_gib", ".1f"),
+        ]:
+            v = metrics.get(key)
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                parts.append(f"{key} {v:{fmt}}")
+        print(" | ".join(parts), flush=True)
+
+
+class TensorBoardLogger(Callback):
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.writer: Any = None
+
+    def on_train_start(self, state: LoopState) -> None:
+        if state.ctx.is_logging_rank:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir))
+
+    def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not math.isnan(v):
+                self.writer.add_scalar(f"{state.stage}/{k}", v, state.global_step)
+
+    def on_train_end(self, state: LoopState) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbLogger(Callback):
+    """Weights & Biases (``logging.wandb.enabled``); offline mode needs no network."""
+
+    def __init__(self, project: str, mode: str, run_dir: Path, config: dict[str, Any]) -> None:
+        self.args = {"project": project, "mode": mode, "dir": str(run_dir), "config": config}
+        self.run: Any = None
+
+    def on_train_start(self, state: LoopState) -> None:
+        if not state.ctx.is_logging_rank or self.run is not None:
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(
+                "logging.wandb.enabled=true but wandb is not installed: pip install wandb"
+            ) from None
+        self.run = wandb.init(**self.args, resume="allow")
+
+    def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.log(
+                {f"{state.stage}/{k}": v for k, v in metrics.items()}, step=state.global_step
+            )
+
+    def on_train_end(self, state: LoopState) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class CheckpointCallback(Callback):
+    """Save every ``every`` steps, at the end, and when a pre-emption signal arrived."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        due = self.every and state.step % self.every == 0
+        if due or state.stop_requested or state.step == state.total_steps:
+            state.save_checkpoint()
+
+
+class EvalCallback(Callback):
+    """Held-out loss per mode every ``every`` steps (forward only, no update)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        if self.every and state.step % self.every == 0:
+            metrics.update(state.evaluate())

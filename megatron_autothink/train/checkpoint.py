@@ -1,0 +1,332 @@
+"""Atomic, verifiable megatron dist-checkpoints with everything needed to resume exactly.
+
+Layout of one checkpoint ``<root>/iter_0000100/``::
+
+    dist/            megatron dist-checkpoint: model chunks + distributed optimizer (+ extra
+                     sharded objects such as the SSR buffer); reshardable across TP/PP.
+    rank_00000.pt    per-rank state: RNG (python, numpy, torch, megatron tracker), data-loader
+                     state, anything rank-local the caller adds. Plain tensors/containers only,
+                     loaded with ``weights_only=True``.
+    meta.json        step, world layout, resolved config, and a manifest (size + CRC32 of every
+                     file), written last by rank 0.
+
+A save goes to ``iter_0000100.tmp`` and is renamed only after every rank has finished and the
+manifest is written, then ``latest`` is replaced atomically. A crash mid-save therefore leaves a
+``.tmp`` folder that is ignored (and removed at the next save), never a ``latest`` that does not
+load. At load time the manifest is checked first; a checkpoint that fails the check or fails to
+load is reported and the previous one is tried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.train.setup import OptimizerBundle
+
+log = logging.getLogger(__name__)
+
+_ITER_RE = re.compile(r"^iter_(\d{8})$")
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupted or incompatible; the message says which file."""
+
+
+def _barrier(ctx: ParallelContext) -> None:
+    if dist.is_initialized() and ctx.world_size > 1:
+        dist.barrier()
+
+
+def _crc32(path: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _manifest(folder: Path) -> dict[str, list[int]]:
+    return {
+        str(p.relative_to(folder)): [p.stat().st_size, _crc32(p)]
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "meta.json"
+    }
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the step touches, as plain containers (weights_only-loadable)."""
+    np_state: Any = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """Sharded model state; one key per virtual pipeline chunk like megatron (model, model0..)."""
+    mods = [getattr(c, "module", c) for c in chunks]
+    if len(mods) == 1:
+        return {"model": mods[0].sharded_state_dict()}  # type: ignore[operator]
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(mods)}  # type: ignore[operator]
+
+
+def _ensure_optimizer_state(opt: OptimizerBundle) -> None:
+    """torch's Adam creates its state lazily at the first step; megatron's distributed optimizer
+    needs it to exist to describe the state it is about to load. Create it with a zero-gradient
+    step (what megatron does for FSDP); loading then overwrites parameters and state."""
+    inner = getattr(opt.optimizer, "chained_optimizers", [opt.optimizer])
+    for o in inner:
+        torch_opt = getattr(o, "optimizer", None)
+        init = getattr(o, "_init_optimizer_states_with_dummy_values", None)
+        if torch_opt is not None and init is not None and not torch_opt.state:
+            init()
+
+
+def _restore_adam_steps(opt: OptimizerBundle) -> None:
+    """Put the saved Adam step back into every parameter's state.
+
+    megatron-core's distributed optimizer (0.16, torch-Adam path without apex/TE) saves the step
+    in the param groups, but on load into an already-initialised state it leaves each tensor's
+    ``step`` at its dummy value, and where it does set it, it sets ONE shared tensor that torch's
+    foreach Adam then increments once per parameter. Both corrupt bias correction after a
+    resume; give every state its own tensor holding the group's saved step.
+    """
+    inner = getattr(opt.optimizer, "chained_optimizers", [opt.optimizer])
+    for o in inner:
+        torch_opt = getattr(o, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for group in torch_opt.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                st = torch_opt.state.get(p)
+                if st is not None and "step" in st:
+                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype)
+
+
+@dataclass
+class Loaded:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+    rank_state: dict[str, Any]
+    extra_sharded: dict[str, Any]
+
+
+class CheckpointManager:
+    """Save/find/load checkpoints under ``root`` for one run."""
+
+    def __init__(self, root: str | Path, ctx: ParallelContext, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.ctx = ctx
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ discovery
+
+    def candidates(self) -> list[Path]:
+        """Finished checkpoint folders, newest first."""
+        if not self.root.exists():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _ITER_RE.match(p.name)]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """Check the manifest; return ``meta`` or raise :class:`CheckpointError` naming the file."""
+        meta_path = path / "meta.json"
+        if not meta_path.exists():
+            raise CheckpointError(f"{path}: no meta.json (save did not finish)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
+        for rel, (size, crc) in meta["manifest"].items():
+            f = path / rel
+            if not f.exists():
+                raise CheckpointError(f"{f}: missing")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{f}: size {f.stat().st_size} != {size} (truncated?)")
+            if _crc32(f) != crc:
+                raise CheckpointError(f"{f}: checksum mismatch (corrupted)")
+        return dict(meta)
+
+    # ------------------------------------------------------------------ save
+
+    def save(
+        self,
+        step: int,
+        chunks: list[torch.nn.Module],
+        opt: OptimizerBundle,
+        *,
+        rank_state: dict[str, Any],
+        meta: dict[str, Any],
+        extra_sharded: dict[str, Any] | None = None,
+    ) -> Path:
+        """Collective: every rank calls it. Returns the final folder."""
+        t0 = time.perf_counter()
+        final = self.root / f"iter_{step:08d}"
+        tmp = self.root / f"iter_{step:08d}.tmp"
+        if self.ctx.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # re-saving the same step after a resume
+                shutil.rmtree(final)
+            (tmp / "dist").mkdir(parents=True)
+        _barrier(self.ctx)
+        state = _model_state(chunks)
+        model_sd = state.get("model", state)
+        state["optimizer"] = opt.optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=OPTIM_METADATA
+        )
+        if extra_sharded:
+            state.update(extra_sharded)
+        dist_checkpointing.save(state, str(tmp / "dist"))
+        rank_state = {**rank_state, "rng": rng_state()}
+        torch.save(rank_state, tmp / f"rank_{self.ctx.rank:05d}.pt")
+        _barrier(self.ctx)
+        if self.ctx.rank == 0:
+            full_meta = {
+                **meta,
+                "step": step,
+                "scheduler": opt.scheduler.state_dict(),
+                "world_size": self.ctx.world_size,
+                "layout": {"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp},
+                "saved_at": time.time(),
+                "manifest": _manifest(tmp),
+            }
+            (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, default=str))
+            os.replace(tmp, final)
+            latest_tmp = self.root / "latest.tmp"
+            latest_tmp.write_text(final.name)
+            os.replace(latest_tmp, self.root / "latest")
+            for old in self.candidates()[self.keep_last :]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
+        _barrier(self.ctx)
+        return final
+
+    # ------------------------------------------------------------------ load
+
+    def load_latest(
+        self,
+        chunks: list[torch.nn.Module],
+        opt: OptimizerBundle | None,
+        extra_sharded: dict[str, Any] | None = None,
+    ) -> Loaded | None:
+        """Load the newest checkpoint that verifies and loads; older ones are fall-backs.
+
+        Returns None when the folder holds no checkpoint. Raises :class:`CheckpointError` when
+        checkpoints exist but none can be loaded.
+        """
+        errors = []
+        for path in self.candidates():
+            try:
+                return self.load(path, chunks, opt, extra_sharded)
+            except CheckpointError as e:
+                log.error("checkpoint rejected: %s; trying the previous one", e)
+                errors.append(str(e))
+        if errors:
+            raise CheckpointError("no loadable checkpoint:\n  " + "\n  ".join(errors))
+        return None
+
+    def load(
+        self,
+        path: Path,
+        chunks: list[torch.nn.Module],
+        opt: OptimizerBundle | None,
+        extra_sharded: dict[str, Any] | None = None,
+    ) -> Loaded:
+        meta = self.verify(path)
+        state = _model_state(chunks)
+        model_sd = state.get("model", state)
+        saved = meta.get("layout", {})
+        same_mp = (saved.get("tp"), saved.get("pp")) == (self.ctx.tp, self.ctx.pp)
+        load_optimizer = opt is not None and same_mp
+        if opt is not None and not same_mp:
+            # The distributed-optimizer format that works without TE/apex (dp_reshardable)
+            # reshards across data-parallel ranks only; model weights reshard across TP/PP.
+            log.warning(
+                "%s was saved at tp=%s pp=%s, now tp=%d pp=%d: loading model weights and the LR "
+                "schedule; optimizer moments start fresh (dp_reshardable format)",
+                path,
+                saved.get("tp"),
+                saved.get("pp"),
+                self.ctx.tp,
+                self.ctx.pp,
+            )
+        if load_optimizer:
+            assert opt is not None
+            _ensure_optimizer_state(opt)
+            state["optimizer"] = opt.optimizer.sharded_state_dict(
+                model_sd, is_loading=True, metadata=OPTIM_METADATA
+            )
+        if extra_sharded:
+            state.update(extra_sharded)
+        rank_file = path / f"rank_{self.ctx.rank:05d}.pt"
+        same_world = meta["world_size"] == self.ctx.world_size
+        try:
+            with torch.no_grad():
+                loaded = dist_checkpointing.load(state, str(path / "dist"))
+            rank_state = torch.load(rank_file, weights_only=True) if same_world else {}
+        except Exception as e:  # any reader error means this checkpoint is unusable
+            raise CheckpointError(f"{path}: failed to load ({type(e).__name__}: {e})") from e
+        mods = [getattr(c, "module", c) for c in chunks]
+        # no_grad: the distributed optimizer copies into views of leaf parameters.
+        with torch.no_grad():
+            if len(mods) == 1:
+                mods[0].load_state_dict(loaded["model"])
+            else:
+                for i, m in enumerate(mods):
+                    m.load_state_dict(loaded[f"model{i}"])
+            if load_optimizer:
+                assert opt is not None
+                opt.optimizer.load_state_dict(loaded["optimizer"])
+                _restore_adam_steps(opt)
+            if opt is not None:
+                opt.scheduler.load_state_dict(meta["scheduler"])
+        if rank_state.get("rng"):
+            set_rng_state(rank_state["rng"])
+        if not same_world:
+            log.warning(
+                "%s was saved with world size %d (now %d): model and optimizer resharded; "
+                "RNG and data-loader positions start fresh",
+                path,
+                meta["world_size"],
+                self.ctx.world_size,
+            )
+        extra = {k: loaded[k] for k in (extra_sharded or {})}
+        log.info("resumed from %s (step %d)", path, meta["step"])
+        return Loaded(path, int(meta["step"]), meta, rank_state, extra)

@@ -1,0 +1,41 @@
+"""Model FLOPs per trained token and MFU (for honest throughput figures on GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_autothink.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (no sparsity), per GPU.
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def train_flops_per_token(m: ModelConfig, seq_length: int) -> float:
+    """Forward+backward FLOPs per token of the language model (3x forward; 2 FLOPs per MAC).
+
+    Counts the QKV/output projections, the SwiGLU MLP, the LM head and attention scores
+    (causal: half of ``seq x seq``). The vision tower is excluded (image tokens are a small share
+    of the text-dominated batches this figure is used for).
+
+    >>> round(train_flops_per_token(ModelConfig(), 512) / 1e6, 2)
+    5.9
+    """
+    h, f, layers = m.hidden_size, m.ffn_hidden_size, m.num_layers
+    kv = m.num_query_groups * m.head_dim
+    per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * 3 * h * f
+    attention = 2 * 2 * h * seq_length / 2
+    head = 2 * h * m.vocab_size
+    return 3.0 * (layers * (per_layer + attention) + head)
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+
+
+def mfu(achieved_flops_per_gpu: float) -> float:
+    """Model FLOPs utilisation in [0, 1]; NaN when the GPU's peak is unknown."""
+    peak = peak_flops()
+    return achieved_flops_per_gpu / peak if peak else float("nan")

@@ -1,0 +1,185 @@
+"""The supervised (bi-mode annealing) training loop.
+
+Read top to bottom: build -> resume -> for each step: take this rank's micro-batches, one
+``train_step`` through megatron's schedule, callbacks. Logging, checkpoints and evaluation are
+callbacks; pre-emption (SIGTERM/SIGUSR1) only raises a flag that every rank agrees on before the
+next step, so all ranks save the same step and exit together.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from megatron_autothink.config import AutothinkConfig, dump_config
+from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.train.callbacks import Callback
+from megatron_autothink.train.checkpoint import CheckpointManager
+from megatron_autothink.train.flops import mfu, train_flops_per_token
+from megatron_autothink.train.setup import OptimizerBundle
+from megatron_autothink.train.step import train_step
+
+log = logging.getLogger(__name__)
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a data loader: micro-batches plus savable position."""
+
+    def __next__(self) -> PackedBatch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class LoopState:
+    """Everything callbacks may read; ``step`` counts finished optimizer steps of this stage."""
+
+    cfg: AutothinkConfig
+    ctx: ParallelContext
+    chunks: list[torch.nn.Module]
+    opt: OptimizerBundle
+    data: BatchSource
+    ckpt: CheckpointManager | None
+    stage: str
+    total_steps: int
+    step: int = 0
+    step_offset: int = 0
+    """Steps of earlier stages (for a global step axis in the loggers)."""
+    stop_requested: bool = False
+    eval_fn: Callable[[], dict[str, float]] | None = None
+    extra_rank_state: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+    @property
+    def global_step(self) -> int:
+        return self.step_offset + self.step
+
+    def save_checkpoint(self) -> None:
+        if self.ckpt is None or getattr(self, "_saved_step", None) == self.step:
+            return
+        rank_state = {"data": self.data.state_dict(), "stage": self.stage}
+        rank_state.update({k: fn() for k, fn in self.extra_rank_state.items()})
+        self.ckpt.save(
+            self.step,
+            self.chunks,
+            self.opt,
+            rank_state=rank_state,
+            meta={"stage": self.stage, "config": dump_config(self.cfg)},
+        )
+        self._saved_step = self.step
+
+    def evaluate(self) -> dict[str, float]:
+        return self.eval_fn() if self.eval_fn is not None else {}
+
+
+class _Preemption:
+    """Turns SIGTERM/SIGUSR1 into a flag (never raise inside a collective)."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Preemption:
+        for sig in PREEMPT_SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning(
+            "received %s: will checkpoint after this step and exit", signal.Signals(signum).name
+        )
+        self.flag = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def agreed(self, ctx: ParallelContext) -> bool:
+        """True on every rank if any rank got the signal."""
+        if ctx.world_size == 1:
+            return self.flag
+        t = torch.tensor([1 if self.flag else 0], device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def _micro_batches(data: BatchSource, n: int) -> list[PackedBatch]:
+    return [next(data) for _ in range(n)]
+
+
+def run_sft(
+    state: LoopState,
+    callbacks: list[Callback],
+    *,
+    num_micro_batches: int,
+    handle_signals: bool = True,
+) -> LoopState:
+    """Train ``state.total_steps`` steps from ``state.step``; returns the final state."""
+    cfg, ctx = state.cfg, state.ctx
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_length)
+    for cb in callbacks:
+        cb.on_train_start(state)
+    preempt = _Preemption()
+    with preempt if handle_signals else _null():
+        while state.step < state.total_steps:
+            t0 = time.perf_counter()
+            batches = _micro_batches(state.data, num_micro_batches)
+            local_tokens = sum(b.num_tokens for b in batches)
+            result = train_step(
+                state.chunks, state.opt, batches, ctx, seq_length=cfg.data.seq_length
+            )
+            state.step += 1
+            dt = time.perf_counter() - t0
+            tokens = local_tokens * ctx.dp  # every DP rank processes the same amount
+            metrics: dict[str, float] = {
+                "loss": result.loss,
+                "loss_thinking": result.loss_thinking,
+                "loss_non_thinking": result.loss_non_thinking,
+                "lr": result.lr,
+                "grad_norm": result.grad_norm,
+                "loss_tokens": float(result.tokens),
+                "tokens_per_s": tokens / dt,
+                "step_time_s": dt,
+            }
+            if torch.cuda.is_available():
+                metrics["mfu"] = mfu(flops_per_token * tokens / dt / ctx.world_size)
+                metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            state.stop_requested = preempt.agreed(ctx) if handle_signals else False
+            for cb in callbacks:
+                cb.on_step_end(state, metrics)
+            if state.stop_requested:
+                break
+    for cb in callbacks:
+        cb.on_train_end(state)
+    return state
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def iterate_forever(batches: list[PackedBatch]) -> Iterator[PackedBatch]:
+    """Cycle a fixed list (tests and benchmarks)."""
+    while True:
+        yield from batches
+
+
+def write_preempted_marker(run_dir: Path, step: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "PREEMPTED").write_text(f"{step}\n")

@@ -1,0 +1,259 @@
+"""``autothink train``: run a recipe's stages in order, resuming wherever a previous run stopped.
+
+Each stage checkpoints under ``<checkpoint.dir>/<stage name>/``. On start, a stage with a
+checkpoint resumes from it (model, optimizer, LR schedule, data position, RNG); a stage without
+one starts from the final weights of the stage before it (fresh optimizer), or from
+``train.init_from`` / random init for the first stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config
+from megatron_autothink.parallel import (
+    ParallelContext,
+    destroy_distributed,
+    init_distributed,
+    seed_everything,
+)
+from megatron_autothink.train.callbacks import (
+    Callback,
+    CheckpointCallback,
+    ConsoleLogger,
+    EvalCallback,
+    MetricsFile,
+    TensorBoardLogger,
+    WandbLogger,
+)
+from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
+from megatron_autothink.train.loop import LoopState, run_sft, write_preempted_marker
+from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
+from megatron_autothink.train.step import train_step
+
+log = logging.getLogger("megatron_autothink")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # megatron-core warns about missing apex/TE on every import; they are expected on CPU.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def stages_of(cfg: AutothinkConfig) -> list[StageConfig]:
+    return cfg.stages or [StageConfig(name="sft", kind="sft", steps=cfg.train.steps)]
+
+
+def checkpoint_root(cfg: AutothinkConfig) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+
+
+def resolve_tokenizer_dir(cfg: AutothinkConfig, data_path: str) -> str:
+    """``data.tokenizer_path``, else the tokenizer saved next to the prepared data."""
+    if cfg.data.tokenizer_path:
+        return cfg.data.tokenizer_path
+    cand = Path(data_path) / "tokenizer"
+    if cand.is_dir():
+        return str(cand)
+    raise FileNotFoundError(
+        f"data.tokenizer_path is empty and {cand} does not exist: set data.tokenizer_path to a "
+        "local HF tokenizer directory (autothink prep digits saves one next to its shards)"
+    )
+
+
+def build_sft_loader(
+    cfg: AutothinkConfig,
+    ctx: ParallelContext,
+    path: str,
+    tokenizer: Any,
+    *,
+    training: bool,
+    split: str,
+) -> Any:
+    from megatron_autothink.data.loader import LoaderConfig, build_packed_loader
+
+    d = cfg.data
+    lcfg = LoaderConfig(
+        path=path,
+        split=split,
+        seed=cfg.train.seed,
+        training=training,
+        num_workers=d.num_workers,
+        shuffle_buffer_size=d.shuffle_buffer,
+        seq_length=d.seq_length,
+        micro_batch_size=d.micro_batch_size,
+        think_ratio=d.think_ratio,
+        s3_endpoint=d.s3_endpoint or None,
+    )
+    return build_packed_loader(lcfg, tokenizer, dp_rank=ctx.dp_rank, dp_world_size=ctx.dp)
+
+
+def make_eval_fn(
+    cfg: AutothinkConfig,
+    ctx: ParallelContext,
+    chunks: list[torch.nn.Module],
+    opt: Any,
+    path: str,
+    tokenizer: Any,
+) -> Any:
+    """Forward-only loss per mode over the first ``train.eval_steps`` global batches of the
+    held-out split (the same batches every time)."""
+    n_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * ctx.dp)
+
+    def evaluate() -> dict[str, float]:
+        loader = build_sft_loader(cfg, ctx, path, tokenizer, training=False, split="test")
+        losses: list[tuple[float, float, float, int]] = []
+        for _ in range(cfg.train.eval_steps):
+            try:
+                batches = [next(loader) for _ in range(n_micro)]
+            except StopIteration:
+                break
+            r = train_step(
+                chunks, opt, batches, ctx, seq_length=cfg.data.seq_length, forward_only=True
+            )
+            losses.append((r.loss, r.loss_thinking, r.loss_non_thinking, r.tokens))
+        if not losses:
+            return {}
+        total = sum(t for *_, t in losses) or 1
+        return {
+            "eval_loss": sum(a * t for a, _, _, t in losses) / total,
+            "eval_loss_thinking": sum(b for _, b, _, _ in losses) / len(losses),
+            "eval_loss_non_thinking": sum(c for _, _, c, _ in losses) / len(losses),
+        }
+
+    return evaluate
+
+
+def run_sft_stage(
+    cfg: AutothinkConfig,
+    ctx: ParallelContext,
+    stage: StageConfig,
+    chunks: list[torch.nn.Module],
+    tokenizer: Any,
+    *,
+    step_offset: int,
+    previous: CheckpointManager | None,
+) -> tuple[LoopState, CheckpointManager]:
+    d = cfg.data
+    path = stage.train_path or d.train_path
+    n_micro = d.global_batch_size // (d.micro_batch_size * ctx.dp)
+    if stage.lr is not None:
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": stage.lr})})
+    opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
+    loader = build_sft_loader(cfg, ctx, path, tokenizer, training=True, split="train")
+    ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
+    state = LoopState(
+        cfg=cfg,
+        ctx=ctx,
+        chunks=chunks,
+        opt=opt,
+        data=loader,
+        ckpt=ckpt,
+        stage=stage.name,
+        total_steps=stage.steps,
+        step_offset=step_offset,
+    )
+    resumed = ckpt.load_latest(chunks, opt) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        state.step = resumed.step
+        if "data" in resumed.rank_state:
+            loader.load_state_dict(resumed.rank_state["data"])
+    elif previous is not None:
+        prev = previous.load_latest(chunks, None)
+        log.info(
+            "stage %s starts from the final weights of %s", stage.name, prev.path if prev else "?"
+        )
+    if state.step >= stage.steps:
+        log.info("stage %s already finished (step %d)", stage.name, state.step)
+        return state, ckpt
+    eval_path = d.eval_path or path
+    state.eval_fn = make_eval_fn(cfg, ctx, chunks, opt, eval_path, tokenizer)
+    run_dir = Path(cfg.logging.run_dir)
+    callbacks: list[Callback] = [
+        EvalCallback(cfg.train.eval_every),
+        CheckpointCallback(cfg.checkpoint.save_every),
+        MetricsFile(run_dir / "metrics.jsonl"),
+        ConsoleLogger(cfg.train.log_every),
+    ]
+    if cfg.logging.tensorboard:
+        callbacks.append(TensorBoardLogger(run_dir / "tensorboard"))
+    if cfg.logging.wandb.enabled:
+        w = cfg.logging.wandb
+        callbacks.append(WandbLogger(w.project, w.mode, run_dir, cfg.model_dump(mode="json")))
+    run_sft(
+        state, callbacks, num_micro_batches=n_micro, handle_signals=cfg.checkpoint.save_on_signal
+    )
+    return state, ckpt
+
+
+def main(cfg: AutothinkConfig) -> int:
+    """Entry point of ``autothink train``. Returns the process exit code."""
+    setup_logging(int(os.environ.get("RANK", "0")))
+    from megatron_autothink.data.tokenizer import load_tokenizer
+
+    stages = stages_of(cfg)
+    first_path = stages[0].train_path or cfg.data.train_path
+    if not first_path:
+        raise SystemExit(
+            "autothink train: data.train_path is empty. Prepare data first, e.g. "
+            "`autothink prep digits --out data/digits` then data.train_path=data/digits"
+        )
+    ctx = init_distributed(cfg)
+    try:
+        run_dir = Path(cfg.logging.run_dir)
+        if ctx.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+            (run_dir / "PREEMPTED").unlink(missing_ok=True)
+        tokenizer = load_tokenizer(resolve_tokenizer_dir(cfg, first_path))
+        if len(tokenizer) > cfg.model.vocab_size:
+            raise SystemExit(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
+                f"({len(tokenizer)} tokens)"
+            )
+        seed_everything(cfg.train.seed, ctx)
+        chunks = build_model_chunks(
+            cfg,
+            ctx,
+            vocab_size=cfg.model.vocab_size,
+            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        )
+        chunks = wrap_ddp(cfg, chunks, ctx)
+        offset, previous = 0, None
+        for stage in stages:
+            if stage.kind == "rl":
+                from megatron_autothink.rl.trainer import run_rl_stage  # type: ignore[import-not-found]
+
+                state, previous = run_rl_stage(
+                    cfg, ctx, stage, chunks, tokenizer, step_offset=offset, previous=previous
+                )
+            else:
+                state, previous = run_sft_stage(
+                    cfg, ctx, stage, chunks, tokenizer, step_offset=offset, previous=previous
+                )
+            if state.stop_requested:
+                if ctx.rank == 0:
+                    write_preempted_marker(run_dir, state.global_step)
+                log.warning(
+                    "pre-empted at %s step %d: checkpoint saved, exiting", stage.name, state.step
+                )
+                return 0
+            offset += stage.steps
+        return 0
+    except CheckpointError as e:
+        log.error("%s", e)
+        return 3
+    finally:
+        destroy_distributed()
