@@ -62,14 +62,16 @@ def policy_loss(
     Args:
         logp: [B, T] log-probs of the taken tokens under the current policy (with grad).
         old_logp: [B, T] log-probs under the policy that sampled them (no grad).
-        advantages: [B] sequence advantages, broadcast over tokens.
+        advantages: [B] sequence advantages, broadcast over tokens, or [B, T] per token (packed
+            rows hold several sequences, each with its own advantage).
         mask: [B, T] bool, True on response tokens that enter the loss.
         clip_low: Lower epsilon: ratios below ``1 - clip_low`` are clipped (for A < 0).
         clip_high: Upper epsilon: ratios above ``1 + clip_high`` are clipped (for A > 0).
         num_tokens_global: Response tokens in the whole step (all micro-batches, all ranks).
         ref_logp: [B, T] reference-policy log-probs for the k3 KL term, or None.
         kl_coef: Weight of the KL term.
-        nll_mask: [B] bool, sequences that receive the auxiliary NLL, or None.
+        nll_mask: [B] (or per-token [B, T]) bool, sequences that receive the auxiliary NLL, or
+            None.
         nll_coef: Weight of the NLL term (VL-Rethinker: 0.05).
         num_nll_tokens_global: Normaliser of the NLL term (default ``num_tokens_global``).
 
@@ -97,8 +99,11 @@ def policy_loss(
             f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
             f"{tuple(mask.shape)} must share one [B, T] shape"
         )
-    if advantages.shape != (logp.shape[0],):
-        raise ValueError(f"advantages must be [{logp.shape[0]}], got {tuple(advantages.shape)}")
+    if advantages.shape not in ((logp.shape[0],), logp.shape):
+        raise ValueError(
+            f"advantages must be [{logp.shape[0]}] or {list(logp.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
     if num_tokens_global <= 0:
         raise ValueError("num_tokens_global must be positive")
     if clip_low < 0 or clip_high < 0 or clip_low >= 1:
@@ -109,7 +114,9 @@ def policy_loss(
     # Zero the log-ratio on padding before exp() so padding can never overflow.
     log_ratio = torch.where(mask, logp - old_logp.detach(), torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
-    adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
+    adv = advantages.detach().to(logp.dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     # max of the two negated surrogates = PPO's pessimistic (min) objective.
@@ -142,9 +149,10 @@ def policy_loss(
             loss = loss + kl_coef * kl_loss
 
     if nll_mask is not None:
-        if nll_mask.shape != (logp.shape[0],):
-            raise ValueError(f"nll_mask must be [{logp.shape[0]}]")
-        nll_tokens = mask & nll_mask.bool().unsqueeze(-1)
+        if nll_mask.shape not in ((logp.shape[0],), logp.shape):
+            raise ValueError(f"nll_mask must be [{logp.shape[0]}] or {list(logp.shape)}")
+        per_token = nll_mask.bool() if nll_mask.dim() == 2 else nll_mask.bool().unsqueeze(-1)
+        nll_tokens = mask & per_token
         nll_denom = denom if num_nll_tokens_global is None else float(num_nll_tokens_global)
         if nll_denom <= 0:
             raise ValueError("num_nll_tokens_global must be positive")

@@ -200,7 +200,29 @@ def test_argument_checks() -> None:
     with pytest.raises(ValueError):
         policy_loss(logp, old, adv, mask, num_tokens_global=0, **CLIP)
     with pytest.raises(ValueError):
-        policy_loss(logp, old, adv, mask, num_tokens_global=1, nll_mask=mask, **CLIP)
+        policy_loss(logp, old, adv, mask, num_tokens_global=1, nll_mask=mask[:, :-1], **CLIP)
+
+
+def test_per_token_advantages_equal_broadcast_sequence_advantages() -> None:
+    """Packed rows carry one advantage per token; a [B] advantage broadcast is the same loss."""
+    logp, old, adv, mask = _batch()
+    per_token = adv[:, None].expand_as(logp).clone()
+    nll_seq = adv > 0
+    a, ma = policy_loss(
+        logp, old, adv, mask, num_tokens_global=9, nll_mask=nll_seq, nll_coef=0.1, **CLIP
+    )
+    b, mb = policy_loss(
+        logp,
+        old,
+        per_token,
+        mask,
+        num_tokens_global=9,
+        nll_mask=nll_seq[:, None].expand_as(mask),
+        nll_coef=0.1,
+        **CLIP,
+    )
+    torch.testing.assert_close(a, b)
+    assert ma.keys() == mb.keys()
 
 
 def test_empty_microbatch_contributes_zero() -> None:
