@@ -219,9 +219,17 @@ class RethinkConfig(_Section):
 
 
 class RewardWeights(_Section):
+    """Rule-based rewards combined by weight (``rl/trainer.make_score_fn``)."""
+
     accuracy: float = 1.0
+    """math-verify on the extracted answer (multiple choice: the letter)."""
     think_format: float = 0.0
+    """R-4B: response in the thinking or non-thinking format."""
     lmm_r1_format: float = 0.0
+    """LMM-R1: whole response is <think>...</think><answer>...</answer> (paper: 0.5)."""
+    invalid_penalty: float = 0.0
+    """VL-Rethinker: an invalid response (no EOS, no box, > 5 "wait") scores -invalid_penalty;
+    0 disables the rule."""
 
 
 class RLConfig(_Section):

@@ -1,0 +1,157 @@
+"""Rollouts -> packed megatron micro-batches with per-token RL tensors.
+
+A rollout's training sequence is ``prompt + prefill + response``; only the response tokens are
+targets (the prefill was forced, not sampled). Sequences are packed first-fit into rows of
+``seq_length`` exactly like SFT data (same :mod:`megatron_autothink.data.packing` code, so
+attention stays inside each sequence and mRoPE positions restart per sequence). Per-token
+tensors sit at *label* positions: position ``t`` carries values for the token at ``t + 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.data.packing import (
+    EncodedSequence,
+    collate_rows,
+    first_fit_decreasing,
+    mrope_position_ids,
+    pack_row,
+)
+
+
+@dataclass
+class TrainSequence:
+    """One rollout ready for training (a :class:`~megatron_autothink.rl.types.RolloutSample`
+    joined with its prompt)."""
+
+    sample_index: int  # position in the step's sample list
+    prompt_ids: list[int]  # [P] chat prompt (images expanded to their pad tokens)
+    prefill_ids: list[int]  # [F] forced mode prefill
+    response_ids: list[int]  # [R] sampled tokens (EOS included when finished)
+    engine_logprobs: list[float]  # [R] rollout engine log-probs of response_ids
+    advantage: float
+    mode_id: int  # 1 thinking, 0 non-thinking, -1 unknown
+    nll: bool = False  # receives VL-Rethinker's auxiliary NLL
+    pixel_values: Tensor | None = None  # [N, 1176]
+    image_grid_thw: Tensor | None = None  # [M, 3]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.prefill_ids) + len(self.response_ids)
+
+
+@dataclass
+class RLMicroBatch:
+    packed: PackedBatch  # loss_mask = 1 at label positions of response tokens
+    advantages: Tensor  # [B, S] float
+    engine_logp: Tensor  # [B, S] float, 0 off-target
+    nll_mask: Tensor  # [B, S] bool
+    sample_index: Tensor  # [B, S] long, -1 off-target
+    old_logp: Tensor | None = None  # [B, S], recomputed by megatron before the update
+    ref_logp: Tensor | None = None  # [B, S], frozen reference policy
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> RLMicroBatch:
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            packed=self.packed.to(device),
+            advantages=self.advantages.to(device),
+            engine_logp=self.engine_logp.to(device),
+            nll_mask=self.nll_mask.to(device),
+            sample_index=self.sample_index.to(device),
+            old_logp=mv(self.old_logp),
+            ref_logp=mv(self.ref_logp),
+        )
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.packed.loss_mask.sum())
+
+
+def encode(seq: TrainSequence, image_token_id: int, merge: int = 2) -> EncodedSequence:
+    ids = torch.tensor(seq.prompt_ids + seq.prefill_ids + seq.response_ids, dtype=torch.long)
+    target = torch.zeros(len(ids), dtype=torch.bool)
+    target[len(seq.prompt_ids) + len(seq.prefill_ids) :] = True
+    grid = seq.image_grid_thw
+    pos = mrope_position_ids(ids, grid, image_token_id, merge)
+    return EncodedSequence(
+        sample_id=str(seq.sample_index),
+        tokens=ids,
+        target_mask=target,
+        position_ids=pos,
+        mode_id=seq.mode_id,
+        pixel_values=seq.pixel_values,
+        image_grid_thw=grid,
+    )
+
+
+def pack_sequences(
+    seqs: Sequence[TrainSequence],
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    pad_id: int,
+    image_token_id: int,
+) -> list[RLMicroBatch]:
+    """First-fit pack into rows, then group rows into micro-batches of ``micro_batch_size``
+    (the last one padded with empty rows so every micro-batch has the same shape, which
+    megatron's pipeline schedules require)."""
+    too_long = [s.sample_index for s in seqs if len(s) > seq_length]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} rollout sequences exceed data.seq_length={seq_length} "
+            f"(samples {too_long[:5]}...): raise data.seq_length or lower rollout.max_new_tokens"
+        )
+    bins = first_fit_decreasing([len(s) for s in seqs], seq_length)
+    rows = []
+    extras = []
+    for b in bins:
+        members = [seqs[i] for i in b]
+        rows.append(pack_row([encode(s, image_token_id) for s in members], seq_length, pad_id))
+        adv = torch.zeros(seq_length)
+        elp = torch.zeros(seq_length)
+        nll = torch.zeros(seq_length, dtype=torch.bool)
+        idx = torch.full((seq_length,), -1, dtype=torch.long)
+        start = 0
+        for s in members:
+            first_target = start + len(s.prompt_ids) + len(s.prefill_ids)
+            # label position t predicts token t+1: response token j sits at first_target-1+j
+            a, e = first_target - 1, first_target - 1 + len(s.response_ids)
+            adv[a:e] = s.advantage
+            elp[a:e] = torch.tensor(s.engine_logprobs[: e - a], dtype=torch.float32)
+            nll[a:e] = s.nll
+            idx[a:e] = s.sample_index
+            start += len(s)
+        extras.append((adv, elp, nll, idx))
+    while len(rows) % micro_batch_size:
+        rows.append(pack_row([], seq_length, pad_id))
+        extras.append(
+            (
+                torch.zeros(seq_length),
+                torch.zeros(seq_length),
+                torch.zeros(seq_length, dtype=torch.bool),
+                torch.full((seq_length,), -1, dtype=torch.long),
+            )
+        )
+    out = []
+    for i in range(0, len(rows), micro_batch_size):
+        chunk = slice(i, i + micro_batch_size)
+        ex = extras[chunk]
+        out.append(
+            RLMicroBatch(
+                packed=collate_rows(rows[chunk]),
+                advantages=torch.stack([e[0] for e in ex]),
+                engine_logp=torch.stack([e[1] for e in ex]),
+                nll_mask=torch.stack([e[2] for e in ex]),
+                sample_index=torch.stack([e[3] for e in ex]),
+            )
+        )
+    return out

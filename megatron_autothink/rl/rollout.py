@@ -1,0 +1,202 @@
+"""The rollout role: prompts -> groups of scored responses (with optional forced rethinking).
+
+* GRPO / REINFORCE (LMM-R1, VL-Rethinker): ``group_size`` samples per prompt in ``auto`` mode.
+* BPO (R-4B): ``g_think`` samples with the thinking prefill and ``g_nothink`` with the empty
+  think block, one mixed group per prompt.
+* Forced rethinking (VL-Rethinker): eligible responses get a trigger appended and are continued;
+  an accepted continuation replaces the original response in its group.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_autothink.config import RLConfig
+from megatron_autothink.data.batch import PromptSample
+from megatron_autothink.rl.rethinking import accept_rethink, plan_rethink
+from megatron_autothink.rl.rewards import is_thinking
+from megatron_autothink.rollout.engine import RolloutEngine
+from megatron_autothink.rollout.types import (
+    Completion,
+    GenerationRequest,
+    PreprocessedImages,
+    SamplingConfig,
+)
+
+MODE_ID = {"thinking": 1, "non_thinking": 0}
+
+
+@dataclass
+class ScoredResponse:
+    """One response with everything the trainer and the metrics need."""
+
+    prompt_index: int  # into the step's prompt list
+    forced_mode: str  # "auto" | "long" | "short"
+    prefill_ids: list[int]  # [F]
+    response_ids: list[int]  # [R]
+    engine_logprobs: list[float]  # [R]; NaN where the engine did not sample (rethink prefix)
+    text: str  # prefill + response text (what rewards see)
+    finished: bool
+    reward: float = 0.0
+    correct: bool = False
+    thinking: bool = False  # non-empty think block
+    rethink: str = ""  # "" | "accepted" | "rejected:<reason>"
+    components: dict[str, float] = field(default_factory=dict)
+
+
+ScoreFn = Callable[[str, PromptSample, bool], tuple[float, bool, dict[str, float]]]
+"""(full response text, prompt, finished) -> (reward, correct, per-component scores)."""
+
+
+def requests_for(prompts: Sequence[PromptSample], rl: RLConfig, step: int) -> list[GenerationRequest]:
+    """One request per prompt and forced mode (BPO: two)."""
+    reqs = []
+    for i, p in enumerate(prompts):
+        images = (
+            PreprocessedImages(p.pixel_values, p.image_grid_thw)
+            if p.pixel_values is not None and p.image_grid_thw is not None
+            else None
+        )
+        if rl.algorithm == "bpo":
+            modes = [("long", rl.bpo.g_think), ("short", rl.bpo.g_nothink)]
+        else:
+            modes = [("auto", rl.group_size)]
+        for mode, n in modes:
+            if n > 0:
+                reqs.append(GenerationRequest(f"s{step}-p{i}-{mode}-{p.id}", list(p.prompt_ids), images, mode, n))  # type: ignore[arg-type]
+    return reqs
+
+
+def generate_groups(
+    engine: RolloutEngine,
+    prompts: Sequence[PromptSample],
+    rl: RLConfig,
+    sampling: SamplingConfig,
+    tokenizer: Any,
+    score: ScoreFn,
+    *,
+    step: int,
+) -> list[list[ScoredResponse]]:
+    """Sample and score every prompt's group (list per prompt, in prompt order)."""
+    reqs = requests_for(prompts, rl, step)
+    outs = engine.generate(reqs, sampling)
+    groups: list[list[ScoredResponse]] = [[] for _ in prompts]
+    for req, comps in zip(reqs, outs, strict=True):
+        idx = int(req.request_id.split("-")[1][1:])
+        for c in comps:
+            groups[idx].append(_scored(idx, req.mode, c, tokenizer, prompts[idx], score))
+    return groups
+
+
+def _scored(idx: int, mode: str, c: Completion, tokenizer: Any, prompt: PromptSample, score: ScoreFn) -> ScoredResponse:
+    prefill_text = tokenizer.decode(c.prefill_token_ids) if c.prefill_token_ids else ""
+    text = prefill_text + c.text
+    finished = c.finish_reason == "stop"
+    reward, correct, comps = score(text, prompt, finished)
+    return ScoredResponse(
+        prompt_index=idx,
+        forced_mode=mode,
+        prefill_ids=list(c.prefill_token_ids),
+        response_ids=list(c.token_ids),
+        engine_logprobs=list(c.logprobs) if c.logprobs else [float("nan")] * len(c.token_ids),
+        text=text,
+        finished=finished,
+        reward=reward,
+        correct=correct,
+        thinking=is_thinking(text),
+        components=comps,
+    )
+
+
+def force_rethinking(
+    engine: RolloutEngine,
+    prompts: Sequence[PromptSample],
+    groups: list[list[ScoredResponse]],
+    rl: RLConfig,
+    sampling: SamplingConfig,
+    tokenizer: Any,
+    score: ScoreFn,
+    rng: random.Random,
+) -> dict[str, float]:
+    """VL-Rethinker's forced rethinking, in place on ``groups``; returns acceptance metrics."""
+    rt = rl.rethink
+    plans = []
+    for gi, group in enumerate(groups):
+        acc = sum(r.correct for r in group) / max(len(group), 1)
+        for ri, r in enumerate(group):
+            response_text = tokenizer.decode(r.response_ids, skip_special_tokens=True)
+            plan = plan_rethink(
+                response_text,
+                num_tokens=len(r.response_ids),
+                max_tokens=sampling.max_new_tokens,
+                finished=r.finished,
+                correct=r.correct,
+                group_accuracy=acc,
+                rng=rng,
+                min_budget=rt.min_budget_tokens,
+                drop_prob=rt.drop_prob,
+                truncate_prob=rt.truncate_prob,
+                temperature=rt.temperature,
+                max_continuation_tokens=sampling.max_new_tokens,
+            )
+            if plan.eligible:
+                plans.append((gi, ri, plan))
+    if not plans:
+        return {"rethink/attempted": 0.0, "rethink/accepted": 0.0, "rethink/acceptance": 0.0}
+    reqs, prefixes = [], []
+    for gi, ri, plan in plans:
+        r = groups[gi][ri]
+        prefix_ids = tokenizer.encode(plan.continuation_prompt, add_special_tokens=False)
+        prompt_ids = list(prompts[gi].prompt_ids) + r.prefill_ids + prefix_ids
+        p = prompts[gi]
+        images = (
+            PreprocessedImages(p.pixel_values, p.image_grid_thw)
+            if p.pixel_values is not None and p.image_grid_thw is not None
+            else None
+        )
+        reqs.append(GenerationRequest(f"rethink-{gi}-{ri}", prompt_ids, images, "auto", 1))
+        prefixes.append(prefix_ids)
+    cont_sampling = SamplingConfig(
+        temperature=rt.temperature,
+        top_p=sampling.top_p,
+        max_new_tokens=max(1, sampling.max_new_tokens),
+        seed=None if sampling.seed is None else sampling.seed + 7919,
+        stop_token_ids=sampling.stop_token_ids,
+    )
+    outs = engine.generate(reqs, cont_sampling)
+    kept_per_prompt: dict[int, int] = {}
+    accepted = 0
+    for (gi, ri, plan), prefix_ids, comps in zip(plans, prefixes, outs, strict=True):
+        c = comps[0]
+        r = groups[gi][ri]
+        full_text = tokenizer.decode(r.prefill_ids) + plan.continuation_prompt + c.text
+        reward, correct, compscores = score(full_text, prompts[gi], c.finish_reason == "stop")
+        verdict = accept_rethink(c.text, len(c.token_ids), correct, kept_per_prompt.get(gi, 0))
+        if not verdict.accept:
+            r.rethink = f"rejected:{verdict.reason}"
+            continue
+        kept_per_prompt[gi] = kept_per_prompt.get(gi, 0) + 1
+        accepted += 1
+        groups[gi][ri] = ScoredResponse(
+            prompt_index=gi,
+            forced_mode=r.forced_mode,
+            prefill_ids=r.prefill_ids,
+            response_ids=prefix_ids + list(c.token_ids),
+            # The re-tokenised prefix was not sampled in this form: no engine log-probs.
+            engine_logprobs=[float("nan")] * len(prefix_ids) + list(c.logprobs),
+            text=full_text,
+            finished=c.finish_reason == "stop",
+            reward=reward,
+            correct=correct,
+            thinking=is_thinking(full_text),
+            rethink="accepted",
+            components=compscores,
+        )
+    return {
+        "rethink/attempted": float(len(plans)),
+        "rethink/accepted": float(accepted),
+        "rethink/acceptance": accepted / len(plans),
+    }

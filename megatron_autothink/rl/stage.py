@@ -1,0 +1,229 @@
+"""Set-up and loop of one RL stage: prompt loader, rollout engine, weight sync, resume.
+
+The engine is colocated: the first rank of every model-parallel group (tp_rank 0, pp_rank 0)
+owns one vLLM engine holding the whole policy and generates for its data-parallel shard of the
+prompts; the other ranks of that group receive the rollouts. On CPU runs the world is usually a
+single rank. Weights reach the engine through the HF name map shared with checkpoint
+conversion (``convert.gather.iter_hf_weights``), tensor by tensor, tagged with the step as the
+policy version.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_autothink.config import AutothinkConfig, StageConfig
+from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.rl.ssr import ReplayBuffer
+from megatron_autothink.rl.trainer import RLContext, ReplayStore, make_score_fn, rl_step
+from megatron_autothink.train.callbacks import (
+    Callback,
+    CheckpointCallback,
+    ConsoleLogger,
+    MetricsFile,
+    TensorBoardLogger,
+)
+from megatron_autothink.train.checkpoint import CheckpointManager
+from megatron_autothink.train.loop import LoopState, _Preemption
+from megatron_autothink.train.setup import build_model_chunks, build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def engine_owner(ctx: ParallelContext) -> bool:
+    return ctx.tp_rank == 0 and ctx.pp_rank == 0
+
+
+def export_hf(
+    cfg: AutothinkConfig, ctx: ParallelContext, chunks: list[torch.nn.Module], tokenizer_dir: str, out_dir: Path
+) -> None:
+    """Write the live policy as a HF directory (collective; rank 0 of each DP group writes)."""
+    from megatron_autothink.convert.gather import iter_hf_weights
+    from megatron_autothink.convert.hf_io import ShardedSafetensorsWriter
+    from megatron_autothink.convert.mcore_to_hf import write_hf_assets
+
+    writer = ShardedSafetensorsWriter(out_dir) if engine_owner(ctx) else None
+    for name, t in iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint"):
+        if writer is not None:
+            writer.add(name, t)
+    if writer is not None:
+        writer.close()
+        write_hf_assets(
+            out_dir, cfg.model, dtype=torch.float32, hf_base=None, tokenizer_dir=Path(tokenizer_dir)
+        )
+
+
+def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int) -> Any:
+    from megatron_autothink.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+    ro = cfg.rollout
+    return VLLMEngine(
+        VLLMEngineConfig(
+            model_dir=str(model_dir),
+            max_model_len=cfg.data.seq_length,
+            gpu_memory_utilization=ro.gpu_memory_utilization,
+            enforce_eager=ro.enforce_eager,
+            seed=cfg.train.seed,
+            initial_version=version,
+            weight_bucket_bytes=ro.weight_bucket_mb * 2**20,
+            sleep_level=ro.sleep_level,
+        )
+    )
+
+
+def run_stage(
+    cfg: AutothinkConfig,
+    ctx: ParallelContext,
+    stage: StageConfig,
+    chunks: list[torch.nn.Module],
+    tokenizer: Any,
+    *,
+    step_offset: int,
+    previous: CheckpointManager | None,
+) -> tuple[LoopState, CheckpointManager]:
+    from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
+    from megatron_autothink.train.run import checkpoint_root, resolve_tokenizer_dir
+
+    rl = cfg.rl
+    if stage.lr is not None:
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": stage.lr})})
+    path = stage.train_path or cfg.data.train_path
+    tokenizer_dir = resolve_tokenizer_dir(cfg, path)
+    if rl.prompts_per_step % ctx.dp:
+        raise ValueError(f"rl.prompts_per_step={rl.prompts_per_step} not divisible by dp={ctx.dp}")
+    loader = build_prompt_loader(
+        PromptLoaderConfig(
+            path=path,
+            split="train",
+            seed=cfg.train.seed,
+            batch_size=rl.prompts_per_step // ctx.dp,
+            s3_endpoint=cfg.data.s3_endpoint or None,
+        ),
+        tokenizer,
+        dp_rank=ctx.dp_rank,
+        dp_world_size=ctx.dp,
+    )
+    opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
+    ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
+    group = rl.bpo.g_think + rl.bpo.g_nothink if rl.algorithm == "bpo" else rl.group_size
+    replay = (
+        ReplayStore(ReplayBuffer(max(1, rl.prompts_per_step * group // 2)))
+        if rl.ssr.enabled
+        else None
+    )
+    rng = random.Random(cfg.train.seed + 17)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 29)
+    state = LoopState(
+        cfg=cfg, ctx=ctx, chunks=chunks, opt=opt, data=loader, ckpt=ckpt, stage=stage.name,
+        total_steps=stage.steps, step_offset=step_offset,
+    )
+    state.extra_rank_state = {
+        "rethink_rng": rng.getstate,
+        "ssr_generator": gen.get_state,
+    }
+    if replay is not None:
+        state.extra_rank_state["replay"] = replay.state_dict
+    resumed = ckpt.load_latest(chunks, opt) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        state.step = resumed.step
+        rs = resumed.rank_state
+        if "data" in rs:
+            loader.load_state_dict(rs["data"])
+        if "rethink_rng" in rs:
+            rng.setstate(_as_tuple(rs["rethink_rng"]))
+        if "ssr_generator" in rs:
+            gen.set_state(rs["ssr_generator"])
+        if replay is not None and "replay" in rs:
+            replay.load_state_dict(rs["replay"])
+    elif previous is not None:
+        previous.load_latest(chunks, None)
+    if state.step >= stage.steps:
+        return state, ckpt
+
+    ref_chunks = None
+    if rl.kl_coef > 0:
+        ref_chunks = build_model_chunks(
+            cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=_image_id(tokenizer)
+        )
+        for ref, live in zip(ref_chunks, chunks, strict=True):
+            ref.load_state_dict(getattr(live, "module", live).state_dict())
+            ref.requires_grad_(False)
+
+    run_dir = Path(cfg.logging.run_dir)
+    engine_dir = run_dir / "rollout_engine" / stage.name
+    t0 = time.perf_counter()
+    if ctx.rank == 0:
+        engine_dir.mkdir(parents=True, exist_ok=True)
+    export_hf(cfg, ctx, chunks, tokenizer_dir, engine_dir)
+    engine = build_engine(cfg, engine_dir, version=state.step) if engine_owner(ctx) else None
+    log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
+
+    def weight_sync(version: int) -> float:
+        from megatron_autothink.convert.gather import iter_hf_weights
+
+        t = time.perf_counter()
+        stream = iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint")
+        if engine is not None:
+            engine.update_weights(stream, version=version)
+        else:
+            for _ in stream:  # take part in the collectives
+                pass
+        return time.perf_counter() - t
+
+    rc = RLContext(
+        cfg=cfg, ctx=ctx, chunks=chunks, ref_chunks=ref_chunks, opt=opt, engine=engine,
+        tokenizer=tokenizer, score=make_score_fn(rl.rewards), replay=replay, rng=rng, gen=gen,
+        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        image_token_id=_image_id(tokenizer), weight_sync=weight_sync,
+    )
+    callbacks: list[Callback] = [
+        CheckpointCallback(cfg.checkpoint.save_every),
+        MetricsFile(run_dir / "metrics.jsonl"),
+        ConsoleLogger(cfg.train.log_every),
+    ]
+    if cfg.logging.tensorboard:
+        callbacks.append(TensorBoardLogger(run_dir / "tensorboard"))
+    for cb in callbacks:
+        cb.on_train_start(state)
+    preempt = _Preemption()
+    try:
+        with preempt:
+            while state.step < state.total_steps:
+                prompts = next(loader)
+                if ctx.world_size > 1 and not engine_owner(ctx):
+                    raise NotImplementedError(
+                        "multi-rank RL with tp/pp > 1 needs rollout broadcast (not built yet)"
+                    )
+                metrics = rl_step(rc, prompts, state.step + 1)
+                state.step += 1
+                state.stop_requested = preempt.agreed(ctx) if cfg.checkpoint.save_on_signal else False
+                for cb in callbacks:
+                    cb.on_step_end(state, metrics)
+                if state.stop_requested:
+                    break
+    finally:
+        for cb in callbacks:
+            cb.on_train_end(state)
+        if engine is not None:
+            engine.shutdown()
+        if ctx.world_size > 1:
+            dist.barrier()
+    return state, ckpt
+
+
+def _image_id(tokenizer: Any) -> int:
+    return int(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+
+
+def _as_tuple(x: Any) -> Any:
+    """random.Random state comes back from a weights_only load with lists where it had tuples."""
+    if isinstance(x, list):
+        return tuple(_as_tuple(v) for v in x)
+    return x
