@@ -310,9 +310,8 @@ def prep_digits(
 
     cfg = config or DigitsConfig()
     reports: dict[str, object] = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        if n <= 0:
-            continue
+    jobs = [(split, n) for split, n in (("train", n_train), ("test", n_test)) if n > 0]
+    for job_idx, (split, n) in enumerate(jobs):
         split_name: Split = "train" if split == "train" else "test"
 
         def gen(start: int, split_name: Split = split_name, n: int = n) -> Iterator[Sample]:
@@ -335,5 +334,7 @@ def prep_digits(
             "text_only": text_only,
             "config": dataclasses.asdict(cfg),
         }
-        reports[split] = write_samples(gen, out, opts, total=n, source_id=source_id)
+        reports[split] = write_samples(
+            gen, out, opts, total=n, source_id=source_id, finalize=job_idx == len(jobs) - 1
+        )
     return reports

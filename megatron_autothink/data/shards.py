@@ -417,9 +417,9 @@ class _LengthChecker:
     """Counts rendered tokens of a sample (longest response when it carries several)."""
 
     def __init__(self, tokenizer_dir: str, image_config: ImageProcessingConfig) -> None:
-        from transformers import AutoTokenizer
+        from megatron_autothink.data.tokenizer import load_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         self.image_config = image_config
 
     def count(self, sample: Sample, sizes: list[tuple[int, int]]) -> int:
@@ -464,7 +464,7 @@ def sample_to_members(
         n = length_checker.count(sample, sizes)
         if n > options.max_tokens:
             raise BadRecord("too_long", f"{n} tokens > max_tokens={options.max_tokens}")
-    record = sample.model_dump(mode="json", exclude_none=True)
+    record = sample.model_dump(mode="json", exclude_none=True, exclude={"images"})
     record["images"] = names  # member names, resolved by the loader
     members["json"] = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
     return {"json": members.pop("json"), **members}
@@ -658,7 +658,7 @@ class _ShardRun:
         self.output.write_json(MANIFEST_PATH, self.manifest)
 
     # -- main loop
-    def run(self, source: SourceFn, total: int | None) -> PrepReport:
+    def run(self, source: SourceFn, total: int | None, finalize: bool = True) -> PrepReport:
         t0 = time.time()
         opts = self.options
         st = self.state
@@ -722,7 +722,8 @@ class _ShardRun:
                 f"finalized. Fix the input (see the report) or rerun with a higher "
                 f"--max-error-rate.\n{report.summary()}"
             )
-        self._finalize()
+        if finalize:
+            self._finalize()
         return report
 
     def _maybe_abort(self) -> None:
@@ -761,7 +762,8 @@ class _ShardRun:
         prepare_energon_metadata(
             self.output.url,
             shard_names,
-            {name: rf"{re.escape(name)}-\d+\.tar" for name, s in splits.items() if s["shards"]},
+            # energon brace-expands patterns and drops backslashes, so no `\d` / `\.` here.
+            {name: f"{name}-[0-9]+[.]tar$" for name, s in splits.items() if s["shards"]},
             endpoint=self.options.s3_endpoint,
         )
         for s in splits.values():
@@ -849,6 +851,7 @@ def write_samples(
     *,
     total: int | None = None,
     source_id: dict[str, Any] | None = None,
+    finalize: bool = True,
 ) -> PrepReport:
     """Write generated samples (e.g. the digits set) through the same shard pipeline.
 
@@ -859,6 +862,8 @@ def write_samples(
         options: See :class:`PrepOptions`.
         total: Number of samples (for the progress bar).
         source_id: Identity of the generator (parameters); a resume requires it unchanged.
+        finalize: Write the energon metadata afterwards (over all finished splits); pass
+            ``False`` when more splits follow and finalize with the last one.
 
     Returns:
         The run's :class:`PrepReport`.
@@ -872,7 +877,7 @@ def write_samples(
             )
 
     run = _ShardRun(out, opts, {"generator": source_id or {}})
-    return run.run(source, total=total)
+    return run.run(source, total=total, finalize=finalize)
 
 
 def read_manifest(out: str, *, endpoint: str | None = None) -> dict[str, Any] | None:
