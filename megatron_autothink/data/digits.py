@@ -211,6 +211,13 @@ def make_problem(
     )
 
 
+def problem_texts(problem: DigitsProblem) -> tuple[str, str, str]:
+    """``(question, thinking response, non-thinking response)`` of a problem."""
+    final = f"The answer is \\boxed{{{problem.answer}}}."
+    thinking = "<think>\n" + "\n".join(problem.steps) + "\n</think>\n\n" + final
+    return problem.question, thinking, EMPTY_THINK + final
+
+
 def problem_to_sample(
     problem: DigitsProblem,
     sample_id: str,
@@ -220,10 +227,8 @@ def problem_to_sample(
 ) -> Sample:
     """Build the schema sample (image as PNG bytes unless ``text_only``) with both responses."""
     cfg = config or DigitsConfig()
-    final = f"The answer is \\boxed{{{problem.answer}}}."
-    thinking = "<think>\n" + "\n".join(problem.steps) + "\n</think>\n\n" + final
+    question, thinking, direct = problem_texts(problem)
     images: list[str | bytes] = []
-    question = problem.question
     if not text_only:
         buf = io.BytesIO()
         compose_image(problem.image_indices, cfg.digit_size).save(buf, format="PNG")
@@ -233,7 +238,7 @@ def problem_to_sample(
         id=sample_id,
         images=images,
         conversations=[Turn(role="user", content=question)],
-        responses={"thinking": thinking, "non_thinking": EMPTY_THINK + final},
+        responses={"thinking": thinking, "non_thinking": direct},
         answer=str(problem.answer),
         answer_type="number",
         difficulty=problem.difficulty,
@@ -266,14 +271,23 @@ def generate_digits(
 
 
 def digits_corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
-    """Texts the digits generator produces, rendered as chats in both modes (tokenizer training)."""
-    from megatron_autothink.data.chat_template import render_messages, turns_to_messages
+    """Texts the digits generator produces, rendered as chats in both modes (tokenizer training).
+
+    Images are not rendered (only their placeholder tokens), which keeps this fast.
+    """
+    from megatron_autothink.data.chat_template import render_messages
 
     for text_only in (False, True):
-        for s in generate_digits(n, seed=seed, text_only=text_only):
-            assert s.responses is not None
-            for mode in s.responses:
-                yield render_messages(turns_to_messages(s.with_response(mode)))
+        for i in range(n):
+            problem = make_problem(seed, "train", i, text_only=text_only)
+            question, thinking, direct = problem_texts(problem)
+            user: str | list[dict[str, str]] = question
+            if not text_only:
+                user = [{"type": "image"}, {"type": "text", "text": question}]
+            for response in (thinking, direct):
+                yield render_messages(
+                    [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+                )
 
 
 def prep_digits(

@@ -76,10 +76,11 @@ def response_mode(text: str) -> Mode | None:
         if THINK_OPEN in text or THINK_CLOSE in text:
             raise ValueError("a think block must open the response")
         return None
-    if _NON_THINKING_RE.match(text):
+    m = _NON_THINKING_RE.match(text)
+    if m and THINK_OPEN not in m.group(1) and THINK_CLOSE not in m.group(1):
         return "non_thinking"
     m = _THINKING_RE.match(text)
-    if m and THINK_OPEN not in m.group("answer") and THINK_CLOSE not in m.group("answer"):
+    if m and not any(tag in m.group(g) for tag in (THINK_OPEN, THINK_CLOSE) for g in (1, 2)):
         return "thinking"
     raise ValueError(
         "malformed think block: expected '<think>\\n…\\n</think>\\n\\nanswer' (thinking) or "
