@@ -127,6 +127,9 @@ class DataSourceConfig:
     """Endpoint for ``s3://`` paths (else ``AWS_ENDPOINT_URL``)."""
     prefetch_factor: int = 2
     """Batches prefetched per worker."""
+    gc_every_n_batches: int = 10
+    """Energon runs ``gc.collect()`` every n batches in the loading process (and one full
+    collection + ``gc.freeze()`` when iteration starts: ~1 s with a large heap); 0 disables."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -535,11 +538,16 @@ class _EnergonLoader(Generic[T]):
                 packing_buffer_size=packing_buffer_size,
             )
         self._loader: SavableDataLoader[Any] = get_savable_loader(
-            dataset, prefetch_factor=config.prefetch_factor
+            dataset,
+            prefetch_factor=config.prefetch_factor,
+            gc_collect_every_n_steps=config.gc_every_n_batches,
         )
         self._it: Iterator[Any] | None = None
+        self._closed = False
 
     def _next_raw(self) -> Any:
+        if self._closed:
+            raise RuntimeError("the loader was closed")
         with warnings.catch_warnings():  # energon pins memory; without an accelerator: harmless
             warnings.filterwarnings("ignore", message=".*pin_memory.*")
             if self._it is None:
@@ -547,6 +555,26 @@ class _EnergonLoader(Generic[T]):
             batch = next(self._it)
         self.stats.update(batch.stats)
         return batch
+
+    def close(self) -> None:
+        """Stop worker processes now (also done on garbage collection, but then torch may wait
+        its 5 s join timeout per worker). The loader cannot be iterated afterwards."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()  # GeneratorExit in energon's epoch iterator shuts the workers down
+        self._closed = True
+
+    def __enter__(self) -> _EnergonLoader[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone already
+            pass
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's loader state (picklable; ``torch.save`` it with the checkpoint)."""

@@ -215,13 +215,33 @@ _ROLE_MAP["system"] = "system"
 _PASSTHROUGH = ("answer", "answer_type", "mode", "difficulty", "source", "responses")
 
 
+_NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?%?$")
+_CHOICE_RE = re.compile(r"^\(?[A-Ha-h]\)?$")
+
+
+def infer_answer_type(answer: str) -> str:
+    """Guess ``answer_type`` for records that give an answer without one.
+
+    Example:
+        >>> [infer_answer_type(a) for a in ("42", "-3/4", "(B)", "x^2+1", "a cat")]
+        ['number', 'number', 'choice', 'text', 'text']
+    """
+    text = answer.strip().replace(",", "")
+    if _NUMBER_RE.match(text):
+        return "number"
+    if _CHOICE_RE.match(text):
+        return "choice"
+    return "text"
+
+
 def record_to_sample(record: dict[str, Any], *, fallback_id: str, source: str | None) -> Sample:
     """Convert a LLaVA/ShareGPT (or native schema) record into a :class:`Sample`.
 
     Accepts ``conversations`` as ``[{"from": "human"|"gpt"|"system", "value": ...}]`` or
     ``[{"role": ..., "content": ...}]`` (a JSON string in Parquet is fine), images under
     ``image`` or ``images``. Without any ``<image>`` placeholder the missing ones are put in front
-    of the first user turn (LLaVA's convention). Unknown top-level keys are ignored.
+    of the first user turn (LLaVA's convention). An ``answer`` without ``answer_type`` gets one
+    from :func:`infer_answer_type`. Unknown top-level keys are ignored.
 
     Raises:
         BadRecord: ``invalid_schema`` / ``no_assistant_turn`` (the latter decided by the caller).
@@ -260,8 +280,9 @@ def record_to_sample(record: dict[str, Any], *, fallback_id: str, source: str | 
     for key in _PASSTHROUGH:
         if record.get(key) is not None:
             data[key] = record[key]
-    if "answer" in data and not isinstance(data["answer"], str):
+    if "answer" in data:
         data["answer"] = str(data["answer"])
+        data.setdefault("answer_type", infer_answer_type(data["answer"]))
     data.setdefault("source", source)
     try:
         return Sample.model_validate(data)
