@@ -1,0 +1,678 @@
+"""Training loaders on megatron-energon: packed SFT micro-batches and RL prompt batches.
+
+Pipeline (all inside energon, so shuffling, per-rank sharding, worker processes and savable state
+come from it)::
+
+    CrudeWebdataset (raw tar members, per-DP-rank shard slices, shuffled by seed)
+      -> cook_conversation          JSON + image bytes -> ConversationSample
+      -> shuffle buffer
+      -> encode_sample              pick the response mode, images -> patches, render the chat,
+                                    tokenize, loss mask, mRoPE positions      (EncodedSequence)
+      -> packing buffer             first-fit-decreasing groups of <= seq_length tokens
+      -> pack_selected_samples      one padded row per group                   (PackedRow)
+      -> batch                      micro_batch_size rows                       (PackedBatch)
+
+The data-parallel rank and size are passed in explicitly (never read from torch.distributed);
+energon gives each (rank, worker) a disjoint slice of the shards and seeds shuffling with
+``seed``, so the order is deterministic for a fixed (seed, rank, world size, workers).
+
+Resume: :meth:`PackedLoader.state_dict` wraps energon's ``save_state_rank`` (plus our counters);
+a new loader built with the same arguments and given that state yields exactly the batches the
+old one would have yielded next. Restore before iterating.
+
+Bad data: shards that are missing or shorter than their index says are found before training
+(``verify_shards``), reported and left out; samples that fail to decode are skipped by energon's
+error handler; both are counted in :attr:`PackedLoader.stats`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import random
+import struct
+import tarfile
+import warnings
+from collections.abc import Iterator
+from typing import Any, Generic, Literal, TypeVar
+
+import torch
+from megatron.energon import (
+    Batch,
+    Cooker,
+    SavableDataLoader,
+    SkipSample,
+    TaskEncoder,
+    WorkerConfig,
+    basic_sample_keys,
+    get_savable_loader,
+    stateless,
+)
+from megatron.energon import Sample as EnergonSample
+from megatron.energon.edataclass import edataclass
+from megatron.energon.epathlib import EPath
+from megatron.energon.flavors.webdataset.config import split_name_re
+from megatron.energon.flavors.webdataset.structs import ShardInfo
+from megatron.energon.metadataset import load_dataset
+from megatron.energon.source_info import SourceInfo
+from PIL import Image
+
+from megatron_autothink.data.batch import PackedBatch, PromptSample
+from megatron_autothink.data.chat_template import (
+    DEFAULT_SYSTEM,
+    IMAGE_PAD,
+    tokenize_messages,
+    turns_to_messages,
+)
+from megatron_autothink.data.image_processing import (
+    ImageProcessingConfig,
+    decode_image,
+    num_image_tokens,
+    preprocess_image,
+)
+from megatron_autothink.data.packing import (
+    EncodedSequence,
+    PackedRow,
+    collate_rows,
+    first_fit_decreasing,
+    mrope_position_ids,
+    pack_row,
+)
+from megatron_autothink.data.schema import EMPTY_THINK, Mode, Sample, Turn, response_mode
+from megatron_autothink.data.storage import energon_path
+from megatron_autothink.data.tokenizer import load_tokenizer
+
+# The loader forks workers after the tokenizer may have used its thread pool; without this the
+# Rust tokenizer warns and silently turns parallelism off in every worker anyway.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+logger = logging.getLogger(__name__)
+
+VerifyMode = Literal["none", "size", "headers"]
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSourceConfig:
+    """Where and how samples are read (shared by the SFT and the prompt loader)."""
+
+    path: str
+    """Dataset folder, ``s3://bucket/prefix`` or ``msc://profile/prefix`` (prepared by prep)."""
+    split: str = "train"
+    """Split part (``train`` / ``test``; whatever prep wrote)."""
+    seed: int = 0
+    """Seeds shard order, shuffle buffer and the thinking/non-thinking draw."""
+    training: bool = True
+    """Shuffle and repeat forever; ``False``: one deterministic pass."""
+    num_workers: int = 0
+    """Worker processes per rank (0: load in the training process)."""
+    shuffle_buffer_size: int = 256
+    """Samples in the shuffle buffer (training only)."""
+    max_samples_per_sequence: int | None = 64
+    """Samples read in a row from one shard slice before energon switches slices."""
+    image: ImageProcessingConfig = dataclasses.field(default_factory=ImageProcessingConfig)
+    """Image preprocessing (must match the model and the rollout engine)."""
+    default_system: str | None = DEFAULT_SYSTEM
+    """System prompt for conversations without one (``None``: none)."""
+    verify_shards: VerifyMode = "size"
+    """Shard check at start: ``size`` (exists, not shorter than indexed), ``headers`` (also
+    parse every tar header; reads whole shards), ``none``."""
+    s3_endpoint: str | None = None
+    """Endpoint for ``s3://`` paths (else ``AWS_ENDPOINT_URL``)."""
+    prefetch_factor: int = 2
+    """Batches prefetched per worker."""
+    gc_every_n_batches: int = 10
+    """Energon runs ``gc.collect()`` every n batches in the loading process (and one full
+    collection + ``gc.freeze()`` when iteration starts: ~1 s with a large heap); 0 disables."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoaderConfig(DataSourceConfig):
+    """Settings of the packed SFT loader."""
+
+    seq_length: int = 512
+    """Tokens per packed row (S)."""
+    micro_batch_size: int = 1
+    """Rows per micro-batch (B)."""
+    think_ratio: float = 0.5
+    """For samples carrying both responses and no ``mode`` label: P(thinking response)."""
+    packing_buffer_size: int = 128
+    """Samples first-fit packed together (larger: fuller rows)."""
+    plain_as_non_thinking: bool = True
+    """Give assistant turns without a think block the empty one (so every response the model
+    learns starts with ``<think>``); otherwise they keep mode id -1."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptLoaderConfig(DataSourceConfig):
+    """Settings of the RL prompt loader."""
+
+    batch_size: int = 8
+    """Prompts per batch (per data-parallel rank)."""
+
+
+# ----------------------------------------------------------------------------- worker-side stats
+
+# Counters live in the process that encodes (a worker or the main process); each batch carries
+# the increments since the previous batch of that process back to the loader.
+_WORKER_STATS: collections.Counter[str] = collections.Counter()
+
+
+def _take_worker_stats() -> dict[str, int]:
+    out = dict(_WORKER_STATS)
+    _WORKER_STATS.clear()
+    return out
+
+
+def _error_handler(e: Exception, sample: Any, sources: list[SourceInfo] | None = None) -> None:
+    """Energon's per-sample error hook: one log line with the shard + index, then skip."""
+    where = ", ".join(f"{s.shard_name}[{s.index}]" for s in sources or []) or "?"
+    logger.warning("skipping bad sample %s: %s: %s", where, type(e).__name__, e)
+    _WORKER_STATS["bad_sample"] += 1
+
+
+# ----------------------------------------------------------------------------- cooked / encoded
+
+
+@edataclass
+class ConversationSample(EnergonSample):
+    """A sample as read from a shard: its JSON record and the raw image bytes."""
+
+    record: dict[str, Any]
+    image_bytes: list[bytes]
+
+
+@stateless
+def cook_conversation(raw: dict[str, Any]) -> ConversationSample:
+    """Energon cooker: raw tar members (``json``, ``img{i}.*``) -> :class:`ConversationSample`."""
+    record = json.loads(raw["json"])
+    images = [raw[name] for name in record.get("images", [])]
+    return ConversationSample(**basic_sample_keys(raw), record=record, image_bytes=images)
+
+
+@edataclass
+class _Encoded(EnergonSample):
+    seq: EncodedSequence
+
+
+@edataclass
+class _Row(EnergonSample):
+    row: PackedRow
+
+
+@edataclass
+class _PackedEnergonBatch(Batch):
+    packed: PackedBatch
+    stats: dict[str, int]
+
+
+@edataclass
+class _Prompt(EnergonSample):
+    prompt: PromptSample
+
+
+@edataclass
+class _PromptEnergonBatch(Batch):
+    prompts: list[PromptSample]
+    stats: dict[str, int]
+
+
+def _mode_id(mode: Mode | None) -> int:
+    return {"thinking": 1, "non_thinking": 0}.get(mode or "", -1)
+
+
+class _Renderer:
+    """Shared by both task encoders: validate, decode images, render and tokenize."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_config: ImageProcessingConfig,
+        default_system: str | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.default_system = default_system
+        self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_PAD))
+
+    def parse(self, cooked: ConversationSample) -> tuple[Sample, list[Image.Image]]:
+        sample = Sample.model_validate({**cooked.record, "images": cooked.image_bytes})
+        return sample, [decode_image(b) for b in cooked.image_bytes]
+
+    def images(
+        self, images: list[Image.Image]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int]]:
+        if not images:
+            return None, None, []
+        pixels, grids = [], []
+        for img in images:
+            pv, grid = preprocess_image(img, self.image_config)
+            pixels.append(pv)
+            grids.append(grid)
+        counts = [num_image_tokens(g, self.image_config.merge_size) for g in grids]
+        return torch.cat(pixels), torch.tensor(grids, dtype=torch.long), counts
+
+
+# ----------------------------------------------------------------------------- SFT task encoder
+
+
+class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergonBatch, Any]):
+    """Energon task encoder producing packed micro-batches (see the module docstring)."""
+
+    cookers = (Cooker(cook_conversation),)
+    decoder = None  # raw bytes: we decode JSON and images ourselves (PIL, like HF)
+
+    def __init__(self, tokenizer: Any, config: LoaderConfig) -> None:
+        self.config = config
+        self.renderer = _Renderer(tokenizer, config.image, config.default_system)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+
+    def choose_mode(self, sample: Sample) -> Mode | None:
+        """The response used for this sample: its label, its only response, or a draw."""
+        if sample.responses is None:
+            return None
+        if sample.mode is not None:
+            return sample.mode
+        if len(sample.responses) == 1:
+            return next(iter(sample.responses))
+        # Seeded per sample index by @stateless(restore_seeds=True): reproducible and restorable.
+        return "thinking" if random.random() < self.config.think_ratio else "non_thinking"
+
+    def encode(self, sample: Sample, images: list[Image.Image], mode: Mode | None) -> EncodedSequence:
+        """Render + tokenize one sample with the response of ``mode`` (deterministic)."""
+        turns = sample.with_response(mode) if mode else list(sample.conversations)
+        if self.config.plain_as_non_thinking:
+            turns = [
+                Turn(role="assistant", content=EMPTY_THINK + t.content)
+                if t.role == "assistant" and response_mode(t.content) is None
+                else t
+                for t in turns
+            ]
+        last = turns[-1]
+        final = response_mode(last.content) if last.role == "assistant" else None
+        pixel_values, grids, counts = self.renderer.images(images)
+        tok = tokenize_messages(
+            self.renderer.tokenizer,
+            turns_to_messages(turns, counts),
+            default_system=self.config.default_system,
+        )
+        tokens = torch.tensor(tok.ids, dtype=torch.long)
+        return EncodedSequence(
+            sample_id=sample.id,
+            tokens=tokens,
+            target_mask=torch.tensor(tok.assistant_mask, dtype=torch.bool),
+            position_ids=mrope_position_ids(
+                tokens, grids, self.renderer.image_token_id, self.config.image.merge_size
+            ),
+            mode_id=_mode_id(final),
+            pixel_values=pixel_values,
+            image_grid_thw=grids,
+        )
+
+    @stateless(restore_seeds=True)
+    def encode_sample(self, sample: ConversationSample) -> _Encoded:
+        parsed, images = self.renderer.parse(sample)
+        seq = self.encode(parsed, images, self.choose_mode(parsed))
+        if len(seq) > self.config.seq_length:
+            _WORKER_STATS["too_long"] += 1
+            logger.warning(
+                "skipping %s: %d tokens > seq_length %d", parsed.id, len(seq), self.config.seq_length
+            )
+            raise SkipSample()
+        return _Encoded.derive_from(sample, seq=seq)
+
+    def select_samples_to_pack(self, samples: list[_Encoded]) -> list[list[_Encoded]]:
+        groups = first_fit_decreasing([len(s.seq) for s in samples], self.config.seq_length)
+        return [[samples[i] for i in group] for group in groups]
+
+    @stateless
+    def pack_selected_samples(self, samples: list[_Encoded]) -> _Row:
+        row = pack_row([s.seq for s in samples], self.config.seq_length, self.pad_id)
+        return _Row.derive_from(samples[0], row=row)
+
+    @stateless
+    def batch(self, samples: list[_Row]) -> _PackedEnergonBatch:
+        return _PackedEnergonBatch(
+            __key__=[s.__key__ for s in samples],
+            __restore_key__=(),
+            packed=collate_rows([s.row for s in samples]),
+            stats=_take_worker_stats(),
+        )
+
+
+# ----------------------------------------------------------------------------- prompt encoder
+
+
+class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonBatch, Any]):
+    """Energon task encoder producing batches of :class:`PromptSample` (no packing)."""
+
+    cookers = (Cooker(cook_conversation),)
+    decoder = None
+
+    def __init__(self, tokenizer: Any, config: PromptLoaderConfig) -> None:
+        self.config = config
+        self.renderer = _Renderer(tokenizer, config.image, config.default_system)
+
+    def encode(self, sample: Sample, images: list[Image.Image]) -> PromptSample:
+        """Render the prompt turns with the generation prompt (thinking mode ``auto``)."""
+        turns = sample.prompt_turns()
+        pixel_values, grids, counts = self.renderer.images(images)
+        tok = tokenize_messages(
+            self.renderer.tokenizer,
+            turns_to_messages(turns, counts),
+            add_generation_prompt=True,
+            default_system=self.config.default_system,
+        )
+        vllm = tokenize_messages(
+            self.renderer.tokenizer,
+            turns_to_messages(turns, None),
+            add_generation_prompt=True,
+            default_system=self.config.default_system,
+        ).text
+        return PromptSample(
+            id=sample.id,
+            prompt=tok.text,
+            prompt_ids=tok.ids,
+            vllm_prompt=vllm,
+            images=images,
+            pixel_values=pixel_values,
+            image_grid_thw=grids,
+            answer=sample.answer,
+            answer_type=sample.answer_type,
+            difficulty=sample.difficulty,
+            source=sample.source,
+        )
+
+    @stateless
+    def encode_sample(self, sample: ConversationSample) -> _Prompt:
+        parsed, images = self.renderer.parse(sample)
+        if parsed.answer is None:
+            _WORKER_STATS["no_answer"] += 1
+            raise SkipSample()
+        return _Prompt.derive_from(sample, prompt=self.encode(parsed, images))
+
+    @stateless
+    def batch(self, samples: list[_Prompt]) -> _PromptEnergonBatch:
+        return _PromptEnergonBatch(
+            __key__=[s.__key__ for s in samples],
+            __restore_key__=(),
+            prompts=[s.prompt for s in samples],
+            stats=_take_worker_stats(),
+        )
+
+
+# ----------------------------------------------------------------------------- shard checks
+
+
+def _last_indexed_offset(shard: EPath) -> int:
+    """End offset of the last sample according to energon's ``.tar.idx`` (8-byte offsets)."""
+    idx = EPath(str(shard) + ".idx") if not str(shard).endswith(".idx") else shard
+    size = idx.size()
+    with idx.open("rb") as f:
+        f.seek(size - 8)
+        return int(struct.unpack("Q", f.read(8))[0])
+
+
+def _count_tar_samples(shard: EPath) -> int:
+    keys = set()
+    with shard.open("rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            m = split_name_re.match(member.name)
+            if member.isfile() and m:
+                keys.add(m.group(1))
+    return len(keys)
+
+
+def verify_shards(shards: list[ShardInfo], mode: VerifyMode = "size") -> dict[str, str]:
+    """Find unusable shards before training (energon would crash mid-epoch on them).
+
+    Args:
+        shards: Energon shard infos of a dataset split.
+        mode: ``size``: the shard exists and is not shorter than its index says (catches
+            truncated uploads / missing files, one stat + one small read per shard);
+            ``headers``: additionally parse every tar header and count samples (catches garbage
+            inside a shard; reads each shard fully); ``none``: skip.
+
+    Returns:
+        ``{shard name: reason}`` of the bad shards.
+    """
+    bad: dict[str, str] = {}
+    if mode == "none":
+        return bad
+    for shard in shards:
+        try:
+            if not shard.path.is_file():
+                bad[shard.name] = "missing"
+                continue
+            size, end = shard.path.size(), _last_indexed_offset(shard.path)
+            if size < end:
+                bad[shard.name] = f"truncated ({size} bytes, index expects >= {end})"
+                continue
+            if mode == "headers":
+                n = _count_tar_samples(shard.path)
+                if n != shard.count:
+                    bad[shard.name] = f"{n} samples readable, {shard.count} indexed"
+        except Exception as e:  # any I/O or tar error means the shard is unusable
+            bad[shard.name] = f"{type(e).__name__}: {e}"
+    return bad
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+class _EnergonLoader(Generic[T]):
+    """Common part: build the energon pipeline, iterate, count, save/restore state."""
+
+    _STATE_VERSION = 1
+
+    def __init__(
+        self,
+        config: DataSourceConfig,
+        task_encoder: TaskEncoder[Any, Any, Any, Any],
+        *,
+        batch_size: int,
+        packing_buffer_size: int | None,
+        dp_rank: int,
+        dp_world_size: int,
+    ) -> None:
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_world_size})")
+        self.config = config
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.worker_config = WorkerConfig(
+            rank=dp_rank,
+            world_size=dp_world_size,
+            num_workers=config.num_workers,
+            seed_offset=config.seed,
+            global_error_handler=_error_handler,
+        )
+        path = energon_path(config.path, endpoint=config.s3_endpoint)
+        loaded = load_dataset(path).get_datasets(
+            training=config.training,
+            split_part=config.split,
+            worker_config=self.worker_config,
+            max_samples_per_sequence=config.max_samples_per_sequence,
+            shuffle_over_epochs_multiplier=1,
+            decoder=None,
+        )
+        self.excluded_shards: dict[str, str] = {}
+        for ds in loaded.datasets:
+            factory: Any = ds.dataset
+            bad = verify_shards(factory.shards, config.verify_shards)
+            for name, reason in bad.items():
+                count = next(s.count for s in factory.shards if s.name == name)
+                logger.error("corrupted shard %s (%s): skipped, %d samples lost", name, reason, count)
+                self.stats["corrupt_shards"] += 1
+                self.stats["corrupt_shard_samples"] += count
+            self.excluded_shards.update(bad)
+            # `shards` is what the factory's build() slices across ranks and workers.
+            factory.shards = [s for s in factory.shards if s.name not in bad]
+            if not factory.shards:
+                raise RuntimeError(f"{config.path} [{config.split}]: every shard is corrupted")
+        if config.training:
+            dataset = task_encoder.build_train_datasets(
+                datasets=loaded.datasets,
+                worker_config=self.worker_config,
+                batch_size=batch_size,
+                batch_drop_last=True,
+                packing_buffer_size=packing_buffer_size,
+                shuffle_buffer_size=config.shuffle_buffer_size,
+                blend_mode=loaded.blend_mode,
+                repeat=True,
+            )
+        else:
+            dataset = task_encoder.build_val_datasets(
+                datasets=loaded.datasets,
+                worker_config=self.worker_config,
+                batch_size=batch_size,
+                batch_drop_last=False,
+                packing_buffer_size=packing_buffer_size,
+            )
+        self._loader: SavableDataLoader[Any] = get_savable_loader(
+            dataset,
+            prefetch_factor=config.prefetch_factor,
+            gc_collect_every_n_steps=config.gc_every_n_batches,
+        )
+        self._it: Iterator[Any] | None = None
+        self._closed = False
+
+    def _next_raw(self) -> Any:
+        if self._closed:
+            raise RuntimeError("the loader was closed")
+        with warnings.catch_warnings():  # energon pins memory; without an accelerator: harmless
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            if self._it is None:
+                self._it = iter(self._loader)
+            batch = next(self._it)
+        self.stats.update(batch.stats)
+        return batch
+
+    def close(self) -> None:
+        """Stop worker processes now (also done on garbage collection, but then torch may wait
+        its 5 s join timeout per worker). The loader cannot be iterated afterwards."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()  # GeneratorExit in energon's epoch iterator shuts the workers down
+        self._closed = True
+
+    def __enter__(self) -> _EnergonLoader[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone already
+            pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's loader state (picklable; ``torch.save`` it with the checkpoint)."""
+        return {
+            "version": self._STATE_VERSION,
+            "energon": pickle.dumps(self._loader.save_state_rank()),
+            "stats": dict(self.stats),
+            "dp_rank": self.dp_rank,
+            "dp_world_size": self.dp_world_size,
+            "excluded_shards": sorted(self.excluded_shards),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (same config, rank and world size; before iterating)."""
+        if self._it is not None:
+            raise RuntimeError("load_state_dict must be called before iterating")
+        if state.get("version") != self._STATE_VERSION:
+            raise ValueError(f"unknown loader state version {state.get('version')}")
+        if (state["dp_rank"], state["dp_world_size"]) != (self.dp_rank, self.dp_world_size):
+            raise ValueError(
+                f"state is for rank {state['dp_rank']}/{state['dp_world_size']}, "
+                f"this loader is {self.dp_rank}/{self.dp_world_size}"
+            )
+        if state["excluded_shards"] != sorted(self.excluded_shards):
+            raise ValueError(
+                "the set of unusable shards changed since the state was saved "
+                f"({state['excluded_shards']} -> {sorted(self.excluded_shards)}); "
+                "the sample order cannot be resumed exactly"
+            )
+        self._loader.restore_state_rank(pickle.loads(state["energon"]))
+        self.stats = collections.Counter(state["stats"])
+
+
+class PackedLoader(_EnergonLoader[PackedBatch]):
+    """Iterator of :class:`PackedBatch` for one data-parallel rank.
+
+    Example:
+        >>> loader = build_packed_loader(  # doctest: +SKIP
+        ...     LoaderConfig(path="/data/digits", seq_length=512, micro_batch_size=4),
+        ...     "/data/tok", dp_rank=0, dp_world_size=1)
+        >>> batch = next(loader)  # doctest: +SKIP
+    """
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        return self
+
+    def __next__(self) -> PackedBatch:
+        return self._next_raw().packed  # type: ignore[no-any-return]
+
+
+class PromptLoader(_EnergonLoader[list[PromptSample]]):
+    """Iterator of ``list[PromptSample]`` (one RL step's prompts on this rank)."""
+
+    def __iter__(self) -> Iterator[list[PromptSample]]:
+        return self
+
+    def __next__(self) -> list[PromptSample]:
+        return self._next_raw().prompts  # type: ignore[no-any-return]
+
+
+def build_packed_loader(
+    config: LoaderConfig, tokenizer: Any, *, dp_rank: int, dp_world_size: int
+) -> PackedLoader:
+    """The packed SFT loader for one data-parallel rank.
+
+    Args:
+        config: Loader settings.
+        tokenizer: HF fast tokenizer or the path of a local HF tokenizer dir.
+        dp_rank: Rank in the data-parallel group (not the global rank).
+        dp_world_size: Size of the data-parallel group.
+
+    Returns:
+        An iterator of :class:`PackedBatch` with ``state_dict`` / ``load_state_dict``.
+    """
+    encoder = PackingTaskEncoder(load_tokenizer(tokenizer), config)
+    return PackedLoader(
+        config,
+        encoder,
+        batch_size=config.micro_batch_size,
+        packing_buffer_size=config.packing_buffer_size,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+    )
+
+
+def build_prompt_loader(
+    config: PromptLoaderConfig, tokenizer: Any, *, dp_rank: int, dp_world_size: int
+) -> PromptLoader:
+    """The RL prompt loader for one data-parallel rank (same state handling as SFT).
+
+    Samples without a ground-truth ``answer`` are skipped (counted as ``no_answer``).
+    """
+    encoder = PromptTaskEncoder(load_tokenizer(tokenizer), config)
+    return PromptLoader(
+        config,
+        encoder,
+        batch_size=config.batch_size,
+        packing_buffer_size=None,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+    )

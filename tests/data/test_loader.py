@@ -1,0 +1,232 @@
+"""Packed loader: masks and positions, determinism, resume exactness, ranks, bad shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.data.loader import (
+    LoaderConfig,
+    PromptLoaderConfig,
+    build_packed_loader,
+    build_prompt_loader,
+)
+from megatron_autothink.data.packing import EncodedSequence, collate_rows, pack_row
+
+
+def _cfg(path: str, **kw: Any) -> LoaderConfig:
+    base: dict[str, Any] = {
+        "path": path,
+        "seq_length": 256,
+        "micro_batch_size": 2,
+        "shuffle_buffer_size": 16,
+        "packing_buffer_size": 16,
+        "seed": 3,
+        "gc_every_n_batches": 0,  # energon's full gc.collect costs ~1 s in the pytest heap
+    }
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def _sig(b: PackedBatch) -> tuple[Any, ...]:
+    return (
+        b.tokens.tolist(),
+        b.loss_mask.tolist(),
+        b.mode_ids.tolist(),
+        b.sample_ids,
+        None if b.pixel_values is None else float(b.pixel_values.sum()),
+    )
+
+
+def _all_ids(loader: Any) -> list[str]:
+    return [sid for batch in loader for row in batch.sample_ids for sid in row]
+
+
+def test_pack_row_hand_checked() -> None:
+    a = EncodedSequence(
+        "a",
+        torch.tensor([5, 6, 7]),
+        torch.tensor([False, True, True]),
+        torch.arange(3).expand(3, 3),
+        mode_id=1,
+    )
+    grid = torch.tensor([[1, 2, 2]])
+    b = EncodedSequence(
+        "b",
+        torch.tensor([8, 4, 9]),  # 4 = one merged image token of a 2x2-patch image
+        torch.tensor([False, False, True]),
+        torch.tensor([[0, 1, 2], [0, 1, 2], [0, 1, 2]]),
+        mode_id=0,
+        pixel_values=torch.ones(4, 1176),
+        image_grid_thw=grid,
+    )
+    row = pack_row([a, b], seq_length=8, pad_id=0)
+    assert row.tokens.tolist() == [5, 6, 7, 8, 4, 9, 0, 0]
+    assert row.labels.tolist() == [6, 7, 0, 4, 9, 0, 0, 0]
+    assert row.loss_mask.tolist() == [1, 1, 0, 0, 1, 0, 0, 0]
+    assert row.segment_ids.tolist() == [1, 1, 1, 2, 2, 2, 0, 0]
+    assert row.mode_ids.tolist() == [1, 1, 1, 0, 0, 0, -1, -1]
+    assert row.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
+    batch = collate_rows([row, pack_row([b], 8, 0)])
+    assert batch.tokens.shape == (2, 8) and batch.position_ids.shape == (3, 2, 8)
+    assert batch.pixel_values is not None and batch.pixel_values.shape == (8, 1176)
+    assert batch.image_grid_thw is not None and batch.image_grid_thw.tolist() == [[1, 2, 2]] * 2
+    assert batch.sample_ids == [["a", "b"], ["b"]]
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_row([a, b, a], seq_length=8, pad_id=0)
+
+
+def test_batches_are_consistent(digits_dir: str, tokenizer: Any) -> None:
+    loader = build_packed_loader(_cfg(digits_dir), tokenizer, dp_rank=0, dp_world_size=1)
+    pad = tokenizer.pad_token_id
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for _ in range(3):
+        b = next(loader)
+        assert b.tokens.shape == (2, 256) and b.tokens.dtype == torch.long
+        assert b.loss_mask.dtype == torch.float32 and b.position_ids.shape == (3, 2, 256)
+        assert b.image_grid_thw is not None and b.pixel_values is not None
+        assert b.pixel_values.shape[0] == int(b.image_grid_thw.prod(dim=1).sum())
+        assert int((b.tokens == image_pad).sum()) == int(b.image_grid_thw.prod(dim=1).sum()) // 4
+        for r in range(2):
+            seg = b.segment_ids[r]
+            k = int(seg.max())
+            assert len(b.sample_ids[r]) == k and seg.tolist() == sorted(seg.tolist(), key=lambda x: x == 0)
+            for s in range(1, k + 1):
+                idx = (seg == s).nonzero().flatten()
+                lo, hi = int(idx[0]), int(idx[-1])
+                assert b.position_ids[:, r, lo].tolist() == [0, 0, 0]  # restart per sample
+                assert torch.equal(b.labels[r, lo:hi], b.tokens[r, lo + 1 : hi + 1])
+                assert int(b.labels[r, hi]) == pad and float(b.loss_mask[r, hi]) == 0
+                modes = b.mode_ids[r, lo : hi + 1].unique().tolist()
+                assert len(modes) == 1 and modes[0] in (0, 1)
+                target = tokenizer.decode(b.labels[r, lo:hi][b.loss_mask[r, lo:hi] > 0])
+                assert target.startswith("<think>\n") and target.endswith("}.<|im_end|>")
+                assert (modes[0] == 0) == target.startswith("<think>\n\n</think>")
+            pad_part = seg == 0
+            assert (b.tokens[r][pad_part] == pad).all() and (b.mode_ids[r][pad_part] == -1).all()
+            assert float(b.loss_mask[r][pad_part].sum()) == 0
+    assert dict(loader.stats) == {}
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_think_ratio(digits_dir: str, tokenizer: Any, ratio: float) -> None:
+    loader = build_packed_loader(
+        _cfg(digits_dir, think_ratio=ratio), tokenizer, dp_rank=0, dp_world_size=1
+    )
+    modes = torch.cat([next(loader).mode_ids.flatten() for _ in range(2)]).unique().tolist()
+    assert set(modes) == {-1, int(ratio)}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_determinism_and_resume(digits_dir: str, tokenizer: Any, workers: int) -> None:
+    cfg = _cfg(digits_dir, num_workers=workers)
+    ref_loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    ref = [_sig(next(ref_loader)) for _ in range(8)]
+    first = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    assert [_sig(next(first)) for _ in range(3)] == ref[:3]  # same seed, same batches
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)  # checkpointable with weights_only loading
+    buf.seek(0)
+    resumed = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert [_sig(next(resumed)) for _ in range(5)] == ref[3:]
+    other_seed = build_packed_loader(_cfg(digits_dir, seed=4), tokenizer, dp_rank=0, dp_world_size=1)
+    assert _sig(next(other_seed)) != ref[0]
+
+
+def test_ranks_partition_the_data(digits_dir: str, tokenizer: Any) -> None:
+    ids = []
+    for rank in range(2):
+        cfg = _cfg(digits_dir, split="test", training=False)
+        ids.append(_all_ids(build_packed_loader(cfg, tokenizer, dp_rank=rank, dp_world_size=2)))
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == [f"digits-test-{i:07d}" for i in range(60)]
+
+
+def _corrupt_copy(digits_dir: str, tmp_path: Path) -> Path:
+    root = tmp_path / "ds"
+    shutil.copytree(digits_dir, root)
+    return root
+
+
+def _ids_in(shard: Path) -> list[str]:
+    with tarfile.open(shard) as tar:
+        return [
+            json.loads(tar.extractfile(m).read())["id"]  # type: ignore[union-attr]
+            for m in tar
+            if m.name.endswith(".json")
+        ]
+
+
+def test_corrupted_shards_are_skipped_and_counted(
+    digits_dir: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    root = _corrupt_copy(digits_dir, tmp_path)
+    shards = sorted(root.glob("test-*.tar"))
+    truncated, garbled = shards[1], shards[2]
+    lost = _ids_in(truncated)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])  # e.g. an interrupted upload
+    with tarfile.open(garbled) as tar:  # same size, but one sample's JSON is garbage
+        member = next(m for m in tar if m.name.endswith(".json"))
+        bad_id = json.loads(tar.extractfile(member).read())["id"]  # type: ignore[union-attr]
+    raw = bytearray(garbled.read_bytes())
+    raw[member.offset_data : member.offset_data + member.size] = b"\xff" * member.size
+    garbled.write_bytes(bytes(raw))
+
+    cfg = _cfg(str(root), split="test", training=False)
+    loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    assert loader.stats["corrupt_shards"] == 1 and loader.stats["corrupt_shard_samples"] == len(lost)
+    assert truncated.name in loader.excluded_shards
+    seen = _all_ids(loader)
+    expected = {f"digits-test-{i:07d}" for i in range(60)} - set(lost) - {bad_id}
+    assert set(seen) == expected and len(seen) == len(expected)
+    assert loader.stats["bad_sample"] == 1
+
+
+def test_verify_headers_catches_garbage_headers(
+    digits_dir: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    root = _corrupt_copy(digits_dir, tmp_path)
+    shard = sorted(root.glob("test-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        header = tar.getmembers()[2].offset  # the second sample's first header
+    raw = bytearray(shard.read_bytes())
+    raw[header + 100 : header + 148] = b"\x07" * 48  # same size, but the checksum breaks
+    shard.write_bytes(bytes(raw))
+    cfg = _cfg(str(root), split="test", training=False, verify_shards="headers")
+    loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    assert list(loader.excluded_shards) == [shard.name]
+    assert len(_all_ids(loader)) == 60 - loader.stats["corrupt_shard_samples"]
+
+
+def test_prompt_loader(digits_dir: str, tokenizer: Any) -> None:
+    cfg = PromptLoaderConfig(
+        path=digits_dir, batch_size=4, seed=1, shuffle_buffer_size=8, gc_every_n_batches=0
+    )
+    loader = build_prompt_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    batches = [next(loader) for _ in range(3)]
+    for p in batches[0]:
+        assert p.prompt.endswith("<|im_start|>assistant\n") and "<think>" not in p.prompt
+        assert p.prompt_ids == tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        assert p.vllm_prompt.count("<|image_pad|>") == len(p.images) == 1
+        assert p.image_grid_thw is not None and p.pixel_values is not None
+        n_pad = int(p.image_grid_thw.prod()) // 4
+        assert p.prompt.count("<|image_pad|>") == n_pad
+        assert p.answer is not None and p.answer_type == "number" and p.difficulty is not None
+    resumed_from = build_prompt_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    next(resumed_from)
+    state = resumed_from.state_dict()
+    again = build_prompt_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    again.load_state_dict(state)
+    assert [[p.id for p in b] for b in (next(again), next(again))] == [
+        [p.id for p in b] for b in batches[1:]
+    ]
