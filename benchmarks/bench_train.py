@@ -30,7 +30,11 @@ def hf_model(cfg):  # type: ignore[no-untyped-def]
             "num_key_value_heads": m.num_query_groups,
             "rms_norm_eps": m.rms_norm_eps,
             "tie_word_embeddings": m.tie_word_embeddings,
-            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta, "mrope_section": list(m.mrope_section)},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": m.rope_theta,
+                "mrope_section": list(m.mrope_section),
+            },
         },
         vision_config={
             "depth": v.depth,
@@ -87,10 +91,19 @@ def _ours(recipe: str, rows: int, seq: int, steps: int, threads: int) -> float:
     from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
     from megatron_autothink.train.step import train_step
 
-    cfg = load_config(recipe, [f"data.micro_batch_size={rows}", f"data.global_batch_size={rows}", f"data.seq_length={seq}"])
+    cfg = load_config(
+        recipe,
+        [
+            f"data.micro_batch_size={rows}",
+            f"data.global_batch_size={rows}",
+            f"data.seq_length={seq}",
+        ],
+    )
     ctx = init_distributed(cfg)
     seed_everything(0, ctx)
-    chunks = wrap_ddp(cfg, build_model_chunks(cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=7), ctx)
+    chunks = wrap_ddp(
+        cfg, build_model_chunks(cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=7), ctx
+    )
     opt = build_optimizer(cfg, chunks, ctx, total_steps=steps + 2)
     batch = make_batch(rows, seq, cfg.model.vocab_size)
     times = []
@@ -103,7 +116,9 @@ def _ours(recipe: str, rows: int, seq: int, steps: int, threads: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--recipe", default="tiny_cpu")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rows", type=int, default=4)
@@ -117,7 +132,9 @@ def main() -> None:
     (ours,) = run_distributed(_ours, 1, args.recipe, args.rows, args.seq, args.steps, threads)
     torch.manual_seed(0)
     hf = bench_hf(cfg, make_batch(args.rows, args.seq, cfg.model.vocab_size), args.steps)
-    print(f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} threads={torch.get_num_threads()}")
+    print(
+        f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} threads={torch.get_num_threads()}"
+    )
     print(f"ours (megatron-core, DDP + distributed optimizer): {ours:10.0f} tokens/s")
     print(f"Hugging Face transformers (AdamW):                {hf:10.0f} tokens/s")
     print(f"ratio ours/HF: {ours / hf:.2f}")

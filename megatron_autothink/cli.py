@@ -87,15 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="minutes-long version used by CI")
     p.set_defaults(func=_entry("megatron_autothink.demo:main", "demo", "issue #9: the demo"))
 
-    p = sub.add_parser(
-        "prep",
-        help="build WebDataset shards (digits synthetic data, or your JSONL/Parquet)",
-        description="Data preparation into WebDataset shards with megatron-energon metadata.",
-    )
     add_prep = _resolve("megatron_autothink.data.cli:add_prep_subcommands")
     if add_prep is not None:
-        add_prep(p.add_subparsers(dest="prep_command", metavar="PREP", required=True))
+        add_prep(sub)  # registers `prep digits|shards|tokenizer`
     else:
+        p = sub.add_parser("prep", help="build WebDataset shards (not available in this build)")
         p.set_defaults(func=_not_yet("prep", "issue #3: the data pipeline"))
 
     p = sub.add_parser(

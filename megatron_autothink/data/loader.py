@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import pickle
-import random
 import struct
 import tarfile
 import warnings
@@ -282,10 +282,16 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
             return sample.mode
         if len(sample.responses) == 1:
             return next(iter(sample.responses))
-        # Seeded per sample index by @stateless(restore_seeds=True): reproducible and restorable.
-        return "thinking" if random.random() < self.config.think_ratio else "non_thinking"
+        # A hash of (seed, sample id) rather than the global `random`: energon reseeds `random`
+        # from a sample index that does not advance inside the packing pipeline, which gave
+        # every sample the same draw (all thinking). Deterministic and restorable as well.
+        digest = hashlib.blake2b(f"{self.config.seed}:{sample.id}".encode(), digest_size=8)
+        u = int.from_bytes(digest.digest(), "big") / 2**64
+        return "thinking" if u < self.config.think_ratio else "non_thinking"
 
-    def encode(self, sample: Sample, images: list[Image.Image], mode: Mode | None) -> EncodedSequence:
+    def encode(
+        self, sample: Sample, images: list[Image.Image], mode: Mode | None
+    ) -> EncodedSequence:
         """Render + tokenize one sample with the response of ``mode`` (deterministic)."""
         turns = sample.with_response(mode) if mode else list(sample.conversations)
         if self.config.plain_as_non_thinking:
@@ -323,14 +329,26 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
         if len(seq) > self.config.seq_length:
             _WORKER_STATS["too_long"] += 1
             logger.warning(
-                "skipping %s: %d tokens > seq_length %d", parsed.id, len(seq), self.config.seq_length
+                "skipping %s: %d tokens > seq_length %d",
+                parsed.id,
+                len(seq),
+                self.config.seq_length,
             )
             raise SkipSample()
         return _Encoded.derive_from(sample, seq=seq)
 
     def select_samples_to_pack(self, samples: list[_Encoded]) -> list[list[_Encoded]]:
         groups = first_fit_decreasing([len(s.seq) for s in samples], self.config.seq_length)
+        # First-fit-decreasing creates bins longest-first; emitted in that order, the first rows
+        # of every buffer would hold only long (thinking) samples and the last ones only short
+        # (non-thinking) ones. Emit bins in a deterministic pseudo-random order instead.
+        groups.sort(key=lambda g: self._bin_key([samples[i].seq.sample_id for i in g]))
         return [[samples[i] for i in group] for group in groups]
+
+    def _bin_key(self, ids: list[str]) -> bytes:
+        return hashlib.blake2b(
+            f"{self.config.seed}:{'|'.join(ids)}".encode(), digest_size=8
+        ).digest()
 
     @stateless
     def pack_selected_samples(self, samples: list[_Encoded]) -> _Row:
@@ -510,7 +528,9 @@ class _EnergonLoader(Generic[T]):
             bad = verify_shards(factory.shards, config.verify_shards)
             for name, reason in bad.items():
                 count = next(s.count for s in factory.shards if s.name == name)
-                logger.error("corrupted shard %s (%s): skipped, %d samples lost", name, reason, count)
+                logger.error(
+                    "corrupted shard %s (%s): skipped, %d samples lost", name, reason, count
+                )
                 self.stats["corrupt_shards"] += 1
                 self.stats["corrupt_shard_samples"] += count
             self.excluded_shards.update(bad)

@@ -47,7 +47,9 @@ AnswerType = Literal["number", "expression", "choice", "text"]
 
 # `\n(.+?)\n</think>` rather than `\n(.*)\n` so an empty block never counts as thinking; DOTALL
 # because reasoning spans lines. The answer after the block must be non-empty.
-_THINKING_RE = re.compile(r"\A<think>\n(?P<reasoning>.*\S.*?)\n</think>\n\n(?P<answer>.*\S.*)\Z", re.S)
+_THINKING_RE = re.compile(
+    r"\A<think>\n(?P<reasoning>.*\S.*?)\n</think>\n\n(?P<answer>.*\S.*)\Z", re.S
+)
 _NON_THINKING_RE = re.compile(r"\A<think>\n\n</think>\n\n(?P<answer>.*\S.*)\Z", re.S)
 
 
@@ -187,9 +189,7 @@ class Sample(BaseModel):
 
     def has_assistant(self) -> bool:
         """Whether the sample carries something to train on (an assistant turn or responses)."""
-        return self.responses is not None or any(
-            t.role == "assistant" for t in self.conversations
-        )
+        return self.responses is not None or any(t.role == "assistant" for t in self.conversations)
 
     def final_mode(self) -> Mode | None:
         """The mode of the final response: the label, else what its think block says."""

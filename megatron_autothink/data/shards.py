@@ -268,9 +268,7 @@ def record_to_sample(record: dict[str, Any], *, fallback_id: str, source: str | 
     if images and n_placeholders == 0:
         first_user = next((t for t in turns if t["role"] == "user"), None)
         if first_user is not None:
-            first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(images) + first_user[
-                "content"
-            ]
+            first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(images) + first_user["content"]
     raw_id = record.get("id")
     data: dict[str, Any] = {
         "id": str(raw_id) if raw_id not in (None, "") else fallback_id,
@@ -894,7 +892,11 @@ def write_samples(
     def source(cursor: tuple[int, int]) -> Iterator[SourceItem]:
         for i, sample in enumerate(samples(cursor[1]), start=cursor[1]):
             yield SourceItem(
-                cursor=(0, i + 1), location=f"{sample.id}", payload=sample, base_dir=".", source=None
+                cursor=(0, i + 1),
+                location=f"{sample.id}",
+                payload=sample,
+                base_dir=".",
+                source=None,
             )
 
     run = _ShardRun(out, opts, {"generator": source_id or {}})

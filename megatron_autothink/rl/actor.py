@@ -25,7 +25,9 @@ from megatron_autothink.rl.losses import policy_loss
 from megatron_autothink.train.setup import OptimizerBundle
 
 
-def _forward(device: torch.device, it: Iterator[RLMicroBatch], model: torch.nn.Module) -> tuple[Tensor, Any]:
+def _forward(
+    device: torch.device, it: Iterator[RLMicroBatch], model: torch.nn.Module
+) -> tuple[Tensor, Any]:
     mb = next(it).to(device)
     b = mb.packed
     neg_logp = model(
@@ -75,7 +77,11 @@ def _broadcast_from_last_stage(t: Tensor, ctx: ParallelContext) -> Tensor:
 
 
 def compute_logprobs(
-    chunks: list[torch.nn.Module], batches: list[RLMicroBatch], ctx: ParallelContext, *, seq_length: int
+    chunks: list[torch.nn.Module],
+    batches: list[RLMicroBatch],
+    ctx: ParallelContext,
+    *,
+    seq_length: int,
 ) -> list[Tensor]:
     """``[B, S]`` log-probs of each label token per micro-batch (0 off-target), on every rank."""
     for c in chunks:
@@ -131,7 +137,11 @@ def policy_update(
             nll_coef=rl.nll_coef,
         )
         n = mask.sum()
-        reduced = {k: torch.stack([v.detach().float(), n.float()]) for k, v in metrics.items() if k != "ratio_max"}
+        reduced = {
+            k: torch.stack([v.detach().float(), n.float()])
+            for k, v in metrics.items()
+            if k != "ratio_max"
+        }
         return loss, n.to(torch.int), reduced
 
     outs = _run(chunks, batches, ctx, loss_fn, forward_only=False, seq_length=seq_length)
@@ -142,13 +152,28 @@ def policy_update(
     for o in outs if ctx.is_last_stage else []:
         for k, v in o.items():
             sums[k] = sums.get(k, torch.zeros(2, dtype=torch.float64)) + v.double().cpu()
-    keys = ["pg_loss", "loss", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "kl_loss", "nll_loss"]
-    vec = torch.stack([sums.get(k, torch.zeros(2, dtype=torch.float64)) for k in keys]).to(ctx.device)
+    keys = [
+        "pg_loss",
+        "loss",
+        "clip_frac_low",
+        "clip_frac_high",
+        "approx_kl",
+        "ratio_mean",
+        "kl_loss",
+        "nll_loss",
+    ]
+    vec = torch.stack([sums.get(k, torch.zeros(2, dtype=torch.float64)) for k in keys]).to(
+        ctx.device
+    )
     if ctx.dp > 1:
         dist.all_reduce(vec, group=ctx.pg.dp)
     vec = _broadcast_from_last_stage(vec, ctx).cpu()
     total = float(vec[0, 1]) or 1.0
-    metrics = {f"actor/{k}": float(vec[i, 0]) / total for i, k in enumerate(keys) if k in sums or ctx.pp > 1}
+    metrics = {
+        f"actor/{k}": float(vec[i, 0]) / total
+        for i, k in enumerate(keys)
+        if k in sums or ctx.pp > 1
+    }
     metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["actor/lr"] = float(opt.optimizer.param_groups[0]["lr"])
     metrics["actor/tokens"] = total

@@ -51,7 +51,9 @@ ScoreFn = Callable[[str, PromptSample, bool], tuple[float, bool, dict[str, float
 """(full response text, prompt, finished) -> (reward, correct, per-component scores)."""
 
 
-def requests_for(prompts: Sequence[PromptSample], rl: RLConfig, step: int) -> list[GenerationRequest]:
+def requests_for(
+    prompts: Sequence[PromptSample], rl: RLConfig, step: int
+) -> list[GenerationRequest]:
     """One request per prompt and forced mode (BPO: two)."""
     reqs = []
     for i, p in enumerate(prompts):
@@ -66,7 +68,11 @@ def requests_for(prompts: Sequence[PromptSample], rl: RLConfig, step: int) -> li
             modes = [("auto", rl.group_size)]
         for mode, n in modes:
             if n > 0:
-                reqs.append(GenerationRequest(f"s{step}-p{i}-{mode}-{p.id}", list(p.prompt_ids), images, mode, n))  # type: ignore[arg-type]
+                reqs.append(
+                    GenerationRequest(
+                        f"s{step}-p{i}-{mode}-{p.id}", list(p.prompt_ids), images, mode, n
+                    )
+                )  # type: ignore[arg-type]
     return reqs
 
 
@@ -91,7 +97,9 @@ def generate_groups(
     return groups
 
 
-def _scored(idx: int, mode: str, c: Completion, tokenizer: Any, prompt: PromptSample, score: ScoreFn) -> ScoredResponse:
+def _scored(
+    idx: int, mode: str, c: Completion, tokenizer: Any, prompt: PromptSample, score: ScoreFn
+) -> ScoredResponse:
     prefill_text = tokenizer.decode(c.prefill_token_ids) if c.prefill_token_ids else ""
     text = prefill_text + c.text
     finished = c.finish_reason == "stop"

@@ -42,7 +42,11 @@ def engine_owner(ctx: ParallelContext) -> bool:
 
 
 def export_hf(
-    cfg: AutothinkConfig, ctx: ParallelContext, chunks: list[torch.nn.Module], tokenizer_dir: str, out_dir: Path
+    cfg: AutothinkConfig,
+    ctx: ParallelContext,
+    chunks: list[torch.nn.Module],
+    tokenizer_dir: str,
+    out_dir: Path,
 ) -> None:
     """Write the live policy as a HF directory (collective; rank 0 of each DP group writes)."""
     from megatron_autothink.convert.gather import iter_hf_weights
@@ -121,8 +125,15 @@ def run_stage(
     rng = random.Random(cfg.train.seed + 17)
     gen = torch.Generator().manual_seed(cfg.train.seed + 29)
     state = LoopState(
-        cfg=cfg, ctx=ctx, chunks=chunks, opt=opt, data=loader, ckpt=ckpt, stage=stage.name,
-        total_steps=stage.steps, step_offset=step_offset,
+        cfg=cfg,
+        ctx=ctx,
+        chunks=chunks,
+        opt=opt,
+        data=loader,
+        ckpt=ckpt,
+        stage=stage.name,
+        total_steps=stage.steps,
+        step_offset=step_offset,
     )
     state.extra_rank_state = {
         "rethink_rng": rng.getstate,
@@ -178,10 +189,20 @@ def run_stage(
         return time.perf_counter() - t
 
     rc = RLContext(
-        cfg=cfg, ctx=ctx, chunks=chunks, ref_chunks=ref_chunks, opt=opt, engine=engine,
-        tokenizer=tokenizer, score=make_score_fn(rl.rewards), replay=replay, rng=rng, gen=gen,
+        cfg=cfg,
+        ctx=ctx,
+        chunks=chunks,
+        ref_chunks=ref_chunks,
+        opt=opt,
+        engine=engine,
+        tokenizer=tokenizer,
+        score=make_score_fn(rl.rewards),
+        replay=replay,
+        rng=rng,
+        gen=gen,
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-        image_token_id=_image_id(tokenizer), weight_sync=weight_sync,
+        image_token_id=_image_id(tokenizer),
+        weight_sync=weight_sync,
     )
     callbacks: list[Callback] = [
         CheckpointCallback(cfg.checkpoint.save_every),
@@ -203,7 +224,9 @@ def run_stage(
                     )
                 metrics = rl_step(rc, prompts, state.step + 1)
                 state.step += 1
-                state.stop_requested = preempt.agreed(ctx) if cfg.checkpoint.save_on_signal else False
+                state.stop_requested = (
+                    preempt.agreed(ctx) if cfg.checkpoint.save_on_signal else False
+                )
                 for cb in callbacks:
                     cb.on_step_end(state, metrics)
                 if state.stop_requested:

@@ -62,7 +62,9 @@ def make_score_fn(w: RewardWeights) -> ScoreFn:
     replaces the reward of an invalid response by ``-invalid_penalty``.
     """
 
-    def score(text: str, prompt: PromptSample, finished: bool) -> tuple[float, bool, dict[str, float]]:
+    def score(
+        text: str, prompt: PromptSample, finished: bool
+    ) -> tuple[float, bool, dict[str, float]]:
         gt = prompt.answer or ""
         if prompt.answer_type == "choice":
             acc = multiple_choice_reward(text, gt)
@@ -121,7 +123,11 @@ class ReplayStore:
         self.payloads = {k: v for k, v in self.payloads.items() if k in keep}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "payloads": self.payloads, "next_id": self.next_id}
+        return {
+            "buffer": self.buffer.state_dict(),
+            "payloads": self.payloads,
+            "next_id": self.next_id,
+        }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.buffer.load_state_dict(s["buffer"])
@@ -211,7 +217,9 @@ def select_training_set(
 # ---------------------------------------------------------------------------------------------
 
 
-def rollout_metrics(prompts: list[PromptSample], groups: list[list[ScoredResponse]]) -> dict[str, float]:
+def rollout_metrics(
+    prompts: list[PromptSample], groups: list[list[ScoredResponse]]
+) -> dict[str, float]:
     """Reward/accuracy/length per forced mode, thinking trigger rate (auto), per difficulty."""
     m: dict[str, float] = {}
     flat = [(prompts[r.prompt_index], r) for g in groups for r in g]
@@ -245,7 +253,9 @@ def logprob_mismatch(batches: list[Any], old: list[torch.Tensor]) -> dict[str, f
         "mismatch/max_abs": float(d.abs().max()),
         "mismatch/mean_abs": float(d.abs().mean()),
         "mismatch/ratio_median": float(ratio.median()),
-        "mismatch/ratio_p99": float(torch.quantile(ratio, 0.99)) if ratio.numel() > 1 else float(ratio[0]),
+        "mismatch/ratio_p99": float(torch.quantile(ratio, 0.99))
+        if ratio.numel() > 1
+        else float(ratio[0]),
     }
 
 
@@ -290,7 +300,9 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
     metrics: dict[str, float] = {}
     if rl.rethink.enabled:
         metrics.update(
-            force_rethinking(rc.engine, prompts, groups, rl, sampling, rc.tokenizer, rc.score, rc.rng)
+            force_rethinking(
+                rc.engine, prompts, groups, rl, sampling, rc.tokenizer, rc.score, rc.rng
+            )
         )
     rc.engine.sleep()
     metrics.update(rollout_metrics(prompts, groups))
@@ -322,7 +334,9 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
             mb.old_logp = old[i]
             mb.ref_logp = None if ref is None else ref[i]
         for _ in range(rl.updates_per_step):
-            metrics.update(policy_update(rc.chunks, rc.opt, batches, ctx, rl, seq_length=cfg.data.seq_length))
+            metrics.update(
+                policy_update(rc.chunks, rc.opt, batches, ctx, rl, seq_length=cfg.data.seq_length)
+            )
     t_train = time.perf_counter() - t2
     t_sync = rc.weight_sync(step)
     metrics.update(
@@ -358,4 +372,3 @@ def run_rl_stage(
     from megatron_autothink.rl.stage import run_stage
 
     return run_stage(cfg, ctx, stage, chunks, tokenizer, step_offset=step_offset, previous=previous)
-

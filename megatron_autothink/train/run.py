@@ -47,7 +47,9 @@ def setup_logging(rank: int) -> None:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # megatron-core warns about missing apex/TE on every import; they are expected on CPU.
+    # megatron-core logs its whole optimizer config at INFO and warns about missing apex/TE on
+    # every import (expected on CPU); keep the console for our own progress lines.
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -110,8 +110,14 @@ def test_tiny_tokenizer(tokenizer_dir: str, tokenizer: Any) -> None:
     auto = AutoTokenizer.from_pretrained(tokenizer_dir)  # loadable the standard way, offline
     assert 512 <= len(auto) <= 1024
     for tok in (
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-        "<|image_pad|>", "<think>", "</think>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<think>",
+        "</think>",
     ):
         ids = auto.encode(tok, add_special_tokens=False)
         assert len(ids) == 1 and auto.convert_ids_to_tokens(ids[0]) == tok

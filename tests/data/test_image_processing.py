@@ -33,8 +33,15 @@ def _image(h: int, w: int, mode: str, seed: int) -> Image.Image:
 
 @pytest.mark.parametrize(
     ("h", "w", "mode"),
-    [(28, 84, "RGB"), (100, 37, "RGB"), (333, 517, "RGB"), (30, 900, "L"), (64, 64, "RGBA"),
-     (50, 60, "P"), (1200, 1600, "RGB")],
+    [
+        (28, 84, "RGB"),
+        (100, 37, "RGB"),
+        (333, 517, "RGB"),
+        (30, 900, "L"),
+        (64, 64, "RGBA"),
+        (50, 60, "P"),
+        (1200, 1600, "RGB"),
+    ],
 )
 def test_matches_transformers(h: int, w: int, mode: str) -> None:
     cfg = ImageProcessingConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 256)

@@ -59,7 +59,10 @@ def llava_jsonl(tmp_path: Path) -> tuple[Path, dict[str, int], int]:
         ),
         "too_long": json.dumps(_record(102, None, "<think>\n\n</think>\n\n" + "word " * 400)),
         "invalid_schema": json.dumps(
-            {"id": "g", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}
+            {
+                "id": "g",
+                "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}],
+            }
         ),
     }
     for j, (reason, text) in enumerate(bad.items()):
@@ -163,7 +166,9 @@ def test_parquet_with_embedded_images(tmp_path: Path) -> None:
 
 
 def test_resume_after_interrupt_refuse_and_overwrite(
-    llava_jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    llava_jsonl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
 ) -> None:
     path, _, _ = llava_jsonl
     opts = PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False)
@@ -201,7 +206,9 @@ def test_resume_after_interrupt_refuse_and_overwrite(
     with pytest.raises(PrepError, match="other inputs or options"):
         prep_shards([path], str(out), PrepOptions(max_shard_size=30_000, progress=False))
     again = prep_shards(
-        [path], str(out), PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False, overwrite=True)
+        [path],
+        str(out),
+        PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False, overwrite=True),
     )
     assert not again.resumed and _digest(out) == _digest(clean)
 

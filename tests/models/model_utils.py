@@ -38,4 +38,6 @@ def synthetic_batch(
     loss_mask[:, -1] = 0
     loss_mask[tokens == IMAGE_TOKEN] = 0
     mode_ids = torch.where(seg > 0, (torch.arange(rows)[:, None] % 2).expand(rows, seq), -1)
-    return PackedBatch(tokens, labels, loss_mask, pos, seg, mode_ids, pixels, grid)
+    return PackedBatch(
+        tokens, labels, loss_mask, pos, seg, mode_ids, pixels, grid, [[] for _ in range(rows)]
+    )
