@@ -33,9 +33,49 @@ SPECIAL_TOKENS = (
 THINK_TOKENS = ("<think>", "</think>")
 
 _SYLLABLES = (
-    "ka ri to mu sen ba lo qui an de el fo gra hi im ju ke lu ma ne op pa qu re st th un ve wa xi "
-    "yo ze ing ion er ly ed al ous ment ness able"
-).split()
+    "ka",
+    "ri",
+    "to",
+    "mu",
+    "sen",
+    "ba",
+    "lo",
+    "qui",
+    "an",
+    "de",
+    "el",
+    "fo",
+    "gra",
+    "hi",
+    "im",
+    "ju",
+    "ke",
+    "lu",
+    "ma",
+    "ne",
+    "op",
+    "pa",
+    "qu",
+    "re",
+    "st",
+    "th",
+    "un",
+    "ve",
+    "wa",
+    "xi",
+    "yo",
+    "ze",
+    "ing",
+    "ion",
+    "er",
+    "ly",
+    "ed",
+    "al",
+    "ous",
+    "ment",
+    "ness",
+    "able",
+)
 
 
 def _corpus(num_lines: int, seed: int) -> Iterator[str]:
@@ -170,10 +210,9 @@ def build_tiny_qwen2_5_vl(
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration(config)  # fp32: torch's default dtype
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(str(out))

@@ -177,9 +177,10 @@ def _check_model_dir(model_dir: str) -> dict[str, Any]:
         raise EngineStartError(f"{model_dir!r} has no weights (*.safetensors or *.bin)")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise EngineStartError(f"{model_dir!r} has no tokenizer (tokenizer.json)")
-    if config.get("model_type") in _VL_MODEL_TYPES and not (
-        path / "preprocessor_config.json"
-    ).is_file():
+    if (
+        config.get("model_type") in _VL_MODEL_TYPES
+        and not (path / "preprocessor_config.json").is_file()
+    ):
         raise EngineStartError(
             f"{model_dir!r} is a vision-language model without preprocessor_config.json"
         )
@@ -220,8 +221,16 @@ class VLLMRolloutEngine(RolloutEngine):
         except TimeoutError as e:
             raise EngineStartError(f"vLLM did not start from {config.model_dir!r}: {e}") from e
         except Exception as e:
+            hint = ""
+            if self.is_vision_language and not config.in_process:
+                hint = (
+                    " (multiprocess mode: vLLM spawns its engine process, which must register our "
+                    "Qwen2.5-VL architecture too; import megatron_autothink.rollout.vllm_worker "
+                    "at the top of the entry script, or declare the vllm.general_plugins entry "
+                    "point, see docs/rollout.md)"
+                )
             raise EngineStartError(
-                f"vLLM failed to start from {config.model_dir!r}: {type(e).__name__}: {e}"
+                f"vLLM failed to start from {config.model_dir!r}: {type(e).__name__}: {e}{hint}"
             ) from e
         self.start_seconds = time.perf_counter() - t0
         self.tokenizer = self._llm.get_tokenizer()
@@ -295,9 +304,7 @@ class VLLMRolloutEngine(RolloutEngine):
         """Tokens appended to the prompt for ``mode`` (empty for ``"auto"``)."""
         return list(self._prefill_ids[mode])
 
-    def _build_prompt(
-        self, request: GenerationRequest, sampling: SamplingConfig
-    ) -> dict[str, Any]:
+    def _build_prompt(self, request: GenerationRequest, sampling: SamplingConfig) -> dict[str, Any]:
         """Validate a request and turn it into a vLLM ``TokensPrompt`` dict."""
         prompt = list(request.prompt_token_ids)
         images = request.images
@@ -309,7 +316,9 @@ class VLLMRolloutEngine(RolloutEngine):
             runs = 0
         if images is not None:
             if not self.is_vision_language:
-                raise ValueError(f"request {request.request_id!r} has images but the model is text-only")
+                raise ValueError(
+                    f"request {request.request_id!r} has images but the model is text-only"
+                )
             if not isinstance(images, PreprocessedImages):
                 images = preprocess_images(self.config.model_dir, list(images))
             if images.num_images != runs:

@@ -63,7 +63,10 @@ def _install_image_processing_stand_in() -> bool:
     Returns:
         True if the stand-in was installed (torchvision absent), False otherwise.
     """
-    if importlib.util.find_spec("torchvision") is not None or _IMAGE_PROCESSING_MODULE in sys.modules:
+    if (
+        importlib.util.find_spec("torchvision") is not None
+        or _IMAGE_PROCESSING_MODULE in sys.modules
+    ):
         return False
     from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
 
@@ -151,9 +154,7 @@ class AutothinkQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
 
     def get_hf_processor(self, **kwargs: object) -> ImageOnlyQwen2_5_VLProcessor:  # type: ignore[override]
         merged = self.ctx.get_merged_mm_kwargs(kwargs)
-        image_kwargs = {
-            k: _hashable(v) for k, v in merged.items() if k in _IMAGE_PROCESSOR_KWARGS
-        }
+        image_kwargs = {k: _hashable(v) for k, v in merged.items() if k in _IMAGE_PROCESSOR_KWARGS}
         image_processor = load_image_processor(str(self.ctx.model_config.model), **image_kwargs)
         return ImageOnlyQwen2_5_VLProcessor(image_processor, self.get_tokenizer())
 

@@ -25,11 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-# Importing this module in a worker process also registers our Qwen2.5-VL architecture there.
-from megatron_autothink.rollout import vllm_qwen2_5_vl  # noqa: F401
+from megatron_autothink.rollout import vllm_qwen2_5_vl
 
 if TYPE_CHECKING:
     from torch import nn
+
+# vLLM imports the worker extension in every worker process before it builds the model, so
+# registering here makes our Qwen2.5-VL architecture known in spawned workers too.
+vllm_qwen2_5_vl.register()
 
 WorkerPayload = list[tuple[str, torch.Tensor]] | bytes
 """A bucket as the worker receives it: tensors (in-process) or safetensors bytes."""

@@ -238,7 +238,9 @@ def test_image_changes_output_and_input_forms_agree(engine: Any, tiny_vl_dir: Pa
     prompt = chat_prompt(tok, "what is in the picture?", 1)
     pre_a = preprocess_images(str(tiny_vl_dir), [noise_image(10)])
     pre_b = preprocess_images(str(tiny_vl_dir), [noise_image(20)])
-    expanded = expand_image_pads(prompt, tok.convert_tokens_to_ids("<|image_pad|>"), pre_a.num_tokens())
+    expanded = expand_image_pads(
+        prompt, tok.convert_tokens_to_ids("<|image_pad|>"), pre_a.num_tokens()
+    )
     requests = [
         GenerationRequest("a-pre", prompt, images=pre_a),
         GenerationRequest("b-pre", prompt, images=pre_b),
@@ -257,7 +259,9 @@ def test_request_errors_are_clear_and_leave_the_engine_usable(engine: Any) -> No
     too_long = SamplingConfig(temperature=0.0, max_new_tokens=engine.max_model_len)
     t0 = time.perf_counter()
     with pytest.raises(RequestTooLongError, match="max_model_len is 512"):
-        engine.generate([GenerationRequest("ok", [1, 2, 3]), GenerationRequest("x", long_prompt)], too_long)
+        engine.generate(
+            [GenerationRequest("ok", [1, 2, 3]), GenerationRequest("x", long_prompt)], too_long
+        )
     with pytest.raises(RequestTooLongError, match="image"):
         big = [noise_image(5, (112, 112))] * 4
         engine.generate(
@@ -271,7 +275,9 @@ def test_request_errors_are_clear_and_leave_the_engine_usable(engine: Any) -> No
     with pytest.raises(ValueError, match="no images"):
         engine.generate([GenerationRequest("m", chat_prompt(tok, "x", 1))], GREEDY)
     assert time.perf_counter() - t0 < 10
-    assert engine.generate([GenerationRequest("fine", chat_prompt(tok, "x"))], GREEDY)[0][0].token_ids
+    assert engine.generate([GenerationRequest("fine", chat_prompt(tok, "x"))], GREEDY)[0][
+        0
+    ].token_ids
 
 
 def test_sleep_is_a_tracked_noop_on_cpu(engine: Any) -> None:
