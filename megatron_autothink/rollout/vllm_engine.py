@@ -102,6 +102,11 @@ class VLLMEngineConfig:
     """GPU only: share of GPU memory vLLM may use (weights + KV cache)."""
     cpu_kvcache_space_gib: int = 1
     """CPU only: KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
+    cpu_threads: int | None = None
+    """CPU only: torch intra-op threads, set *before* vLLM starts (its CPU worker then disables
+    ``torch.set_num_threads`` for the whole process). None keeps torch's default (one per core).
+    1 is much faster when the cores are shared with other busy processes (OpenMP threads wait
+    for each other at every op); this is process-wide, the trainer in the same process too."""
     sleep_level: Literal[1, 2] = 1
     """GPU only: 1 offloads weights to host memory and drops the KV cache; 2 drops the weights
     too, after which the engine refuses to generate until the next weight update."""
@@ -249,6 +254,8 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ----------------------------------------------------------------- start-up
     def _set_environment(self) -> None:
+        if self.config.cpu_threads is not None:
+            torch.set_num_threads(self.config.cpu_threads)
         # vLLM reads these at engine construction. The host IP must be set or in-process
         # torch.distributed init may pick an unreachable interface and hang.
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")

@@ -45,6 +45,9 @@ def engine(tiny_vl_dir: Path) -> Iterator[Any]:
         max_num_seqs=64,
         weight_bucket_mb=1,  # the 4.4 MB model travels in several buckets, splitting layers
         start_timeout_s=300,
+        # One torch thread: CI boxes have 2 shared cores, and OpenMP threads waiting for each
+        # other at every op made generation ~6x slower there.
+        cpu_threads=1,
     )
     with VLLMRolloutEngine(config) as eng:
         yield eng
