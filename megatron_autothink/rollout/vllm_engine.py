@@ -454,7 +454,9 @@ class VLLMRolloutEngine(RolloutEngine):
             self._rpc("autothink_finish_weight_update")
             self._reset_caches()
             self._invalidate_weights(f"the weight update to version {version} failed ({e!r})")
-            raise WeightUpdateError(f"weight update to version {version} failed: {e!r}") from e
+            if isinstance(e, Exception):  # KeyboardInterrupt & co. propagate unchanged
+                raise WeightUpdateError(f"weight update to version {version} failed: {e!r}") from e
+            raise
         missing = self._rpc("autothink_finish_weight_update")
         self._reset_caches()
         if missing:

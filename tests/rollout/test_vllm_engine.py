@@ -8,6 +8,7 @@ one.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,15 @@ def test_incomplete_update_is_refused_until_a_complete_one(engine: Any, tiny_vl_
     with pytest.raises(WeightUpdateError, match="without a tensor"):
         engine.update_weights(iter(half), version=version + 1)
     assert engine.policy_version == version  # not advanced
+    with pytest.raises(WeightUpdateError, match="refusing to generate"):
+        engine.generate(requests, GREEDY)
+
+    def producer_dies() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from list(weights.items())[:10]
+        raise RuntimeError("trainer died mid-stream")
+
+    with pytest.raises(WeightUpdateError, match="trainer died mid-stream"):
+        engine.update_weights(producer_dies(), version=version + 1)
     with pytest.raises(WeightUpdateError, match="refusing to generate"):
         engine.generate(requests, GREEDY)
     engine.update_weights(iter(weights.items()), version=version + 2)
