@@ -217,6 +217,9 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         self.device = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+        if self.device == "cpu" and config.cpu_threads is not None:
+            # Before vLLM starts: its CPU worker turns torch.set_num_threads into a no-op.
+            torch.set_num_threads(config.cpu_threads)
         kwargs = self._engine_kwargs()
         t0 = time.perf_counter()
         try:
@@ -254,8 +257,6 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ----------------------------------------------------------------- start-up
     def _set_environment(self) -> None:
-        if self.config.cpu_threads is not None:
-            torch.set_num_threads(self.config.cpu_threads)
         # vLLM reads these at engine construction. The host IP must be set or in-process
         # torch.distributed init may pick an unreachable interface and hang.
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")

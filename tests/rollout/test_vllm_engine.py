@@ -21,6 +21,7 @@ from megatron_autothink.rollout import (
     THINKING_PREFILLS,
     EngineStartError,
     GenerationRequest,
+    PreprocessedImages,
     RequestTooLongError,
     RolloutError,
     SamplingConfig,
@@ -236,8 +237,8 @@ def test_logprob_parity_image(engine: Any, hf_model: Any, tiny_vl_dir: Path) -> 
     engine_lp, trainer_lp = [], []
     for request, group in zip(requests, groups, strict=True):
         images = request.images
-        if isinstance(images, list):
-            images = preprocess_images(str(tiny_vl_dir), images)
+        if images is not None and not isinstance(images, PreprocessedImages):
+            images = preprocess_images(str(tiny_vl_dir), list(images))
         engine_lp += [c.logprobs for c in group]
         trainer_lp += hf_token_logprobs(hf_model, request.prompt_token_ids, group, images)
     check_parity(engine_lp, trainer_lp, "image")
