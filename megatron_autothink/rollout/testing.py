@@ -1,0 +1,278 @@
+"""Tiny random Qwen2.5-VL checkpoints and a transformers reference, for tests and benchmarks.
+
+Everything is built offline: a byte-level BPE tokenizer trained on generated text with the Qwen
+special tokens, a random ``Qwen2_5_VLForConditionalGeneration`` saved with ``save_pretrained``,
+and a PIL image-processor config. :func:`hf_token_logprobs` is the "trainer side" of log-prob
+parity checks until the Megatron model is wired in: a plain fp32 transformers forward over
+``prompt + prefill + completion``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_autothink.rollout.images import expand_image_pads
+from megatron_autothink.rollout.types import Completion, PreprocessedImages
+
+# Qwen layout: control tokens are "special" (dropped by skip_special_tokens); the think tags are
+# ordinary added tokens, so they survive detokenisation like in Qwen3.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+THINK_TOKENS = ("<think>", "</think>")
+
+_SYLLABLES = (
+    "ka",
+    "ri",
+    "to",
+    "mu",
+    "sen",
+    "ba",
+    "lo",
+    "qui",
+    "an",
+    "de",
+    "el",
+    "fo",
+    "gra",
+    "hi",
+    "im",
+    "ju",
+    "ke",
+    "lu",
+    "ma",
+    "ne",
+    "op",
+    "pa",
+    "qu",
+    "re",
+    "st",
+    "th",
+    "un",
+    "ve",
+    "wa",
+    "xi",
+    "yo",
+    "ze",
+    "ing",
+    "ion",
+    "er",
+    "ly",
+    "ed",
+    "al",
+    "ous",
+    "ment",
+    "ness",
+    "able",
+)
+
+
+def _corpus(num_lines: int, seed: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4))) for _ in range(3000)]
+    for _ in range(num_lines):
+        line = " ".join(rng.choices(words, k=12))
+        yield f"{line} {rng.randint(0, 999)} + {rng.randint(0, 99)} = \\boxed{{{rng.randint(0, 9)}}}."
+
+
+def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1000, seed: int = 0) -> Any:
+    """Train and save a byte-level BPE tokenizer with Qwen's special tokens.
+
+    Args:
+        out_dir: Where to save (``tokenizer.json`` + ``tokenizer_config.json``).
+        vocab_size: Total vocabulary size including the added tokens.
+        seed: Corpus seed.
+
+    Returns:
+        The ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    added = len(SPECIAL_TOKENS) + len(THINK_TOKENS)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - added,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(4000, seed), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    )
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_tiny_qwen2_5_vl(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 1024,
+    vision_depth: int = 2,
+    vision_hidden_size: int = 64,
+    vision_heads: int = 2,
+    initializer_range: float = 0.02,
+    max_position_embeddings: int = 4096,
+    max_pixels: int = 28 * 28 * 16,
+) -> Path:
+    """Save a random fp32 Qwen2.5-VL model, tokenizer and image-processor config.
+
+    Args:
+        out_dir: Target directory (created).
+        seed: Weight-init seed.
+        hidden_size: LLM hidden size; head_dim = hidden_size / num_heads.
+        intermediate_size: LLM MLP size.
+        num_layers: LLM layers.
+        num_heads: LLM attention heads.
+        num_kv_heads: LLM KV heads (GQA).
+        vocab_size: Embedding rows (>= tokenizer size, padded like Qwen).
+        vision_depth: ViT blocks.
+        vision_hidden_size: ViT width.
+        vision_heads: ViT heads.
+        initializer_range: Init std; larger values give peakier (more "trained-like")
+            next-token distributions.
+        max_position_embeddings: Context length in the config.
+        max_pixels: Image-processor resize cap (small images keep tests fast).
+
+    Returns:
+        The model directory.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(out, vocab_size=min(vocab_size, 1000))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = hidden_size // num_heads
+    # mrope splits head_dim / 2 rotary frequencies into (temporal, height, width) sections.
+    half = head_dim // 2
+    mrope_section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
+            "max_position_embeddings": max_position_embeddings,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": mrope_section,
+            },
+            "initializer_range": initializer_range,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": 2 * vision_hidden_size,
+            "num_heads": vision_heads,
+            "out_hidden_size": hidden_size,
+            "fullatt_block_indexes": [vision_depth - 1],
+            "window_size": 112,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "initializer_range": initializer_range,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)  # fp32: torch's default dtype
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(str(out))
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=max_pixels).save_pretrained(
+        str(out)
+    )
+    return out
+
+
+def chat_prompt(tokenizer: Any, text: str, num_images: int = 0) -> list[int]:
+    """Token ids of a one-turn chat prompt ending with ``"<|im_start|>assistant\\n"``.
+
+    Each image is ``<|vision_start|><|image_pad|><|vision_end|>`` before the text (one pad per
+    image; the engine and :func:`hf_token_logprobs` expand it).
+    """
+    vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
+    chat = f"<|im_start|>user\n{vision}{text}<|im_end|>\n<|im_start|>assistant\n"
+    return list(tokenizer.encode(chat, add_special_tokens=False))
+
+
+@torch.no_grad()
+def hf_token_logprobs(
+    model: Any,
+    prompt_token_ids: Sequence[int],
+    completions: Sequence[Completion],
+    images: PreprocessedImages | None = None,
+) -> list[list[float]]:
+    """Log-probs a transformers Qwen2.5-VL assigns to each completion's tokens.
+
+    One forward per completion over ``prompt (pads expanded) + prefill + completion``, exactly
+    the sequence a trainer would score.
+
+    Args:
+        model: ``Qwen2_5_VLForConditionalGeneration`` in eval mode.
+        prompt_token_ids: Prompt with one ``<|image_pad|>`` (or its expansion) per image.
+        completions: Completions of that prompt.
+        images: The request's preprocessed images, if any.
+
+    Returns:
+        Per completion, the log-prob of each of its tokens.
+    """
+    config = model.config
+    pad_id = config.image_token_id
+    merge = config.vision_config.spatial_merge_size
+    tokens_per_image = [] if images is None else images.num_tokens(merge)
+    prompt = expand_image_pads(prompt_token_ids, pad_id, tokens_per_image)
+    result = []
+    for completion in completions:
+        context = prompt + list(completion.prefill_token_ids)
+        ids = torch.tensor([context + list(completion.token_ids)])
+        kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+        if images is not None:
+            kwargs.update(
+                pixel_values=images.pixel_values,
+                image_grid_thw=images.image_grid_thw,
+                mm_token_type_ids=(ids == pad_id).int(),
+            )
+        model.model.rope_deltas = None  # stateful in transformers; stale deltas shift positions
+        logits = model(**kwargs).logits[0].float()
+        logp = torch.log_softmax(logits[len(context) - 1 : -1], dim=-1)
+        tokens = torch.tensor(completion.token_ids)
+        result.append(logp.gather(-1, tokens[:, None])[:, 0].tolist())
+    return result

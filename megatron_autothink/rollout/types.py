@@ -1,0 +1,214 @@
+"""Typed hand-offs between the RL/evaluation code and the rollout engine.
+
+Everything that crosses the rollout boundary is one of these dataclasses, never a dict bag:
+
+* :class:`GenerationRequest` -- one prompt (token ids, optional images, thinking mode, ``n``).
+* :class:`SamplingConfig` -- sampling settings shared by one ``generate`` call.
+* :class:`Completion` -- one sampled response with the log-probs of its tokens.
+* :class:`WeightUpdate` -- what one ``update_weights`` call did (version, size, time).
+
+Thinking modes follow R-4B / Qwen3 (see ``/work/shared/recipes.md``): the assistant turn of the
+prompt ends with ``"<|im_start|>assistant\\n"`` and the engine appends a *prefill* to it:
+
+* ``"auto"``: nothing, the model decides whether to think;
+* ``"long"``: ``"<think>\\n"`` (force thinking);
+* ``"short"``: ``"<think>\\n\\n</think>\\n\\n"`` (force an empty think block, i.e. no thinking).
+
+The prefill belongs to the *prompt*: it is reported in :attr:`Completion.prefill_token_ids` so
+that the trainer can rebuild ``prompt + prefill + completion`` and put no loss on the prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+ThinkingMode = Literal["auto", "long", "short"]
+"""How the assistant turn starts; see the module docstring."""
+
+FinishReason = Literal["stop", "length"]
+"""``"stop"``: an EOS/stop token was sampled (it is the last token); ``"length"``: budget hit."""
+
+THINKING_PREFILLS: dict[str, str] = {
+    "auto": "",
+    "long": "<think>\n",
+    "short": "<think>\n\n</think>\n\n",
+}
+"""Prefill text appended to the prompt for each :data:`ThinkingMode` (Qwen3 convention)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessedImages:
+    """Images already run through the Qwen2.5-VL image processor (the trainer's input format).
+
+    This is exactly what ``Qwen2VLImageProcessor(images)`` returns, so the rollout engine and the
+    trainer can be fed *bit-identical* pixels (re-processing a PIL image on either side with a
+    different resize backend is a known source of trainer/rollout log-prob mismatch for VLMs).
+
+    Attributes:
+        pixel_values: FloatTensor[N_patches, C * temporal_patch * patch * patch] (1176 for
+            Qwen2.5-VL: 3 * 2 * 14 * 14), rescaled and normalised, all images concatenated in
+            prompt order.
+        image_grid_thw: LongTensor[M, 3], one (t, h, w) patch grid per image;
+            ``image_grid_thw.prod(-1).sum() == N_patches``. Image ``i`` occupies
+            ``prod(image_grid_thw[i]) // spatial_merge_size**2`` tokens in the LLM sequence.
+    """
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.pixel_values.ndim != 2:
+            raise ValueError(
+                f"pixel_values must be [N_patches, patch_dim], got {tuple(self.pixel_values.shape)}"
+            )
+        if self.image_grid_thw.ndim != 2 or self.image_grid_thw.shape[-1] != 3:
+            raise ValueError(
+                f"image_grid_thw must be [M, 3], got {tuple(self.image_grid_thw.shape)}"
+            )
+        n_patches = int(self.image_grid_thw.prod(-1).sum())
+        if n_patches != self.pixel_values.shape[0]:
+            raise ValueError(
+                f"image_grid_thw describes {n_patches} patches but pixel_values has "
+                f"{self.pixel_values.shape[0]} rows"
+            )
+
+    @property
+    def num_images(self) -> int:
+        """Number of images M."""
+        return int(self.image_grid_thw.shape[0])
+
+    def num_tokens(self, spatial_merge_size: int = 2) -> list[int]:
+        """LLM placeholder tokens per image (``t * h * w // merge**2``)."""
+        merge = spatial_merge_size**2
+        return [int(n) // merge for n in self.image_grid_thw.prod(-1).tolist()]
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One prompt to sample ``n`` completions for.
+
+    Attributes:
+        request_id: Caller-chosen unique id; completions come back in request order, the id is
+            for logging and for deriving per-request seeds.
+        prompt_token_ids: Chat-formatted prompt ending with ``"<|im_start|>assistant\\n"``.
+            Each image appears as ``<|vision_start|><|image_pad|><|vision_end|>``; the pad may be
+            given once or already expanded to the image's token count (the trainer's format):
+            runs of pads are collapsed and re-expanded by the engine.
+        images: ``None`` (text only), a :class:`PreprocessedImages` (preferred: the trainer's
+            exact pixels) or a sequence of PIL images (preprocessed by the engine with the model
+            directory's image processor). Image ``i`` fills the ``i``-th pad run.
+        mode: Thinking mode whose prefill is appended to the prompt.
+        n: Number of completions to sample for this prompt.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    images: PreprocessedImages | Sequence[Image] | None = None
+    mode: ThinkingMode = "auto"
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in THINKING_PREFILLS:
+            raise ValueError(f"mode must be one of {list(THINKING_PREFILLS)}, got {self.mode!r}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id!r} has an empty prompt")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingConfig:
+    """Sampling settings for one ``generate`` call (all requests share them).
+
+    Attributes:
+        temperature: Softmax temperature; 0 means greedy.
+        top_p: Nucleus sampling mass (1.0 disables it).
+        top_k: Keep the k most likely tokens (-1 disables it).
+        max_new_tokens: Budget of generated tokens per completion (prefill not counted).
+        seed: Base seed. With a seed, request ``r`` samples with a seed derived from
+            ``(seed, r.request_id)`` and its ``j``-th sample with that seed ``+ j``: the same
+            seed and request ids give the same tokens, whatever else is in the batch, and no two
+            requests share a random stream. ``None``: unseeded.
+        stop_token_ids: Extra stop tokens besides the model's EOS (``<|im_end|>``). The stop
+            token is kept as the last completion token (the policy is trained to emit it).
+        logprobs: Return the log-prob of every sampled token. These are the model's *raw*
+            log-probs (full softmax at temperature 1, before temperature/top-p/top-k), i.e. what
+            the trainer's forward computes; see ``VLLMEngineConfig.logprobs_mode``.
+        skip_special_tokens: Drop special tokens (``<|im_end|>``...) from ``Completion.text``;
+            the think tags are ordinary added tokens and stay.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = True
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(slots=True)
+class Completion:
+    """One sampled response.
+
+    The token sequence the policy saw is ``prompt_token_ids + prefill_token_ids + token_ids``.
+
+    Attributes:
+        token_ids: Generated tokens [T] (prefill excluded; the stop token included when
+            ``finish_reason == "stop"``).
+        logprobs: Log-prob of each generated token [T] under the rollout policy; empty when
+            ``SamplingConfig.logprobs`` is False.
+        text: Detokenised ``token_ids``.
+        finish_reason: ``"stop"`` or ``"length"``.
+        prefill_token_ids: Tokens the engine appended to the prompt for the thinking mode [P].
+        mode: Thinking mode of the request.
+        policy_version: Version of the weights that produced this completion.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: FinishReason
+    prefill_token_ids: list[int] = field(default_factory=list)
+    mode: ThinkingMode = "auto"
+    policy_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WeightUpdate:
+    """Metadata of one ``update_weights`` call.
+
+    Attributes:
+        version: Policy version the engine holds after the update.
+        num_tensors: Tensors received.
+        num_bytes: Bytes received (sum of ``numel * element_size``).
+        num_buckets: Buckets the stream was cut into.
+        seconds: Wall time of the whole update, cache resets included.
+    """
+
+    version: int
+    num_tensors: int
+    num_bytes: int
+    num_buckets: int
+    seconds: float
+
+    @property
+    def gbytes_per_second(self) -> float:
+        """Throughput in GB/s (10^9 bytes)."""
+        return self.num_bytes / 1e9 / max(self.seconds, 1e-9)

