@@ -17,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "run"]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -121,7 +121,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _standalone(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python -m megatron_autothink.convert.cli``, ``tools/convert.py``)."""
     parser = argparse.ArgumentParser(
         prog="python -m megatron_autothink.convert.cli",
         description="Checkpoint conversion between HF Qwen2.5-VL and megatron-autothink.",
@@ -131,4 +132,4 @@ def _standalone(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep the guard
-    raise SystemExit(_standalone())
+    raise SystemExit(run())

@@ -103,10 +103,14 @@ def iter_hf_weights(
 
     Yields:
         HF names and tensors on the parameters' device. Tensors may be views sharing storage
-        (e.g. q/k/v of one fused parameter); copy before modifying them.
+        with each other (q/k/v of one fused parameter) or with the live parameters (TP=1
+        replicated tensors); copy before modifying them.
 
     Every rank of the TP and PP groups must call this and exhaust the iterator together.
     """
+    if not model_cfg.add_qkv_bias:
+        # HF / vLLM Qwen2.5-VL always have q/k/v biases; without ours they would keep stale ones.
+        raise ConversionError("model.add_qkv_bias=false cannot be exported as Qwen2.5-VL")
     specs = specs_for(model_cfg, model_chunks)
     mine: dict[str, Tensor] = {}
     for chunk in model_chunks:

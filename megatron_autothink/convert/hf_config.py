@@ -155,6 +155,11 @@ def hf_config_from_model(
             f"model.vision.rms_norm_eps={cfg.vision.rms_norm_eps}: HF's vision tower hard-codes "
             f"{_VISION_NORM_EPS}"
         )
+    if not cfg.add_qkv_bias:
+        raise ConversionError(
+            "model.add_qkv_bias=false has no Qwen2.5-VL equivalent (its q/k/v projections always "
+            "have a bias)"
+        )
     if cfg.image_token_id < 0:
         raise ConversionError("model.image_token_id must be set (>= 0) to export a HF config")
     src = _parse(dict(base or {}, model_type=MODEL_TYPE)).to_dict() if base else {}

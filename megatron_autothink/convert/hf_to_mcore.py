@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -114,7 +115,7 @@ def hf_to_mcore(
     if dtype not in _DTYPES.values():
         raise ConversionError(f"unsupported checkpoint dtype {dtype}; use one of {list(_DTYPES)}")
     _prepare_out_dir(out_dir, overwrite)
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    precision: Literal["fp32", "bf16"] = "bf16" if dtype == torch.bfloat16 else "fp32"
     with conversion_context(model_cfg, precision=precision) as (_, ctx):
         model = Qwen25VLModel(
             model_cfg,

@@ -113,12 +113,6 @@ class WeightSpec:
     num_groups: int = 0
     """Key/value heads (``QKV`` / ``VISION_QKV`` only)."""
 
-    @property
-    def layer(self) -> int | None:
-        """Global layer index for per-layer parameters (language model or vision), else None."""
-        m = re.search(r"\.layers\.(\d+)\.", self.mcore)
-        return int(m.group(1)) if m else None
-
 
 # ----------------------------------------------------------------------------------------------
 # HF name formats
@@ -376,7 +370,8 @@ def spec_to_megatron(
     if spec.kind is Kind.COPY:
         return tensors[0]
     if spec.kind is Kind.QKV:
-        return _fuse_qkv(*tensors, nh=spec.num_heads, ng=spec.num_groups)
+        q, k, v = tensors
+        return _fuse_qkv(q, k, v, nh=spec.num_heads, ng=spec.num_groups)
     if spec.kind is Kind.VISION_QKV:
         q, k, v = tensors[0].chunk(3, dim=0)
         return _fuse_qkv(q, k, v, nh=spec.num_heads, ng=spec.num_groups)

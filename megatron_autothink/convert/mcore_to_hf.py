@@ -19,6 +19,7 @@ transformers version and vLLM load that layout.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,7 +146,7 @@ def mcore_to_hf(
     out_dtype = dtype or stored
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt_dir / TOKENIZER_SUBDIR
     # Load in the stored precision (bf16 stays bf16: no 2x memory); anything else in fp32.
-    precision = "bf16" if stored == torch.bfloat16 else "fp32"
+    precision: Literal["fp32", "bf16"] = "bf16" if stored == torch.bfloat16 else "fp32"
     with conversion_context(model_cfg, tp=tp, pp=pp, precision=precision) as (cfg, ctx):
         writer_rank = ctx.rank == 0
         if writer_rank:
@@ -182,6 +183,12 @@ def mcore_to_hf(
             raise ConversionError(f"exported {written} tensors, the config expects {len(names)}")
         if writer is not None:
             writer.close()
+            if not tok_dir.is_dir():
+                warnings.warn(
+                    f"no tokenizer directory ({tok_dir}); {out_dir} gets config and weights but no "
+                    "tokenizer/processor files (pass tokenizer_dir / --tokenizer-dir)",
+                    stacklevel=2,
+                )
             write_hf_assets(
                 out_dir,
                 model_cfg,

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -39,9 +39,15 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 @contextmanager
 def conversion_context(
-    model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, precision: str = "fp32"
+    model_cfg: ModelConfig,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    precision: Literal["fp32", "bf16"] = "fp32",
 ) -> Iterator[tuple[AutothinkConfig, ParallelContext]]:
-    """A run config and parallel context for building ``model_cfg`` at TP=``tp``, PP=``pp``.
+    """A run config and parallel context for building ``model_cfg`` at TP=``tp``, PP=``pp``
+    (``vpp`` virtual stages per rank).
 
     World size 1 unless launched by torchrun/srun (``WORLD_SIZE``); extra ranks are data
     parallel. If megatron's groups already exist (a caller inside a training process), they are
@@ -56,9 +62,11 @@ def conversion_context(
     backend = "auto" if torch.cuda.is_available() else "gloo"
     cfg = AutothinkConfig(
         model=model_cfg,
-        parallel=ParallelConfig(tp=tp, pp=pp, backend=backend, distributed_optimizer=False),
+        parallel=ParallelConfig(
+            tp=tp, pp=pp, vpp=vpp, backend=backend, distributed_optimizer=False
+        ),
         data=DataConfig(micro_batch_size=1, global_batch_size=dp),
-        train=TrainConfig(precision=precision),  # type: ignore[arg-type]
+        train=TrainConfig(precision=precision),
     )
     created = not dist.is_initialized()
     ctx = init_distributed(cfg)

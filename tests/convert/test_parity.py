@@ -11,6 +11,7 @@ This is also the check of our vision tower and mRoPE against transformers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,17 +32,29 @@ TP1_SPECS = [
     TinySpec(heads=4, kv_heads=1, head_dim=20, tie=False, mrope_section=(2, 3, 5), seed=1),
     TinySpec(heads=4, kv_heads=4, head_dim=28, tie=False, mrope_section=(4, 4, 6), seed=2),
 ]
+PP_SPEC = TinySpec(heads=4, kv_heads=2, layers=4, tie=True, seed=7)  # 4 layers: PP=2 x VPP=2
 TP2_SPECS = [  # kv_heads must be divisible by TP
     TinySpec(heads=4, kv_heads=2, head_dim=24, tie=False, mrope_section=(2, 4, 6), seed=3),
     TinySpec(heads=4, kv_heads=4, head_dim=28, tie=True, mrope_section=(4, 4, 6), seed=4),
 ]
 
 
-def _parity_worker(phases: list[tuple[int, list[tuple[str, ModelConfig, VLInputs]]]]) -> list:
-    """On each rank, per phase: load every HF dir into a TP=``tp`` model, run it, export it.
+@dataclass(frozen=True)
+class Phase:
+    """One parallel layout and the HF models to run through it."""
 
-    One spawn serves both layouts (spawning ranks costs more than the tiny models): TP=1 runs
-    as two data-parallel replicas, then megatron's groups are rebuilt for TP=2.
+    tp: int
+    pp: int
+    vpp: int | None
+    cases: list[tuple[str, ModelConfig, VLInputs]]
+    forward: bool  # compare logits (single pipeline stage only)
+
+
+def _parity_worker(phases: list[Phase]) -> list:
+    """On each rank, per phase: load every HF dir into this layout, run it, export it.
+
+    One spawn serves all layouts (spawning ranks costs more than the tiny models): megatron's
+    groups are rebuilt between phases on the same gloo world.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -55,40 +68,47 @@ def _parity_worker(phases: list[tuple[int, list[tuple[str, ModelConfig, VLInputs
 
     dist.init_process_group("gloo")  # kept across phases; conversion_context reuses it
     out = []
-    for tp, cases in phases:
-        phase = []
-        with conversion_context(cases[0][1], tp=tp) as (run_cfg, ctx):
-            for hf_dir, model_cfg, x in cases:
-                cfg = run_cfg.model_copy(update={"model": model_cfg})
+    for ph in phases:
+        results = []
+        with conversion_context(ph.cases[0][1], tp=ph.tp, pp=ph.pp, vpp=ph.vpp) as (run, ctx):
+            for hf_dir, model_cfg, x in ph.cases:
+                cfg = run.model_copy(update={"model": model_cfg})
                 chunks = build_model_chunks(
                     cfg,
                     ctx,
                     vocab_size=model_cfg.vocab_size,
                     image_token_id=model_cfg.image_token_id,
                 )
-                n = load_hf_weights(chunks, HFCheckpoint(hf_dir), model_cfg, ctx)
-                model = chunks[0].eval()
-                with torch.no_grad():
-                    logits = model(
-                        x.input_ids,
-                        x.position_ids,
-                        None,  # causal
-                        pixel_values=x.pixel_values,
-                        image_grid_thw=x.image_grid_thw,
+                res: dict = {
+                    "loaded": load_hf_weights(chunks, HFCheckpoint(hf_dir), model_cfg, ctx)
+                }
+                res["chunk_layers"] = [
+                    [layer.layer_number for layer in c.language_model.decoder.layers]
+                    for c in chunks
+                ]
+                last = chunks[-1].language_model
+                if last.post_process and model_cfg.tie_word_embeddings and ph.pp > 1:
+                    res["tied_copy"] = last.output_layer.weight.detach().clone()
+                if ph.forward:
+                    model = chunks[0].eval()
+                    with torch.no_grad():
+                        logits = model(
+                            x.input_ids,
+                            x.position_ids,
+                            None,  # causal
+                            pixel_values=x.pixel_values,
+                            image_grid_thw=x.image_grid_thw,
+                        )
+                    res["logits"] = gather_from_tensor_model_parallel_region(logits)[
+                        ..., : model_cfg.vocab_size
+                    ]
+                    res["local_vocab_rows"] = (
+                        model.language_model.embedding.word_embeddings.weight.shape[0]
                     )
-                    logits = gather_from_tensor_model_parallel_region(logits)
-                exported = {name: t.clone() for name, t in iter_hf_weights(chunks, model_cfg, ctx)}
-                embedding = model.language_model.embedding.word_embeddings.weight
-                phase.append(
-                    {
-                        "loaded": n,
-                        "local_vocab_rows": embedding.shape[0],
-                        "logits": logits[..., : model_cfg.vocab_size],
-                        "exported": exported,
-                    }
-                )
+                res["exported"] = {n: t.clone() for n, t in iter_hf_weights(chunks, model_cfg, ctx)}
+                results.append(res)
         parallel_state.destroy_model_parallel()
-        out.append(phase)
+        out.append(results)
     return out
 
 
@@ -104,12 +124,13 @@ def _make_cases(specs: list[TinySpec], root: Path) -> tuple[list, list]:
     return cases, refs
 
 
-def _check(ranks: list[list[dict]], refs: list, specs: list[TinySpec], tp: int) -> None:
+def _check(ranks: list[list[dict]], refs: list, specs: list[TinySpec], label: str) -> None:
     for rank, results in enumerate(ranks):
         for spec, res, (ref_logits, ref_tensors) in zip(specs, results, refs, strict=True):
-            diff = (res["logits"] - ref_logits).abs().max().item()
-            print(f"TP={tp} rank {rank} {spec.label}: max |logits - HF| = {diff:.2e}")
-            assert diff <= LOGITS_ATOL, (spec.label, diff)
+            if "logits" in res:
+                diff = (res["logits"] - ref_logits).abs().max().item()
+                print(f"{label} rank {rank} {spec.label}: max |logits - HF| = {diff:.2e}")
+                assert diff <= LOGITS_ATOL, (spec.label, diff)
             exported = res["exported"]
             assert set(exported) == {canonical_hf_name(n) for n in ref_tensors}
             for name, t in ref_tensors.items():
@@ -119,9 +140,25 @@ def _check(ranks: list[list[dict]], refs: list, specs: list[TinySpec], tp: int) 
 def test_logits_match_transformers_and_export_is_bit_exact(tmp_path: Path) -> None:
     tp1_cases, tp1_refs = _make_cases(TP1_SPECS, tmp_path / "tp1")
     tp2_cases, tp2_refs = _make_cases(TP2_SPECS, tmp_path / "tp2")
-    ranks = run_distributed(_parity_worker, 2, [(1, tp1_cases), (2, tp2_cases)])
-    _check([r[0] for r in ranks], tp1_refs, TP1_SPECS, tp=1)
-    _check([r[1] for r in ranks], tp2_refs, TP2_SPECS, tp=2)
+    pp_cases, pp_refs = _make_cases([PP_SPEC], tmp_path / "pp")
+    ranks = run_distributed(
+        _parity_worker,
+        2,
+        [
+            Phase(tp=1, pp=1, vpp=None, cases=tp1_cases, forward=True),  # 2 DP replicas
+            Phase(tp=2, pp=1, vpp=None, cases=tp2_cases, forward=True),
+            Phase(tp=1, pp=2, vpp=2, cases=pp_cases, forward=False),
+        ],
+    )
+    _check([r[0] for r in ranks], tp1_refs, TP1_SPECS, "TP=1")
+    _check([r[1] for r in ranks], tp2_refs, TP2_SPECS, "TP=2")
+    _check([r[2] for r in ranks], pp_refs, [PP_SPEC], "PP=2/VPP=2")
     # VOCAB=1100 pads to 1152 rows at TP=1 and to 1280 (640 per rank) at TP=2.
     assert all(res["local_vocab_rows"] == 1152 for r in ranks for res in r[0])
     assert all(res["local_vocab_rows"] == 640 for r in ranks for res in r[1])
+    # Interleaved layout: rank 0 holds global layers 1 and 3 (1-based), rank 1 layers 2 and 4.
+    assert [r[2][0]["chunk_layers"] for r in ranks] == [[[1], [3]], [[2], [4]]]
+    # The last stage's copy of the tied embedding was loaded (and was not exported twice).
+    embed = pp_refs[0][1]["model.embed_tokens.weight"]
+    tied = ranks[1][2][0]["tied_copy"]
+    assert torch.equal(tied[: embed.shape[0]], embed) and not tied[embed.shape[0] :].any()
