@@ -1,0 +1,138 @@
+"""HF Qwen2.5-VL directory -> megatron dist-checkpoint of our model.
+
+Output layout (``out_dir``)::
+
+    metadata.json, .metadata, common.pt, __*.distcp   megatron dist-checkpoint (torch_dist)
+    autothink_model.json                               ModelConfig, dtype, original HF config
+    tokenizer/                                         tokenizer, processor, chat template,
+                                                       generation config (copied as-is)
+
+The checkpoint is written from a TP=1/PP=1 model; megatron's dist-checkpointing reshards it on
+load to any TP/PP the model allows (the vocabulary padding, which depends on TP, is re-padded by
+megatron: the embedding and output layer are saved with ``allow_shape_mismatch``).
+
+Everything that can be checked from file headers (architecture, names, shapes, index/shard
+consistency) is checked before the model is built; tensors are then read one at a time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from megatron_autothink.config import ModelConfig, ParallelConfig
+from megatron_autothink.convert.hf_config import model_config_from_hf, read_hf_config
+from megatron_autothink.convert.hf_io import HFCheckpoint, copy_hf_assets
+from megatron_autothink.convert.load import load_hf_weights
+from megatron_autothink.convert.mapping import (
+    ConversionError,
+    canonical_hf_name,
+    check_hf_names,
+    weight_specs,
+)
+from megatron_autothink.convert.runtime import (
+    META_NAME,
+    TOKENIZER_SUBDIR,
+    conversion_context,
+    write_meta,
+)
+
+__all__ = ["hf_to_mcore", "inspect_hf_dir"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inspect_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, HFCheckpoint]:
+    """Validate a HF directory without reading any tensor: config, weight files, names, shapes.
+
+    Raises :class:`~megatron_autothink.convert.mapping.ConversionError` naming the problem.
+    """
+    raw = read_hf_config(hf_dir)
+    model_cfg = model_config_from_hf(raw)
+    ckpt = HFCheckpoint(hf_dir)
+    raw_of = {canonical_hf_name(n): n for n in ckpt}
+    check_hf_names(list(raw_of), model_cfg)
+    for spec in weight_specs(model_cfg):
+        for name, want in zip(spec.hf, spec.hf_shapes, strict=True):
+            got = ckpt.shape(raw_of[name])
+            if got != want:
+                raise ConversionError(
+                    f"shape mismatch vs config: {raw_of[name]} has shape {got} in "
+                    f"{hf_dir}, config.json implies {want}"
+                )
+            if not ckpt.dtype(raw_of[name]).is_floating_point:
+                raise ConversionError(
+                    f"{raw_of[name]}: dtype {ckpt.dtype(raw_of[name])} is not float"
+                )
+    return model_cfg, ckpt
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        # Megatron's files (also those of an interrupted save) or our side-car.
+        markers = (META_NAME, "metadata.json", ".metadata", "common.pt")
+        looks_ours = any((out_dir / m).exists() for m in markers) or any(out_dir.glob("*.distcp"))
+        if not overwrite:
+            raise ConversionError(f"{out_dir} is not empty (pass overwrite=True / --overwrite)")
+        if not looks_ours:
+            raise ConversionError(
+                f"{out_dir} is not empty and does not look like a megatron checkpoint; refusing "
+                "to delete it even with --overwrite"
+            )
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a local HF Qwen2.5-VL directory into a megatron dist-checkpoint; return ``out_dir``.
+
+    Args:
+        hf_dir: directory with ``config.json`` and safetensors weights (single or sharded).
+        out_dir: checkpoint directory to create (must be empty unless ``overwrite``).
+        dtype: parameter dtype of the checkpoint; default: the dtype of the HF weights.
+        overwrite: replace an existing checkpoint in ``out_dir``.
+        progress: tqdm progress bar.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_autothink.models.qwen25vl import Qwen25VLModel
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    model_cfg, ckpt = inspect_hf_dir(hf_dir)
+    if dtype is None:
+        embed = next(n for n in ckpt if canonical_hf_name(n).endswith("embed_tokens.weight"))
+        dtype = ckpt.dtype(embed)
+    if dtype not in _DTYPES.values():
+        raise ConversionError(f"unsupported checkpoint dtype {dtype}; use one of {list(_DTYPES)}")
+    _prepare_out_dir(out_dir, overwrite)
+    precision: Literal["fp32", "bf16"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    with conversion_context(model_cfg, precision=precision) as (_, ctx):
+        model = Qwen25VLModel(
+            model_cfg,
+            ParallelConfig(),
+            vocab_size=model_cfg.vocab_size,
+            image_token_id=model_cfg.image_token_id,
+            pg_collection=ctx.pg,
+            dtype=dtype,
+        )
+        load_hf_weights([model], ckpt, model_cfg, ctx, progress=progress)
+        ckpt.close()
+        dist_checkpointing.save(model.sharded_state_dict(), str(out_dir))
+        del model
+    write_meta(
+        out_dir, model_cfg, dtype=dtype, hf_config=read_hf_config(hf_dir), source=str(hf_dir)
+    )
+    copied = copy_hf_assets(hf_dir, out_dir / TOKENIZER_SUBDIR)
+    if not copied:
+        (out_dir / TOKENIZER_SUBDIR).rmdir()
+    return out_dir
