@@ -45,6 +45,7 @@ class ScoredResponse:
     thinking: bool = False  # non-empty think block
     rethink: str = ""  # "" | "accepted" | "rejected:<reason>"
     components: dict[str, float] = field(default_factory=dict)
+    vision_cut: bool = False  # response cut before a sampled image placeholder token
 
 
 ScoreFn = Callable[[str, PromptSample, bool], tuple[float, bool, dict[str, float]]]
@@ -97,9 +98,30 @@ def generate_groups(
     return groups
 
 
+def vision_token_ids(tokenizer: Any) -> set[int]:
+    names = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+    ids = {tokenizer.convert_tokens_to_ids(n) for n in names}
+    return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
+
+
+def cut_at_vision_tokens(c: Completion, banned: set[int]) -> bool:
+    """A weak policy can sample image placeholder tokens; the trainer would try to put image
+    features there. Cut the response before the first one (it then counts as unfinished)."""
+    for j, t in enumerate(c.token_ids):
+        if t in banned:
+            c.token_ids = c.token_ids[:j]
+            c.logprobs = c.logprobs[:j] if c.logprobs else c.logprobs
+            c.finish_reason = "length"
+            return True
+    return False
+
+
 def _scored(
     idx: int, mode: str, c: Completion, tokenizer: Any, prompt: PromptSample, score: ScoreFn
 ) -> ScoredResponse:
+    cut = cut_at_vision_tokens(c, vision_token_ids(tokenizer))
+    if cut:
+        c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
     prefill_text = tokenizer.decode(c.prefill_token_ids) if c.prefill_token_ids else ""
     text = prefill_text + c.text
     finished = c.finish_reason == "stop"
@@ -116,6 +138,7 @@ def _scored(
         correct=correct,
         thinking=is_thinking(text),
         components=comps,
+        vision_cut=cut,
     )
 
 
@@ -179,6 +202,7 @@ def force_rethinking(
     accepted = 0
     for (gi, ri, plan), prefix_ids, comps in zip(plans, prefixes, outs, strict=True):
         c = comps[0]
+        cut_at_vision_tokens(c, vision_token_ids(tokenizer))
         r = groups[gi][ri]
         full_text = tokenizer.decode(r.prefill_ids) + plan.continuation_prompt + c.text
         reward, correct, compscores = score(full_text, prompts[gi], c.finish_reason == "stop")

@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_autothink.config import AutothinkConfig, StageConfig
+from megatron_autothink.data.image_processing import write_preprocessor_config
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.ssr import ReplayBuffer
-from megatron_autothink.rl.trainer import RLContext, ReplayStore, make_score_fn, rl_step
+from megatron_autothink.rl.trainer import ReplayStore, RLContext, make_score_fn, rl_step
 from megatron_autothink.train.callbacks import (
     Callback,
     CheckpointCallback,
@@ -45,6 +46,7 @@ def export_hf(
     cfg: AutothinkConfig,
     ctx: ParallelContext,
     chunks: list[torch.nn.Module],
+    tokenizer: Any,
     tokenizer_dir: str,
     out_dir: Path,
 ) -> None:
@@ -59,9 +61,18 @@ def export_hf(
             writer.add(name, t)
     if writer is not None:
         writer.close()
+        from megatron_autothink.train.run import hf_token_ids
+
         write_hf_assets(
-            out_dir, cfg.model, dtype=torch.float32, hf_base=None, tokenizer_dir=Path(tokenizer_dir)
+            out_dir,
+            cfg.model,
+            dtype=torch.float32,
+            hf_base=hf_token_ids(tokenizer),
+            tokenizer_dir=Path(tokenizer_dir),
         )
+        from megatron_autothink.train.run import image_config
+
+        write_preprocessor_config(out_dir, image_config(cfg))
 
 
 def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int) -> Any:
@@ -96,7 +107,7 @@ def run_stage(
     previous: CheckpointManager | None,
 ) -> tuple[LoopState, CheckpointManager]:
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
-    from megatron_autothink.train.run import checkpoint_root, resolve_tokenizer_dir
+    from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
 
     rl = cfg.rl
     if stage.lr is not None:
@@ -111,6 +122,7 @@ def run_stage(
             split="train",
             seed=cfg.train.seed,
             batch_size=rl.prompts_per_step // ctx.dp,
+            image=image_config(cfg),
             s3_endpoint=cfg.data.s3_endpoint or None,
         ),
         tokenizer,
@@ -175,7 +187,7 @@ def run_stage(
     t0 = time.perf_counter()
     if ctx.rank == 0:
         engine_dir.mkdir(parents=True, exist_ok=True)
-    export_hf(cfg, ctx, chunks, tokenizer_dir, engine_dir)
+    export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
     engine = build_engine(cfg, engine_dir, version=state.step) if engine_owner(ctx) else None
     log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
 
@@ -185,6 +197,7 @@ def run_stage(
         t = time.perf_counter()
         stream = iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint")
         if engine is not None:
+            engine.wake_up()  # weights first; vLLM frees the KV cache again at the next sleep
             engine.update_weights(stream, version=version)
         else:
             for _ in stream:  # take part in the collectives

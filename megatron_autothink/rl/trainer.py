@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, RLConfig, RewardWeights, StageConfig
+from megatron_autothink.config import AutothinkConfig, RewardWeights, RLConfig, StageConfig
 from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.actor import compute_logprobs, policy_update
@@ -229,6 +229,7 @@ def rollout_metrics(
         m[f"rollout/{mode}/accuracy"] = sum(r.correct for r in rs) / len(rs)
         m[f"rollout/{mode}/length"] = sum(len(r.response_ids) for r in rs) / len(rs)
         m[f"rollout/{mode}/think_rate"] = sum(r.thinking for r in rs) / len(rs)
+    m["rollout/vision_token_cuts"] = float(sum(r.vision_cut for _, r in flat))
     # Actual mode used (auto decides by itself): accuracy of thinking vs direct answers.
     for name, flag in (("thinking", True), ("non_thinking", False)):
         rs = [r for _, r in flat if r.thinking == flag]

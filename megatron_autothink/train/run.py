@@ -75,6 +75,40 @@ def resolve_tokenizer_dir(cfg: AutothinkConfig, data_path: str) -> str:
     )
 
 
+def hf_token_ids(tokenizer: Any) -> dict[str, Any]:
+    """Special-token ids for an exported HF config (the ``base`` of ``hf_config_from_model``):
+    generation stops at ``<|im_end|>``."""
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>")
+    }
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids["<|endoftext|>"]
+    return {
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "text_config": {
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": pad,
+        },
+    }
+
+
+def image_config(cfg: AutothinkConfig) -> Any:
+    """The image preprocessing of the recipe (data.min_pixels / data.max_pixels, model patches);
+    the loaders, the rollout engine and exported HF dirs all use this one."""
+    from megatron_autothink.data.image_processing import ImageProcessingConfig
+
+    v = cfg.model.vision
+    return ImageProcessingConfig(
+        min_pixels=cfg.data.min_pixels,
+        max_pixels=cfg.data.max_pixels,
+        patch_size=v.patch_size,
+        temporal_patch_size=v.temporal_patch_size,
+        merge_size=v.spatial_merge_size,
+    )
+
+
 def build_sft_loader(
     cfg: AutothinkConfig,
     ctx: ParallelContext,
@@ -98,6 +132,7 @@ def build_sft_loader(
         micro_batch_size=d.micro_batch_size,
         think_ratio=d.think_ratio,
         s3_endpoint=d.s3_endpoint or None,
+        image=image_config(cfg),
     )
     return build_packed_loader(lcfg, tokenizer, dp_rank=ctx.dp_rank, dp_world_size=ctx.dp)
 
@@ -225,12 +260,17 @@ def main(cfg: AutothinkConfig) -> int:
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
                 f"({len(tokenizer)} tokens)"
             )
+        image_token_id = int(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        if cfg.model.image_token_id < 0:
+            cfg.model.image_token_id = image_token_id
+        elif cfg.model.image_token_id != image_token_id:
+            raise SystemExit(
+                f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's "
+                f"<|image_pad|> is {image_token_id}"
+            )
         seed_everything(cfg.train.seed, ctx)
         chunks = build_model_chunks(
-            cfg,
-            ctx,
-            vocab_size=cfg.model.vocab_size,
-            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=image_token_id
         )
         chunks = wrap_ddp(cfg, chunks, ctx)
         offset, previous = 0, None

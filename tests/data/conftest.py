@@ -19,7 +19,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tokenizer_dir: str):  # noqa: ANN201 - HF tokenizer
+def tokenizer(tokenizer_dir: str):
     from megatron_autothink.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)

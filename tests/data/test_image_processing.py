@@ -17,7 +17,7 @@ from megatron_autothink.data.image_processing import (
 )
 
 
-def _hf_processor(cfg: ImageProcessingConfig):  # noqa: ANN202 - transformers type
+def _hf_processor(cfg: ImageProcessingConfig):
     # The slow/PIL processor: importable without torchvision (the fast one needs it).
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 

@@ -93,7 +93,7 @@ def _digest(out: Path) -> dict[str, str]:
     }
 
 
-def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path) -> None:  # noqa: ANN001
+def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path) -> None:
     path, bad_lines, n_good = llava_jsonl
     out = tmp_path / "out"
     opts = PrepOptions(
@@ -126,7 +126,7 @@ def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path
     assert (out / ".nv-meta" / "dataset.yaml").read_text().count("CrudeWebdataset") == 1
 
 
-def test_error_rate_gate_then_rerun(llava_jsonl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_error_rate_gate_then_rerun(llava_jsonl, tmp_path: Path) -> None:
     path, _, _ = llava_jsonl
     out = tmp_path / "out"
     with pytest.raises(PrepError, match="bad"):
@@ -168,7 +168,7 @@ def test_parquet_with_embedded_images(tmp_path: Path) -> None:
 def test_resume_after_interrupt_refuse_and_overwrite(
     llava_jsonl,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path, _, _ = llava_jsonl
     opts = PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False)
@@ -180,7 +180,7 @@ def test_resume_after_interrupt_refuse_and_overwrite(
     real_add = shards_mod._TarShard.add
     calls = {"n": 0}
 
-    def flaky_add(self, key, members):  # noqa: ANN001, ANN202
+    def flaky_add(self, key, members):
         calls["n"] += 1
         if calls["n"] == first_shard + 3:  # two samples into the second shard
             raise KeyboardInterrupt
