@@ -20,7 +20,7 @@ from pathlib import PurePosixPath
 from megatron_autothink.config import AutothinkConfig
 from megatron_autothink.launch.options import SlurmOptions
 
-REFORWARD_S = 30
+REFORWARD_S = 10
 """After USR1, re-send it to the ranks this often until they exit: a rank that was still
 importing (signal ignored until the trainer installs its handler) gets another chance."""
 
@@ -63,6 +63,11 @@ def _header(cfg: AutothinkConfig, opts: SlurmOptions, layout: dict[str, int]) ->
         ]
     run_dir = cfg.logging.run_dir
     log_dir = str(PurePosixPath(run_dir) / "slurm")
+    if not opts.workdir:
+        lines += [
+            f"# Submit from the repository root: mkdir -p {log_dir} && sbatch THIS_FILE",
+            "# (SLURM does not create the --output directory; `autothink launch slurm` does).",
+        ]
     tasks = 1 if opts.launcher == "torchrun" else opts.ranks_per_node
     sb = [
         f"--job-name={job_name(cfg, opts)}",
@@ -160,7 +165,8 @@ def _environment(opts: SlurmOptions) -> list[str]:
         ]
     if opts.launcher == "torchrun":
         lines += [
-            "# torchrun (torch >= 2.10) waits this long for ranks to exit after a TERM before SIGKILL",
+            "# torchrun waits this long for ranks to exit after a TERM before SIGKILL (read by",
+            "# torch 2.13; older releases wait 30 s)",
             f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={opts.grace_s}",
         ]
     if opts.env:
@@ -281,9 +287,12 @@ def _launch_cmd(opts: SlurmOptions, config_path: str, overrides: Sequence[str]) 
         ]
         lines += [f"MOUNTS+={q(',' + m)}" for m in c.mounts]
     lines += explain
+    survivors = (
+        "torchrun and the ranks' helper processes" if torchrun else "the ranks' helper processes"
+    )
     lines += [
         "# Ranks start with USR1 ignored; the trainer's PreemptionWatcher takes it over",
-        "# (megatron_autothink/launch/preempt.py), so torchrun and helper processes survive it.",
+        f"# (megatron_autothink/launch/preempt.py), so {survivors} survive it.",
         "# shellcheck disable=SC2016  # the single-quoted command expands on each node, not here",
         f"RANK_CMD={q(wrapper)}",
         'rm -f "${MARKER}"',

@@ -75,7 +75,10 @@ def main() -> int:
 
     t0 = time.time()
     dist.init_process_group("gloo")
-    print(f"standin: rank {os.environ.get('RANK')} joined the group in {time.time() - t0:.1f} s", flush=True)
+    print(
+        f"standin: rank {os.environ.get('RANK')} joined the group in {time.time() - t0:.1f} s",
+        flush=True,
+    )
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -145,7 +148,10 @@ def main() -> int:
             if rank == 0:
                 alive = helper is not None and helper.is_alive()
                 write_marker(
-                    marker_path(run_dir), step=done, checkpoint=path, signal_name=watcher.signal_name
+                    marker_path(run_dir),
+                    step=done,
+                    checkpoint=path,
+                    signal_name=watcher.signal_name,
                 )
                 record(
                     {
