@@ -23,6 +23,12 @@ def check_layout(cfg: AutothinkConfig, opts: SlurmOptions) -> None:
     p = cfg.parallel
     rpn = opts.ranks_per_node
     what = f"{opts.gpus_per_node} GPUs" if opts.gpus_per_node else f"{rpn} CPU ranks"
+    if rpn % p.tp:
+        fits = [d for d in range(1, rpn + 1) if rpn % d == 0]
+        raise LaunchError(
+            f"parallel.tp={p.tp} does not divide the {what} of one node: tensor-parallel groups "
+            f"must stay inside a node (NVLink); use parallel.tp in {fits}"
+        )
     try:
         cfg.world_layout(opts.world_size)
     except ConfigError as e:
@@ -30,12 +36,6 @@ def check_layout(cfg: AutothinkConfig, opts: SlurmOptions) -> None:
             f"{opts.nodes} node(s) x {what} = world size {opts.world_size} does not fit the "
             f"recipe: {e}"
         ) from None
-    if rpn % p.tp:
-        fits = [d for d in range(1, rpn + 1) if rpn % d == 0]
-        raise LaunchError(
-            f"parallel.tp={p.tp} does not divide the {what} of one node: tensor-parallel groups "
-            f"must stay inside a node (NVLink); use parallel.tp in {fits}"
-        )
     if not opts.gpus_per_node:
         if p.backend == "nccl":
             raise LaunchError("parallel.backend=nccl needs GPUs; set --gpus-per-node or gloo")
@@ -143,8 +143,8 @@ def preflight(
     cfg: AutothinkConfig, opts: SlurmOptions, workdir: Path, *, create: bool
 ) -> list[str]:
     """Every check that can fail before submission; returns warnings for the user."""
-    check_layout(cfg, opts)
     check_container(opts)
+    check_layout(cfg, opts)
     warnings = check_resume(cfg, opts)
     run_dir = resolve(cfg.logging.run_dir, workdir)
     check_writable_dir(run_dir, "run directory (logging.run_dir)", create=create)
