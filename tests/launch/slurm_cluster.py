@@ -15,6 +15,7 @@ visible.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import re
@@ -130,7 +131,7 @@ SlurmUser={user}
 SlurmdUser={user}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r}/munge/run/munge.sock,cred_expire=10
+AuthInfo=socket={r}/munge/run/munge.sock,cred_expire=5
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
@@ -231,10 +232,8 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         self.procs.clear()
         pid_file = self.root / "munge" / "munged.pid"
         if pid_file.exists():
-            try:
+            with contextlib.suppress(ValueError, ProcessLookupError):
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-            except (ValueError, ProcessLookupError):
-                pass
             pid_file.unlink(missing_ok=True)
 
     # -- helpers for tests -------------------------------------------------------------------------

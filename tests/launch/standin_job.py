@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, when run as a script
 
-from megatron_autothink.launch.preempt import (  # noqa: E402
+from megatron_autothink.launch.preempt import (
     PreemptionWatcher,
     marker_path,
     restart_count,
@@ -73,6 +73,10 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
+    print(
+        f"standin: rank {os.environ.get('RANK')} python up at {time.strftime('%H:%M:%S')}",
+        flush=True,
+    )
     t0 = time.time()
     dist.init_process_group("gloo")
     print(
@@ -83,7 +87,7 @@ def main() -> int:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     def record(event: dict[str, Any]) -> None:
-        print(f"standin rank {rank}: {event}", flush=True)
+        print(f"standin rank {rank} at {time.strftime('%H:%M:%S')}: {event}", flush=True)
         if rank == 0:
             with (run_dir / "standin.jsonl").open("a") as f:
                 f.write(json.dumps(event) + "\n")
@@ -171,6 +175,7 @@ def main() -> int:
         stop.set()
         helper.join(5)
     dist.destroy_process_group()
+    print(f"standin rank {rank}: exiting at {time.strftime('%H:%M:%S')}", flush=True)
     return 0
 
 

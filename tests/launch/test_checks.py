@@ -38,13 +38,15 @@ def test_gpus_per_node_must_fit_tensor_parallel() -> None:
 
 def test_world_size_must_be_divisible_by_model_parallel() -> None:
     cfg = load_config("tiny_cpu", ["parallel.pp=2"])
-    with pytest.raises(LaunchError, match=r"1 node\(s\) x 3 CPU ranks = world size 3 .*tp\*pp\*cp=2"):
+    with pytest.raises(
+        LaunchError, match=r"1 node\(s\) x 3 CPU ranks = world size 3 .*tp\*pp\*cp=2"
+    ):
         check_layout(cfg, SlurmOptions(nodes=1, gpus_per_node=0, procs_per_node=3))
 
 
 def test_global_batch_must_divide_across_data_parallel() -> None:
     cfg = load_config("tiny_cpu")  # global batch 8, micro batch 2
-    with pytest.raises(LaunchError, match="data.global_batch_size: 8 is not divisible"):
+    with pytest.raises(LaunchError, match=r"data\.global_batch_size: 8 is not divisible"):
         check_layout(cfg, SlurmOptions(nodes=8, gpus_per_node=0, procs_per_node=1))
 
 

@@ -41,8 +41,16 @@ def test_add_arguments_mounts_under_a_parent_parser(
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_arguments(sub.add_parser("launch"))
     args = parser.parse_args(
-        ["launch", "slurm", "--nodes", "1", "--gpus-per-node", "0", "--dry-run"]
-        + [f"logging.run_dir={tmp_path}/run"]
+        [
+            "launch",
+            "slurm",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--dry-run",
+            f"logging.run_dir={tmp_path}/run",
+        ]
     )
     assert cli.main(args) == 0
     assert "#SBATCH --nodes=1" in capsys.readouterr().out
@@ -68,8 +76,21 @@ def test_dry_run_prints_and_writes_nothing(
 ) -> None:
     run_dir = tmp_path / "run"
     rc, out, err = _run(
-        ["slurm", "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "2"]
-        + ["--time", "01:00:00", "--account", "acc", "--dry-run", f"logging.run_dir={run_dir}"],
+        [
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "0",
+            "--procs-per-node",
+            "2",
+            "--time",
+            "01:00:00",
+            "--account",
+            "acc",
+            "--dry-run",
+            f"logging.run_dir={run_dir}",
+        ],
         capsys,
     )
     assert rc == 0, err
@@ -87,10 +108,26 @@ def test_profile_then_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "mounts: ['/a:/a']}\nsbatch_args: ['--constraint=h100']\n"
     )
     rc, out, err = _run(
-        ["slurm", "--config", "tiny_cpu", "--nodes", "1", "--gpus-per-node", "0"]
-        + ["--profile", str(profile), "--partition", "from-flag", "--env", "NCCL_DEBUG=INFO"]
-        + ["--mount", "/b:/b", "--sbatch-arg=--mail-type=FAIL", "--dry-run"]
-        + [f"logging.run_dir={tmp_path}/run"],
+        [
+            "slurm",
+            "--config",
+            "tiny_cpu",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--profile",
+            str(profile),
+            "--partition",
+            "from-flag",
+            "--env",
+            "NCCL_DEBUG=INFO",
+            "--mount",
+            "/b:/b",
+            "--sbatch-arg=--mail-type=FAIL",
+            "--dry-run",
+            f"logging.run_dir={tmp_path}/run",
+        ],
         capsys,
     )
     assert rc == 0, err
@@ -109,8 +146,15 @@ def test_profile_from_environment(
     profile.write_text("qos: from-env\n")
     monkeypatch.setenv(cli.PROFILE_ENV, str(profile))
     rc, out, _ = _run(
-        ["slurm", "--nodes", "1", "--gpus-per-node", "0", "--dry-run"]
-        + [f"logging.run_dir={tmp_path}/r"],
+        [
+            "slurm",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--dry-run",
+            f"logging.run_dir={tmp_path}/r",
+        ],
         capsys,
     )
     assert rc == 0 and "#SBATCH --qos=from-env" in out
@@ -189,8 +233,17 @@ def test_submission_keeps_script_and_frozen_config(
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)
     rc, out, err = _run(
-        ["slurm", "--config", "tiny_cpu", "--nodes", "1", "--gpus-per-node", "0"]
-        + ["train.steps=7", "logging.run_dir=runs/t"],
+        [
+            "slurm",
+            "--config",
+            "tiny_cpu",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "train.steps=7",
+            "logging.run_dir=runs/t",
+        ],
         capsys,
     )
     assert rc == 0, err
