@@ -103,6 +103,7 @@ class SlurmCluster:
             for node in NODES:
                 self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
             self._wait_idle(timeout)
+            self._smoke_job()
         except ClusterUnavailable:
             self.stop()
             raise
@@ -217,6 +218,26 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             f"slurmd nodes did not become idle within {timeout:.0f} s (sinfo: {last!r}); "
             f"slurmctld log: {_tail(self.root / 'log' / 'slurmctld.log', 4)}"
         )
+
+    def _smoke_job(self) -> None:
+        """slurmd may register yet be unable to start jobs (e.g. missing privileges): try one."""
+        try:
+            r = subprocess.run(
+                ["srun", f"--nodes={len(NODES)}", "--ntasks-per-node=1", "true"],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ClusterUnavailable("a trivial `srun true` did not finish within 60 s") from None
+        if r.returncode != 0:
+            node_log = self.root / "log" / f"slurmd-{NODES[0]}.log"
+            raise ClusterUnavailable(
+                f"slurmd cannot start jobs here: `srun true` exited {r.returncode}: "
+                f"{r.stderr.strip()[-500:]} | slurmd log: {_tail(node_log, 4)}"
+            )
 
     def stop(self) -> None:
         """Stop the daemons this object started (by their pids) and munged (by its pid file)."""

@@ -254,3 +254,6 @@ def test_time_limit_signal_requeues_and_resumes(slurm: SlurmCluster, tmp_path: P
     assert evs[-1] == {"event": "done", "restart": int(info["Restarts"]), "step": 100}
     steps_done = [int(line.split()[1]) for line in (run_dir / "steps.log").read_text().splitlines()]
     assert steps_done == list(range(1, 101)), "a step was lost or repeated across requeues"
+    # for the record in docs/launch.md (shown with -rA)
+    print("\n".join(line for line in batch_log(run_dir).splitlines() if "[autothink" in line))
+    print("preempted at steps", [e["step"] for e in pre], "restarts", info["Restarts"])
