@@ -1,0 +1,153 @@
+"""Checks that run before anything is submitted, each failing with a message that says what to fix.
+
+Layout and option checks are pure; the file-system checks look at this machine only (the login
+node), which shares the run directory and images with the compute nodes on the clusters we target.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from megatron_autothink.config import AutothinkConfig, ConfigError
+from megatron_autothink.launch.options import SlurmOptions
+
+
+class LaunchError(ConfigError):
+    """A launch that cannot work; raised before anything is written or submitted."""
+
+
+def check_layout(cfg: AutothinkConfig, opts: SlurmOptions) -> None:
+    """The parallel layout must fit the allocation: world = nodes x ranks per node."""
+    p = cfg.parallel
+    rpn = opts.ranks_per_node
+    what = f"{opts.gpus_per_node} GPUs" if opts.gpus_per_node else f"{rpn} CPU ranks"
+    if rpn % p.tp:
+        fits = [d for d in range(1, rpn + 1) if rpn % d == 0]
+        raise LaunchError(
+            f"parallel.tp={p.tp} does not divide the {what} of one node: tensor-parallel groups "
+            f"must stay inside a node (NVLink); use parallel.tp in {fits}"
+        )
+    try:
+        cfg.world_layout(opts.world_size)
+    except ConfigError as e:
+        raise LaunchError(
+            f"{opts.nodes} node(s) x {what} = world size {opts.world_size} does not fit the "
+            f"recipe: {e}"
+        ) from None
+    if not opts.gpus_per_node:
+        if p.backend == "nccl":
+            raise LaunchError("parallel.backend=nccl needs GPUs; set --gpus-per-node or gloo")
+        if p.cp > 1:
+            raise LaunchError("parallel.cp > 1 needs GPUs (context parallelism is GPU + TE only)")
+        if cfg.model.fp8 != "none":
+            raise LaunchError("model.fp8 needs GPUs (Transformer Engine on Hopper)")
+
+
+def _looks_like_file(image: str) -> bool:
+    return image.startswith(("/", "./", "../", "~")) or image.endswith((".sqsh", ".sif"))
+
+
+def check_container(opts: SlurmOptions) -> None:
+    c = opts.container
+    if c.runtime == "none":
+        if c.image:
+            raise LaunchError(
+                f"container image '{c.image}' given but no container runtime; "
+                "pass --container pyxis or --container apptainer"
+            )
+        return
+    if not c.image:
+        raise LaunchError(
+            f"--container {c.runtime} needs an image: pass --container-image IMAGE or set "
+            "container.image in the cluster profile (docs/launch.md, 'Container image')"
+        )
+    if "://" in c.image and c.runtime == "pyxis":
+        raise LaunchError(
+            f"pyxis image '{c.image}': use enroot syntax (nvcr.io#nvidia/pytorch:TAG) or a "
+            ".sqsh file, not a URI"
+        )
+    if _looks_like_file(c.image) and "://" not in c.image:
+        path = Path(c.image).expanduser()
+        if not path.is_file():
+            raise LaunchError(f"container image file {path} does not exist (or is not a file)")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable_dir(path: Path, what: str, *, create: bool) -> None:
+    """``path`` must be (or become) a writable directory.
+
+    With ``create`` the directory is made and a probe file written; otherwise (``--dry-run``)
+    nothing is created and the nearest existing ancestor is checked with ``os.access``.
+    """
+    if any(ch.isspace() for ch in str(path)):
+        raise LaunchError(f"{what} {path} contains whitespace, which #SBATCH lines cannot quote")
+    anc = _existing_ancestor(path)
+    if not anc.is_dir():
+        raise LaunchError(f"{what} {path} is not writable: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise LaunchError(f"{what} {path} is not writable: no write permission on {anc}")
+    if not create:
+        return
+    probe = path / f".autothink-write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok\n")
+        probe.unlink()
+    except OSError as e:
+        raise LaunchError(f"{what} {path} is not writable: {e.strerror or e}") from None
+
+
+def check_resume(cfg: AutothinkConfig, opts: SlurmOptions) -> list[str]:
+    """Requeueing only makes sense when the rerun resumes. Returns warnings."""
+    ck = cfg.checkpoint
+    if not opts.requeue:
+        return []
+    if not ck.resume:
+        raise LaunchError(
+            "checkpoint.resume=false: a requeued job would start again from step 0; "
+            "set checkpoint.resume=true or pass --no-requeue"
+        )
+    warnings = []
+    if not ck.save_on_signal:
+        every = f"every {ck.save_every} steps" if ck.save_every else "never (save_every=0)"
+        warnings.append(
+            "checkpoint.save_on_signal=false: the trainer will not save on USR1; a requeued job "
+            f"resumes from the last periodic checkpoint ({every})"
+        )
+    return warnings
+
+
+def check_sbatch() -> str:
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise LaunchError(
+            "sbatch not found on PATH: run on a SLURM login node, or use --dry-run to print the script"
+        )
+    return sbatch
+
+
+def resolve(path: str, workdir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else workdir / p
+
+
+def preflight(
+    cfg: AutothinkConfig, opts: SlurmOptions, workdir: Path, *, create: bool
+) -> list[str]:
+    """Every check that can fail before submission; returns warnings for the user."""
+    check_container(opts)
+    check_layout(cfg, opts)
+    warnings = check_resume(cfg, opts)
+    run_dir = resolve(cfg.logging.run_dir, workdir)
+    check_writable_dir(run_dir, "run directory (logging.run_dir)", create=create)
+    if cfg.checkpoint.dir:
+        check_writable_dir(resolve(cfg.checkpoint.dir, workdir), "checkpoint.dir", create=create)
+    return warnings

@@ -1,0 +1,137 @@
+"""Bad launches fail before submission with a message that says what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_autothink.config import load_config
+from megatron_autothink.launch.checks import (
+    LaunchError,
+    check_container,
+    check_layout,
+    check_resume,
+    check_writable_dir,
+    preflight,
+)
+from megatron_autothink.launch.options import SlurmOptions, parse_slurm_time
+from tests.launch.cases import EXAMPLE_RECIPES, REPO
+
+
+def test_slurm_time_formats() -> None:
+    assert parse_slurm_time("90") == 5400
+    assert parse_slurm_time("10:30") == 630
+    assert parse_slurm_time("04:00:00") == 14400
+    assert parse_slurm_time("2-00") == 172800
+    assert parse_slurm_time("1-02:03") == 93780
+    assert parse_slurm_time("1-02:03:04") == 93784
+    with pytest.raises(ValueError, match="not a SLURM time"):
+        parse_slurm_time("4h")
+
+
+def test_gpus_per_node_must_fit_tensor_parallel() -> None:
+    cfg = load_config(REPO / EXAMPLE_RECIPES["anneal_7b"], ["parallel.tp=4"])
+    with pytest.raises(LaunchError, match=r"parallel.tp=4 does not divide the 6 GPUs"):
+        check_layout(cfg, SlurmOptions(nodes=2, gpus_per_node=6))
+
+
+def test_world_size_must_be_divisible_by_model_parallel() -> None:
+    cfg = load_config("tiny_cpu", ["parallel.pp=2"])
+    with pytest.raises(
+        LaunchError, match=r"1 node\(s\) x 3 CPU ranks = world size 3 .*tp\*pp\*cp=2"
+    ):
+        check_layout(cfg, SlurmOptions(nodes=1, gpus_per_node=0, procs_per_node=3))
+
+
+def test_global_batch_must_divide_across_data_parallel() -> None:
+    cfg = load_config("tiny_cpu")  # global batch 8, micro batch 2
+    with pytest.raises(LaunchError, match=r"data\.global_batch_size: 8 is not divisible"):
+        check_layout(cfg, SlurmOptions(nodes=8, gpus_per_node=0, procs_per_node=1))
+
+
+def test_cpu_jobs_cannot_use_gpu_only_features() -> None:
+    cfg = load_config("tiny_cpu", ["parallel.backend=nccl"])
+    with pytest.raises(LaunchError, match="nccl needs GPUs"):
+        check_layout(cfg, SlurmOptions(gpus_per_node=0))
+
+
+def test_example_layouts_fit_1_2_8_nodes() -> None:
+    for path in EXAMPLE_RECIPES.values():
+        cfg = load_config(REPO / path)
+        for nodes in (1, 2, 8):
+            check_layout(cfg, SlurmOptions(nodes=nodes))
+
+
+def test_container_needs_an_image() -> None:
+    with pytest.raises(LaunchError, match="--container pyxis needs an image"):
+        check_container(SlurmOptions(container={"runtime": "pyxis"}))
+    with pytest.raises(LaunchError, match="no container runtime"):
+        check_container(SlurmOptions(container={"image": "x.sif"}))
+
+
+def test_container_image_file_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.sif"
+    with pytest.raises(LaunchError, match="does not exist"):
+        check_container(SlurmOptions(container={"runtime": "apptainer", "image": str(missing)}))
+    missing.write_text("")
+    check_container(SlurmOptions(container={"runtime": "apptainer", "image": str(missing)}))
+    # registry references cannot be checked here and pass
+    check_container(SlurmOptions(container={"runtime": "pyxis", "image": "nvcr.io#nvidia/x:1"}))
+    check_container(SlurmOptions(container={"runtime": "apptainer", "image": "docker://a/b:1"}))
+    with pytest.raises(LaunchError, match="enroot syntax"):
+        check_container(SlurmOptions(container={"runtime": "pyxis", "image": "docker://a/b:1"}))
+
+
+def test_unwritable_run_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(LaunchError, match=r"is not writable: .*file is not a directory"):
+        check_writable_dir(blocker / "run", "run directory", create=False)
+    with pytest.raises(LaunchError, match="whitespace"):
+        check_writable_dir(tmp_path / "a b", "run directory", create=False)
+
+
+def test_read_only_file_system_is_detected() -> None:
+    ro = Path("/proc/sys")  # read-only for everyone, root included
+    with pytest.raises(LaunchError, match="not writable"):
+        check_writable_dir(ro / "autothink-run", "run directory", create=True)
+
+
+def test_dry_run_checks_create_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b"
+    check_writable_dir(target, "run directory", create=False)
+    assert not (tmp_path / "a").exists()
+    check_writable_dir(target, "run directory", create=True)
+    assert target.is_dir() and not list(target.iterdir())
+
+
+def test_requeue_needs_resume() -> None:
+    cfg = load_config("tiny_cpu", ["checkpoint.resume=false"])
+    with pytest.raises(LaunchError, match="start again from step 0"):
+        check_resume(cfg, SlurmOptions())
+    assert check_resume(cfg, SlurmOptions(requeue=False)) == []
+    cfg = load_config("tiny_cpu", ["checkpoint.save_on_signal=false"])
+    (warning,) = check_resume(cfg, SlurmOptions())
+    assert "last periodic checkpoint (every 100 steps)" in warning
+
+
+def test_options_validation_messages() -> None:
+    with pytest.raises(ValueError, match="one rank per GPU"):
+        SlurmOptions(gpus_per_node=8, procs_per_node=4)
+    with pytest.raises(ValueError, match="exclusive=false needs cpus_per_rank"):
+        SlurmOptions(exclusive=False)
+    with pytest.raises(ValueError, match="must be shorter than time"):
+        SlurmOptions(time="5", signal_lead_s=300)
+    with pytest.raises(ValueError, match="not a valid environment variable"):
+        SlurmOptions(env={"NCCL IB": "x"})
+    with pytest.raises(ValueError, match="SRC:DST"):
+        SlurmOptions(container={"mounts": ["/only-one-path"]})
+    with pytest.raises(ValueError, match="one long option"):
+        SlurmOptions(sbatch_args=["-p h100"])
+
+
+def test_preflight_resolves_relative_run_dir(tmp_path: Path) -> None:
+    cfg = load_config("tiny_cpu", ["logging.run_dir=runs/x"])
+    assert preflight(cfg, SlurmOptions(gpus_per_node=0), tmp_path, create=True) == []
+    assert (tmp_path / "runs" / "x").is_dir()

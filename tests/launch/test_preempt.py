@@ -1,0 +1,125 @@
+"""PreemptionWatcher: the trainer's side of the protocol, in a real child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from megatron_autothink.launch.preempt import (
+    ENV_MARKER,
+    MARKER_NAME,
+    marker_path,
+    restart_count,
+    write_marker,
+)
+from tests.launch.cases import REPO
+
+CHILD = textwrap.dedent(
+    """
+    import multiprocessing as mp, os, signal, sys, time
+    from megatron_autothink.launch.preempt import PreemptionWatcher
+
+    def helper(q):
+        q.put(os.getpid())
+        time.sleep(30)
+
+    if __name__ == "__main__":
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as the launcher's wrapper leaves it
+        watcher = PreemptionWatcher().install()
+        ctx = mp.get_context(sys.argv[1])
+        q = ctx.Queue()
+        p = ctx.Process(target=helper, args=(q,), daemon=True)
+        p.start()
+        child = q.get()
+        import threading
+        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+        # what srun does: signal every process of the step
+        os.kill(child, signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(100):
+            if watcher.requested:
+                break
+            time.sleep(0.01)
+        time.sleep(0.2)
+        print(watcher.requested, watcher.signal_name, p.is_alive(), watcher.should_stop())
+        p.kill()
+    """
+)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_usr1_sets_the_flag_and_spares_children(start_method: str, tmp_path: Path) -> None:
+    script = tmp_path / "child.py"  # a file: spawn re-imports __main__ by path
+    script.write_text(CHILD)
+    r = subprocess.run(
+        [sys.executable, str(script), start_method],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "SIGUSR1", "True", "True"]
+
+
+def test_term_is_noted_but_not_blocked() -> None:
+    code = textwrap.dedent(
+        """
+        import os, signal, time
+        from megatron_autothink.launch.preempt import PreemptionWatcher
+        w = PreemptionWatcher().install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        print(w.requested, w.signal_name, signal.SIGTERM in blocked, signal.SIGUSR1 in blocked)
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert r.stdout.split() == ["True", "SIGTERM", "False", "True"], r.stderr
+
+
+def test_marker_path_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_MARKER, raising=False)
+    assert marker_path(tmp_path) == tmp_path / MARKER_NAME
+    monkeypatch.setenv(ENV_MARKER, str(tmp_path / "elsewhere" / "M"))
+    assert marker_path(tmp_path) == tmp_path / "elsewhere" / "M"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    monkeypatch.delenv("AUTOTHINK_RESTART_COUNT", raising=False)
+    assert restart_count() == 2
+    write_marker(marker_path(tmp_path), step=5, checkpoint="/c/step_5", signal_name="SIGUSR1")
+    info = json.loads((tmp_path / "elsewhere" / "M").read_text())
+    assert info["step"] == 5 and info["restart_count"] == 2 and info["signal"] == "SIGUSR1"
+    assert not list((tmp_path / "elsewhere").glob("*.tmp*"))
+
+
+def test_install_refuses_other_threads() -> None:
+    import threading
+
+    from megatron_autothink.launch.preempt import PreemptionWatcher
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            PreemptionWatcher(signals=(signal.SIGUSR2,), blocked=()).install()
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert errors and "main thread" in str(errors[0])
