@@ -119,19 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert checkpoints between Hugging Face Qwen2.5-VL and megatron",
         description="hf-to-mcore / mcore-to-hf checkpoint conversion at any TP/PP.",
     )
-    p.add_argument("direction", nargs="?", choices=["hf-to-mcore", "mcore-to-hf"])
-    p.set_defaults(
-        func=_entry("megatron_autothink.convert.cli:main", "convert", "issue #7: conversion")
-    )
+    add_convert = _resolve("megatron_autothink.convert.cli:add_arguments")
+    if add_convert is not None:
+        add_convert(p)
+        p.set_defaults(func=_entry("megatron_autothink.convert.cli:main", "convert", "issue #7"))
+    else:
+        p.set_defaults(func=_not_yet("convert", "issue #7: conversion"))
 
     p = sub.add_parser(
         "launch",
-        help="render and submit SLURM jobs",
+        help="render and submit SLURM jobs (autothink launch slurm --config R --nodes N)",
         description="Write an sbatch script for a recipe and submit it (or print it).",
     )
-    p.set_defaults(
-        func=_entry("megatron_autothink.launch.cli:main", "launch", "issue #8: SLURM launcher")
-    )
+    add_launch = _resolve("megatron_autothink.launch.cli:add_arguments")
+    if add_launch is not None:
+        add_launch(p)
+        p.set_defaults(func=_entry("megatron_autothink.launch.cli:main", "launch", "issue #8"))
+    else:
+        p.set_defaults(func=_not_yet("launch", "issue #8: SLURM launcher"))
+
     return parser
 
 

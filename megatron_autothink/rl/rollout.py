@@ -24,6 +24,7 @@ from megatron_autothink.rollout.types import (
     GenerationRequest,
     PreprocessedImages,
     SamplingConfig,
+    ThinkingMode,
 )
 
 MODE_ID = {"thinking": 1, "non_thinking": 0}
@@ -63,17 +64,18 @@ def requests_for(
             if p.pixel_values is not None and p.image_grid_thw is not None
             else None
         )
-        if rl.algorithm == "bpo":
-            modes = [("long", rl.bpo.g_think), ("short", rl.bpo.g_nothink)]
-        else:
-            modes = [("auto", rl.group_size)]
+        modes: list[tuple[ThinkingMode, int]] = (
+            [("long", rl.bpo.g_think), ("short", rl.bpo.g_nothink)]
+            if rl.algorithm == "bpo"
+            else [("auto", rl.group_size)]
+        )
         for mode, n in modes:
             if n > 0:
                 reqs.append(
                     GenerationRequest(
                         f"s{step}-p{i}-{mode}-{p.id}", list(p.prompt_ids), images, mode, n
                     )
-                )  # type: ignore[arg-type]
+                )
     return reqs
 
 

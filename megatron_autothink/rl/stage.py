@@ -32,7 +32,8 @@ from megatron_autothink.train.callbacks import (
     TensorBoardLogger,
 )
 from megatron_autothink.train.checkpoint import CheckpointManager
-from megatron_autothink.train.loop import LoopState, _Preemption
+from megatron_autothink.launch.preempt import PreemptionWatcher
+from megatron_autothink.train.loop import LoopState
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def run_stage(
     *,
     step_offset: int,
     previous: CheckpointManager | None,
+    watcher: PreemptionWatcher | None = None,
 ) -> tuple[LoopState, CheckpointManager]:
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
     from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
@@ -229,24 +231,20 @@ def run_stage(
         callbacks.append(TensorBoardLogger(run_dir / "tensorboard"))
     for cb in callbacks:
         cb.on_train_start(state)
-    preempt = _Preemption()
     try:
-        with preempt:
-            while state.step < state.total_steps:
-                prompts = next(loader)
-                if ctx.world_size > 1 and not engine_owner(ctx):
-                    raise NotImplementedError(
-                        "multi-rank RL with tp/pp > 1 needs rollout broadcast (not built yet)"
-                    )
-                metrics = rl_step(rc, prompts, state.step + 1)
-                state.step += 1
-                state.stop_requested = (
-                    preempt.agreed(ctx) if cfg.checkpoint.save_on_signal else False
+        while state.step < state.total_steps:
+            prompts = next(loader)
+            if ctx.world_size > 1 and not engine_owner(ctx):
+                raise NotImplementedError(
+                    "multi-rank RL with tp/pp > 1 needs rollout broadcast (not built yet)"
                 )
-                for cb in callbacks:
-                    cb.on_step_end(state, metrics)
-                if state.stop_requested:
-                    break
+            metrics = rl_step(rc, prompts, state.step + 1)
+            state.step += 1
+            state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False
+            for cb in callbacks:
+                cb.on_step_end(state, metrics)
+            if state.stop_requested:
+                break
     finally:
         for cb in callbacks:
             cb.on_train_end(state)

@@ -369,7 +369,17 @@ def run_rl_stage(
     *,
     step_offset: int,
     previous: Any,
+    watcher: Any = None,
 ) -> tuple[Any, Any]:
     from megatron_autothink.rl.stage import run_stage
 
-    return run_stage(cfg, ctx, stage, chunks, tokenizer, step_offset=step_offset, previous=previous)
+    return run_stage(
+        cfg,
+        ctx,
+        stage,
+        chunks,
+        tokenizer,
+        step_offset=step_offset,
+        previous=previous,
+        watcher=watcher,
+    )

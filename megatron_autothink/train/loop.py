@@ -2,14 +2,13 @@
 
 Read top to bottom: build -> resume -> for each step: take this rank's micro-batches, one
 ``train_step`` through megatron's schedule, callbacks. Logging, checkpoints and evaluation are
-callbacks; pre-emption (SIGTERM/SIGUSR1) only raises a flag that every rank agrees on before the
-next step, so all ranks save the same step and exit together.
+callbacks; pre-emption (SIGUSR1/SIGTERM, see ``launch.preempt``) only raises a flag that every
+rank agrees on at the step boundary, so all ranks save the same step and exit together.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_autothink.config import AutothinkConfig, dump_config
 from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.callbacks import Callback
 from megatron_autothink.train.checkpoint import CheckpointManager
@@ -30,13 +30,12 @@ from megatron_autothink.train.step import train_step
 
 log = logging.getLogger(__name__)
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
 
 class BatchSource(Protocol):
-    """What the loop needs from a data loader: micro-batches plus savable position."""
+    """What the loop needs from a data loader: the next item (a micro-batch for SFT, a list of
+    prompts for RL) plus a savable position."""
 
-    def __next__(self) -> PackedBatch: ...
+    def __next__(self) -> Any: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -84,37 +83,6 @@ class LoopState:
         return self.eval_fn() if self.eval_fn is not None else {}
 
 
-class _Preemption:
-    """Turns SIGTERM/SIGUSR1 into a flag (never raise inside a collective)."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Preemption:
-        for sig in PREEMPT_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        log.warning(
-            "received %s: will checkpoint after this step and exit", signal.Signals(signum).name
-        )
-        self.flag = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def agreed(self, ctx: ParallelContext) -> bool:
-        """True on every rank if any rank got the signal."""
-        if ctx.world_size == 1:
-            return self.flag
-        t = torch.tensor([1 if self.flag else 0], device=ctx.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
 def _micro_batches(data: BatchSource, n: int) -> list[PackedBatch]:
     return [next(data) for _ in range(n)]
 
@@ -124,62 +92,45 @@ def run_sft(
     callbacks: list[Callback],
     *,
     num_micro_batches: int,
-    handle_signals: bool = True,
+    watcher: PreemptionWatcher | None = None,
 ) -> LoopState:
     """Train ``state.total_steps`` steps from ``state.step``; returns the final state."""
     cfg, ctx = state.cfg, state.ctx
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_length)
     for cb in callbacks:
         cb.on_train_start(state)
-    preempt = _Preemption()
-    with preempt if handle_signals else _null():
-        while state.step < state.total_steps:
-            t0 = time.perf_counter()
-            batches = _micro_batches(state.data, num_micro_batches)
-            local_tokens = sum(b.num_tokens for b in batches)
-            result = train_step(
-                state.chunks, state.opt, batches, ctx, seq_length=cfg.data.seq_length
-            )
-            state.step += 1
-            dt = time.perf_counter() - t0
-            tokens = local_tokens * ctx.dp  # every DP rank processes the same amount
-            metrics: dict[str, float] = {
-                "loss": result.loss,
-                "loss_thinking": result.loss_thinking,
-                "loss_non_thinking": result.loss_non_thinking,
-                "lr": result.lr,
-                "grad_norm": result.grad_norm,
-                "loss_tokens": float(result.tokens),
-                "tokens_per_s": tokens / dt,
-                "step_time_s": dt,
-            }
-            if torch.cuda.is_available():
-                metrics["mfu"] = mfu(flops_per_token * tokens / dt / ctx.world_size)
-                metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            state.stop_requested = preempt.agreed(ctx) if handle_signals else False
-            for cb in callbacks:
-                cb.on_step_end(state, metrics)
-            if state.stop_requested:
-                break
+    while state.step < state.total_steps:
+        t0 = time.perf_counter()
+        batches = _micro_batches(state.data, num_micro_batches)
+        local_tokens = sum(b.num_tokens for b in batches)
+        result = train_step(state.chunks, state.opt, batches, ctx, seq_length=cfg.data.seq_length)
+        state.step += 1
+        dt = time.perf_counter() - t0
+        tokens = local_tokens * ctx.dp  # every DP rank processes the same amount
+        metrics: dict[str, float] = {
+            "loss": result.loss,
+            "loss_thinking": result.loss_thinking,
+            "loss_non_thinking": result.loss_non_thinking,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "loss_tokens": float(result.tokens),
+            "tokens_per_s": tokens / dt,
+            "step_time_s": dt,
+        }
+        if torch.cuda.is_available():
+            metrics["mfu"] = mfu(flops_per_token * tokens / dt / ctx.world_size)
+            metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False
+        for cb in callbacks:
+            cb.on_step_end(state, metrics)
+        if state.stop_requested:
+            break
     for cb in callbacks:
         cb.on_train_end(state)
     return state
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def iterate_forever(batches: list[PackedBatch]) -> Iterator[PackedBatch]:
     """Cycle a fixed list (tests and benchmarks)."""
     while True:
         yield from batches
-
-
-def write_preempted_marker(run_dir: Path, step: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "PREEMPTED").write_text(f"{step}\n")

@@ -34,7 +34,8 @@ from megatron_autothink.train.callbacks import (
     WandbLogger,
 )
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
-from megatron_autothink.train.loop import LoopState, run_sft, write_preempted_marker
+from megatron_autothink.launch.preempt import PreemptionWatcher, marker_path, write_marker
+from megatron_autothink.train.loop import LoopState, run_sft
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
 from megatron_autothink.train.step import train_step
 
@@ -182,6 +183,7 @@ def run_sft_stage(
     *,
     step_offset: int,
     previous: CheckpointManager | None,
+    watcher: PreemptionWatcher | None = None,
 ) -> tuple[LoopState, CheckpointManager]:
     d = cfg.data
     path = stage.train_path or d.train_path
@@ -229,14 +231,15 @@ def run_sft_stage(
     if cfg.logging.wandb.enabled:
         w = cfg.logging.wandb
         callbacks.append(WandbLogger(w.project, w.mode, run_dir, cfg.model_dump(mode="json")))
-    run_sft(
-        state, callbacks, num_micro_batches=n_micro, handle_signals=cfg.checkpoint.save_on_signal
-    )
+    run_sft(state, callbacks, num_micro_batches=n_micro, watcher=watcher)
     return state, ckpt
 
 
 def main(cfg: AutothinkConfig) -> int:
     """Entry point of ``autothink train``. Returns the process exit code."""
+    # Before any process group, loader worker or engine exists, so they inherit the signal mask
+    # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
+    watcher = PreemptionWatcher().install() if cfg.checkpoint.save_on_signal else None
     setup_logging(int(os.environ.get("RANK", "0")))
     from megatron_autothink.data.tokenizer import load_tokenizer
 
@@ -253,7 +256,7 @@ def main(cfg: AutothinkConfig) -> int:
         if ctx.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_config(cfg))
-            (run_dir / "PREEMPTED").unlink(missing_ok=True)
+            marker_path(run_dir).unlink(missing_ok=True)
         tokenizer = load_tokenizer(resolve_tokenizer_dir(cfg, first_path))
         if len(tokenizer) > cfg.model.vocab_size:
             raise SystemExit(
@@ -279,15 +282,34 @@ def main(cfg: AutothinkConfig) -> int:
                 from megatron_autothink.rl.trainer import run_rl_stage  # type: ignore[import-not-found]
 
                 state, previous = run_rl_stage(
-                    cfg, ctx, stage, chunks, tokenizer, step_offset=offset, previous=previous
+                    cfg,
+                    ctx,
+                    stage,
+                    chunks,
+                    tokenizer,
+                    step_offset=offset,
+                    previous=previous,
+                    watcher=watcher,
                 )
             else:
                 state, previous = run_sft_stage(
-                    cfg, ctx, stage, chunks, tokenizer, step_offset=offset, previous=previous
+                    cfg,
+                    ctx,
+                    stage,
+                    chunks,
+                    tokenizer,
+                    step_offset=offset,
+                    previous=previous,
+                    watcher=watcher,
                 )
             if state.stop_requested:
                 if ctx.rank == 0:
-                    write_preempted_marker(run_dir, state.global_step)
+                    write_marker(
+                        marker_path(run_dir),
+                        step=state.global_step,
+                        checkpoint=str(state.ckpt.root if state.ckpt else ""),
+                        signal_name=watcher.signal_name if watcher else "",
+                    )
                 log.warning(
                     "pre-empted at %s step %d: checkpoint saved, exiting", stage.name, state.step
                 )

@@ -123,8 +123,9 @@ def test_preemption_signal_saves_and_marks(digits: Path, tmp_path: Path) -> None
         time.sleep(0.2)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=300) == 0
-    marker = (run / "PREEMPTED").read_text().strip()
-    assert (run / "checkpoints" / "sft" / f"iter_{int(marker):08d}" / "meta.json").exists()
+    marker = json.loads((run / "PREEMPTED").read_text())
+    assert marker["signal"] == "SIGUSR1"
+    assert (run / "checkpoints" / "sft" / f"iter_{marker['step']:08d}" / "meta.json").exists()
 
 
 @pytest.mark.dist
