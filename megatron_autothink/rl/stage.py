@@ -221,6 +221,7 @@ def run_stage(
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         image_token_id=_image_id(tokenizer),
         weight_sync=weight_sync,
+        rollout_log=run_dir / "rollouts" / f"{stage.name}.jsonl" if ctx.rank == 0 else None,
     )
     callbacks: list[Callback] = [
         CheckpointCallback(cfg.checkpoint.save_every),

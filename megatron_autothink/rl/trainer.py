@@ -13,11 +13,13 @@ Which paper does what (all composable through ``cfg.rl``):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -265,6 +267,31 @@ def logprob_mismatch(batches: list[Any], old: list[torch.Tensor]) -> dict[str, f
 # ---------------------------------------------------------------------------------------------
 
 
+def log_rollouts(
+    path: Path, step: int, prompts: list[PromptSample], groups: list[list[ScoredResponse]]
+) -> None:
+    """Append one JSON line per response: what was asked, in which mode, what came back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for g in groups:
+            for r in g:
+                p = prompts[r.prompt_index]
+                rec = {
+                    "step": step,
+                    "prompt_id": p.id,
+                    "difficulty": p.difficulty,
+                    "mode": r.forced_mode,
+                    "thinking": r.thinking,
+                    "reward": r.reward,
+                    "correct": r.correct,
+                    "finished": r.finished,
+                    "tokens": len(r.response_ids),
+                    "rethink": r.rethink,
+                    "text": r.text,
+                }
+                f.write(json.dumps(rec) + "\n")
+
+
 @dataclass
 class RLContext:
     """Long-lived objects of one RL stage (built once by :func:`run_rl_stage`)."""
@@ -283,6 +310,7 @@ class RLContext:
     pad_id: int
     image_token_id: int
     weight_sync: Any  # callable(version) -> seconds
+    rollout_log: Path | None = None  # JSONL of every rollout (prompt id, mode, reward, text)
 
 
 def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, float]:
@@ -307,6 +335,8 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
         )
     rc.engine.sleep()
     metrics.update(rollout_metrics(prompts, groups))
+    if rc.rollout_log is not None:
+        log_rollouts(rc.rollout_log, step, prompts, groups)
     t1 = time.perf_counter()
     advs = compute_advantages(groups, rl)
     payloads, sel_metrics = select_training_set(prompts, groups, advs, rl, rc.replay, rc.gen)

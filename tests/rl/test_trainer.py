@@ -1,0 +1,172 @@
+"""A few RL steps of every recipe with real vLLM rollouts, and an exact resume after SIGKILL.
+
+Each run anneals the tiny model for a couple of steps (so it emits the chat format at all), then
+runs the recipe's RL stage(s) on digits shards with small groups and short generations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.vllm]
+
+SMALL = [
+    "data.seq_length=256",
+    "data.micro_batch_size=2",
+    "data.global_batch_size=4",
+    "train.eval_every=0",
+    "train.log_every=1",
+    "logging.tensorboard=false",
+    "rollout.max_new_tokens=48",
+    "rl.prompts_per_step=2",
+    "rl.group_size=4",
+    "rl.bpo.g_think=2",
+    "rl.bpo.g_nothink=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rl_data")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cli = [sys.executable, "-m", "megatron_autothink.cli", "prep"]
+    mm, text = root / "digits", root / "digits_text"
+    for out, extra in ((mm, []), (text, ["--text-only"])):
+        subprocess.run(
+            [
+                *cli,
+                "digits",
+                "--out",
+                str(out),
+                "--train",
+                "200",
+                "--test",
+                "20",
+                "--no-progress",
+                *extra,
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+    subprocess.run(
+        [*cli, "tokenizer", "--out", str(mm / "tokenizer")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    return {"mm": mm, "text": text, "tok": mm / "tokenizer"}
+
+
+def _train(
+    recipe: str, data: dict[str, Path], run: Path, stages: str, *extra: str
+) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_autothink.cli",
+        "train",
+        "--config",
+        recipe,
+        f"data.train_path={data['mm']}",
+        f"data.tokenizer_path={data['tok']}",
+        f"logging.run_dir={run}",
+        f"stages={stages}",
+        *SMALL,
+        *extra,
+    ]
+    log = (run.parent / f"{run.name}.log").open("wb")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(p: subprocess.Popen[bytes], run: Path) -> None:
+    rc = p.wait(timeout=1200)
+    if rc != 0:
+        log = (run.parent / f"{run.name}.log").read_text()[-4000:]
+        raise AssertionError(f"train exited {rc}:\n{log}")
+
+
+def _metrics(run: Path, stage: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["stage"] == stage]
+
+
+def test_r4b_bpo_steps(data: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "bpo"
+    stages = "[{name: anneal, kind: sft, steps: 3}, {name: bpo, kind: rl, steps: 2}]"
+    _finish(_train("r4b_bpo_tiny", data, run, stages, "checkpoint.save_every=0"), run)
+    steps = _metrics(run, "bpo")
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        # every prompt's group holds both forced modes (R-4B's BPO)
+        assert r["rollout/long/think_rate"] == 1.0
+        assert r["rollout/short/think_rate"] == 0.0
+        assert "zero_adv_group_frac" in r and "time/sync_s" in r
+    rollouts = [json.loads(x) for x in (run / "rollouts" / "bpo.jsonl").read_text().splitlines()]
+    assert {r["mode"] for r in rollouts} == {"long", "short"}
+    assert len(rollouts) == 2 * 2 * 4  # steps x prompts x (g_think + g_nothink)
+
+
+def test_lmm_r1_two_stages_text_then_images(data: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "lmm"
+    stages = (
+        f"[{{name: anneal, kind: sft, steps: 3}}, "
+        f"{{name: fre, kind: rl, steps: 1, train_path: {data['text']}}}, "
+        f"{{name: mgt, kind: rl, steps: 1}}]"
+    )
+    _finish(_train("lmm_r1_tiny", data, run, stages, "checkpoint.save_every=0"), run)
+    assert len(_metrics(run, "fre")) == 1 and len(_metrics(run, "mgt")) == 1
+    fre = [json.loads(x) for x in (run / "rollouts" / "fre.jsonl").read_text().splitlines()]
+    mgt = [json.loads(x) for x in (run / "rollouts" / "mgt.jsonl").read_text().splitlines()]
+    assert fre and mgt and all(r["mode"] == "auto" for r in fre + mgt)
+    # stage 2 continues from stage 1's weights: its checkpoint exists and the KL term is active
+    assert "actor/kl_loss" in _metrics(run, "mgt")[0]
+
+
+def test_vl_rethinker_resume_after_sigkill(data: dict[str, Path], tmp_path: Path) -> None:
+    """GRPO + SSR + forced rethinking; killing the run after RL step 2 and restarting gives the
+    same step-3 prompts, rollouts and SSR buffer as an uninterrupted run."""
+    stages = "[{name: anneal, kind: sft, steps: 2}, {name: grpo_ssr, kind: rl, steps: 3}]"
+    extra = [
+        "checkpoint.save_every=1",
+        "rl.rethink.min_budget_tokens=8",
+        "rl.rethink.drop_prob=0.0",
+    ]
+    ref = tmp_path / "ref"
+    _finish(_train("vl_rethinker_tiny", data, ref, stages, *extra), ref)
+    run = tmp_path / "killed"
+    p = _train("vl_rethinker_tiny", data, run, stages, *extra)
+    target = run / "checkpoints" / "grpo_ssr" / "iter_00000002" / "meta.json"
+    deadline = time.time() + 1200
+    while not target.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert target.exists(), (run.parent / "killed.log").read_text()[-3000:]
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    _finish(_train("vl_rethinker_tiny", data, run, stages, *extra), run)
+
+    def step3(r: Path) -> list[tuple]:
+        rows = [json.loads(x) for x in (r / "rollouts" / "grpo_ssr.jsonl").read_text().splitlines()]
+        return [(x["prompt_id"], x["text"], x["reward"]) for x in rows if x["step"] == 3]
+
+    assert step3(run) == step3(ref) and step3(ref)
+    m_ref, m_run = _metrics(ref, "grpo_ssr")[-1], _metrics(run, "grpo_ssr")[-1]
+    assert "ssr/buffer_size" in m_ref and "rethink/attempted" in m_ref
+    assert m_run["ssr/buffer_size"] == m_ref["ssr/buffer_size"]
+
+    def buffer(r: Path) -> dict:
+        st = torch.load(
+            r / "checkpoints" / "grpo_ssr" / "iter_00000003" / "rank_00000.pt", weights_only=True
+        )
+        return st["replay"]["buffer"]
+
+    assert buffer(run) == buffer(ref)
