@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,7 +121,7 @@ def run_one(name: str, dtype_name: str, workdir: Path) -> dict[str, Any]:
     mcore_to_hf(mc, back, max_shard_size="2GB", progress=False)
     to_hf_s = time.perf_counter() - t
 
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    precision: Literal["fp32", "bf16"] = "bf16" if dtype == torch.bfloat16 else "fp32"
     with conversion_context(cfg, precision=precision) as (run_cfg, ctx):
         chunks = build_model_chunks(run_cfg, ctx, vocab_size=cfg.vocab_size, image_token_id=7)
         load_hf_weights(chunks, HFCheckpoint(hf), cfg, ctx)

@@ -7,8 +7,9 @@ Mounted by the main CLI as::
     p.set_defaults(func=convert_cli.main)
 
 and runnable on its own: ``python -m megatron_autothink.convert.cli hf-to-mcore HF_DIR OUT``.
-``mcore-to-hf`` also runs under ``torchrun`` (``--tp``/``--pp`` = the launched layout) to export a
-checkpoint too large for one process; by default it loads in one process (TP=1, PP=1).
+Both also run under ``torchrun`` (``--tp``/``--pp`` = the launched layout) for models too large
+for one process; by default they run in one process (TP=1, PP=1). Either way the megatron
+checkpoint loads at any layout.
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("hf_dir", help="local HF model directory (config.json + *.safetensors)")
     p.add_argument("out_dir", help="checkpoint directory to create")
-    p.add_argument("--dtype", choices=_DTYPES, default="auto", help="default: as the HF weights")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="default: bfloat16 for bf16 weights, else float32",
+    )
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to build at (torchrun)")
+    p.add_argument(
+        "--pp", type=int, default=1, help="pipeline-parallel size to build at (torchrun)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -94,6 +104,8 @@ def main(args: argparse.Namespace) -> int:
                 args.hf_dir,
                 args.out_dir,
                 dtype=dtype,
+                tp=args.tp,
+                pp=args.pp,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )

@@ -7,8 +7,8 @@ Output layout (``out_dir``)::
     tokenizer/                                         tokenizer, processor, chat template,
                                                        generation config (copied as-is)
 
-The checkpoint is written from a TP=1/PP=1 model; megatron's dist-checkpointing reshards it on
-load to any TP/PP the model allows (the vocabulary padding, which depends on TP, is re-padded by
+The checkpoint is written from a TP=1/PP=1 model (or, under ``torchrun``, from the layout asked
+for); megatron's dist-checkpointing reshards it on load to any TP/PP the model allows (the vocabulary padding, which depends on TP, is re-padded by
 megatron: the embedding and output layer are saved with ``allow_shape_mismatch``).
 
 Everything that can be checked from file headers (architecture, names, shapes, index/shard
@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
-from megatron_autothink.config import ModelConfig, ParallelConfig
+from megatron_autothink.config import ModelConfig
 from megatron_autothink.convert.hf_config import model_config_from_hf, read_hf_config
 from megatron_autothink.convert.hf_io import HFCheckpoint, copy_hf_assets
+from megatron_autothink.convert.live import unwrap
 from megatron_autothink.convert.load import load_hf_weights
 from megatron_autothink.convert.mapping import (
     ConversionError,
@@ -41,8 +43,6 @@ from megatron_autothink.convert.runtime import (
 )
 
 __all__ = ["hf_to_mcore", "inspect_hf_dir"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def inspect_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, HFCheckpoint]:
@@ -91,6 +91,8 @@ def hf_to_mcore(
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
+    tp: int = 1,
+    pp: int = 1,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -99,40 +101,44 @@ def hf_to_mcore(
     Args:
         hf_dir: directory with ``config.json`` and safetensors weights (single or sharded).
         out_dir: checkpoint directory to create (must be empty unless ``overwrite``).
-        dtype: parameter dtype of the checkpoint; default: the dtype of the HF weights.
+        dtype: ``torch.float32`` or ``torch.bfloat16``; default: bf16 if the HF weights are bf16,
+            else fp32 (fp16 weights are widened, losslessly).
+        tp, pp: layout to build at. 1/1 in one process; under ``torchrun`` each rank builds and
+            reads only its shard, so a model larger than one process's memory can be converted.
+            The checkpoint loads at any layout either way.
         overwrite: replace an existing checkpoint in ``out_dir``.
-        progress: tqdm progress bar.
+        progress: tqdm progress bar (rank 0).
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_autothink.models.qwen25vl import Qwen25VLModel
+    from megatron_autothink.train.setup import build_model_chunks
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     model_cfg, ckpt = inspect_hf_dir(hf_dir)
     if dtype is None:
         embed = next(n for n in ckpt if canonical_hf_name(n).endswith("embed_tokens.weight"))
-        dtype = ckpt.dtype(embed)
-    if dtype not in _DTYPES.values():
-        raise ConversionError(f"unsupported checkpoint dtype {dtype}; use one of {list(_DTYPES)}")
-    _prepare_out_dir(out_dir, overwrite)
+        dtype = torch.bfloat16 if ckpt.dtype(embed) == torch.bfloat16 else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ConversionError(f"unsupported checkpoint dtype {dtype}; use float32 or bfloat16")
     precision: Literal["fp32", "bf16"] = "bf16" if dtype == torch.bfloat16 else "fp32"
-    with conversion_context(model_cfg, precision=precision) as (_, ctx):
-        model = Qwen25VLModel(
-            model_cfg,
-            ParallelConfig(),
-            vocab_size=model_cfg.vocab_size,
-            image_token_id=model_cfg.image_token_id,
-            pg_collection=ctx.pg,
-            dtype=dtype,
+    with conversion_context(model_cfg, tp=tp, pp=pp, precision=precision) as (cfg, ctx):
+        if ctx.rank == 0:
+            _prepare_out_dir(out_dir, overwrite)
+        if ctx.world_size > 1:
+            dist.barrier()
+        chunks = build_model_chunks(
+            cfg, ctx, vocab_size=model_cfg.vocab_size, image_token_id=model_cfg.image_token_id
         )
-        load_hf_weights([model], ckpt, model_cfg, ctx, progress=progress)
+        load_hf_weights(chunks, ckpt, model_cfg, ctx, progress=progress and ctx.rank == 0)
         ckpt.close()
-        dist_checkpointing.save(model.sharded_state_dict(), str(out_dir))
-        del model
-    write_meta(
-        out_dir, model_cfg, dtype=dtype, hf_config=read_hf_config(hf_dir), source=str(hf_dir)
-    )
-    copied = copy_hf_assets(hf_dir, out_dir / TOKENIZER_SUBDIR)
-    if not copied:
-        (out_dir / TOKENIZER_SUBDIR).rmdir()
+        sharded = {f"chunk{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+        dist_checkpointing.save(sharded, str(out_dir))
+        del chunks, sharded
+        if ctx.rank == 0:
+            raw = read_hf_config(hf_dir)
+            write_meta(out_dir, model_cfg, dtype=dtype, hf_config=raw, source=str(hf_dir))
+            if not copy_hf_assets(hf_dir, out_dir / TOKENIZER_SUBDIR):
+                (out_dir / TOKENIZER_SUBDIR).rmdir()
+        if ctx.world_size > 1:
+            dist.barrier()
     return out_dir

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_autothink.config import (
     AutothinkConfig,
@@ -68,7 +69,8 @@ def conversion_context(
         data=DataConfig(micro_batch_size=1, global_batch_size=dp),
         train=TrainConfig(precision=precision),
     )
-    created = not dist.is_initialized()
+    created_dist = not dist.is_initialized()
+    created_groups = created_dist or not parallel_state.model_parallel_is_initialized()
     ctx = init_distributed(cfg)
     try:
         if ctx.pg.tp.size() != tp or ctx.pg.pp.size() != pp:
@@ -78,8 +80,11 @@ def conversion_context(
             )
         yield cfg, ctx
     finally:
-        if created:
+        # Undo exactly what we set up, so conversions can run one after another in one job.
+        if created_dist:
             destroy_distributed()
+        elif created_groups:
+            parallel_state.destroy_model_parallel()
 
 
 def write_meta(

@@ -55,7 +55,7 @@ def hf_config(spec: TinySpec) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Qwen2_5_VLConfig(
+        cfg = Qwen2_5_VLConfig(
             text_config={
                 "vocab_size": VOCAB,
                 "hidden_size": spec.hidden,
@@ -89,8 +89,9 @@ def hf_config(spec: TinySpec) -> Any:
             vision_start_token_id=VISION_START,
             vision_end_token_id=VISION_END,
             tie_word_embeddings=spec.tie,
-            initializer_range=INIT_STD,
         )
+        cfg.initializer_range = INIT_STD
+        return cfg
 
 
 def build_hf_model(spec: TinySpec) -> Any:

@@ -1,9 +1,10 @@
 """HF dir -> megatron dist-checkpoint -> (resharded) -> HF dir, through the real entry points.
 
-* ``test_hf_to_mcore_then_export_at_pp2``: ``hf_to_mcore`` in one process (TP=1), then
-  ``mcore_to_hf`` launched as two pipeline stages (the tied embedding's last-stage copy must not
-  be exported; the owner stage broadcasts each tensor). The HF directory loads in transformers
-  and gives the original logits; every tensor is bit-identical to the source.
+* ``test_hf_to_mcore_at_pp2_then_export_at_tp2``: on one 2-rank world, ``hf_to_mcore`` builds
+  two pipeline stages (each reads only its layers; the tied embedding's last-stage copy is
+  loaded but saved once), then ``mcore_to_hf`` reloads the checkpoint at TP=2 (vocabulary
+  re-padded from 1152 to 1280 rows) and gathers it. The HF directory loads in transformers and
+  gives the original logits; every tensor is bit-identical to the source.
 * ``test_cli_roundtrip_through_tp2_pp2_checkpoint`` (slow): the CLI converts HF -> megatron; four
   ranks load that checkpoint at TP=2/PP=2 (resharding, vocabulary re-padding 1152 -> 1280),
   compute logits through the two pipeline stages, save a TP=2/PP=2 checkpoint and export it
@@ -35,16 +36,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
 
 
-def _hf_to_mcore_worker(hf_dir: str, out: str) -> None:
+def _convert_worker(hf_dir: str, mcore: str, out: str) -> None:
+    """hf-to-mcore built as two pipeline stages, then mcore-to-hf at TP=2, on one 2-rank world."""
+    import torch.distributed as dist
+
     from megatron_autothink.convert.hf_to_mcore import hf_to_mcore
-
-    hf_to_mcore(hf_dir, out, progress=False)
-
-
-def _export_worker(ckpt: str, out: str, tp: int, pp: int) -> None:
     from megatron_autothink.convert.mcore_to_hf import mcore_to_hf
 
-    mcore_to_hf(ckpt, out, tp=tp, pp=pp, max_shard_size="300KB", progress=False)
+    dist.init_process_group("gloo")  # both conversions reuse it (as under torchrun)
+    hf_to_mcore(hf_dir, mcore, pp=2, progress=False)
+    mcore_to_hf(mcore, out, tp=2, max_shard_size="300KB", progress=False)
 
 
 def _load_hf(path: Path) -> object:
@@ -73,8 +74,13 @@ def _assert_thinking_template(exported: Path) -> None:
     tok = AutoTokenizer.from_pretrained(exported)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "2+2?"}]}]
     prompt = {
-        mode: tok.apply_chat_template(
-            msgs, add_generation_prompt=True, tokenize=False, thinking_mode=mode
+        mode: str(
+            tok.apply_chat_template(
+                msgs,  # type: ignore[arg-type]
+                add_generation_prompt=True,
+                tokenize=False,
+                thinking_mode=mode,
+            )
         )
         for mode in ("auto", "long", "short")
     }
@@ -86,18 +92,17 @@ def _assert_thinking_template(exported: Path) -> None:
     assert "chat_template" not in json.loads((exported / "tokenizer_config.json").read_text())
 
 
-def test_hf_to_mcore_then_export_at_pp2(tmp_path: Path) -> None:
+def test_hf_to_mcore_at_pp2_then_export_at_tp2(tmp_path: Path) -> None:
     spec = TinySpec(heads=4, kv_heads=2, tie=True, seed=5)
     src = tmp_path / "hf"
     hf = save_hf_dir(spec, src)
     x = vl_inputs(hf, seed=5)
     ref = hf_logits(hf, x)
-    run_distributed(_hf_to_mcore_worker, 1, str(src), str(tmp_path / "mcore"))
-    meta = json.loads((tmp_path / "mcore" / "autothink_model.json").read_text())
+    mcore, out = tmp_path / "mcore", tmp_path / "out"
+    run_distributed(_convert_worker, 2, str(src), str(mcore), str(out))
+    meta = json.loads((mcore / "autothink_model.json").read_text())
     assert meta["model"]["mrope_section"] == list(spec.mrope_section)
-    assert (tmp_path / "mcore" / "tokenizer" / "tokenizer.json").is_file()
-    run_distributed(_export_worker, 2, str(tmp_path / "mcore"), str(tmp_path / "out"), 1, 2)
-    out = tmp_path / "out"
+    assert (mcore / "tokenizer" / "tokenizer.json").is_file()
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     _assert_same_tensors(out, src)
     got = hf_logits(_load_hf(out), x)
@@ -117,6 +122,7 @@ def _tp2pp2_worker(mcore: str, ckpt2: str, hf_dist: str, x: VLInputs) -> dict:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_autothink.config import ModelConfig
+    from megatron_autothink.convert.live import unwrap
     from megatron_autothink.convert.mcore_to_hf import mcore_to_hf
     from megatron_autothink.convert.runtime import META_NAME, conversion_context, read_meta
     from megatron_autothink.train.setup import build_model_chunks
@@ -125,9 +131,10 @@ def _tp2pp2_worker(mcore: str, ckpt2: str, hf_dist: str, x: VLInputs) -> dict:
     assert meta is not None
     model_cfg = ModelConfig.model_validate(meta["model"])
     with conversion_context(model_cfg, tp=2, pp=2) as (cfg, ctx):
-        (model,) = build_model_chunks(
+        (chunk,) = build_model_chunks(
             cfg, ctx, vocab_size=model_cfg.vocab_size, image_token_id=model_cfg.image_token_id
         )
+        model = unwrap(chunk)
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), mcore))
         model.eval()
         s, b, h = x.input_ids.shape[1], x.input_ids.shape[0], model_cfg.hidden_size

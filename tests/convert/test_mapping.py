@@ -8,6 +8,7 @@ The layout checks do not trust the mapping's own inverse: fused QKV is split the
 from __future__ import annotations
 
 import doctest
+import types
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def _random_hf(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("module", [mapping, hf_io, chat_template])
-def test_doctests(module: object) -> None:
+def test_doctests(module: types.ModuleType) -> None:
     assert doctest.testmod(module, raise_on_error=True).attempted >= 0
 
 

@@ -57,11 +57,11 @@ def _parity_worker(phases: list[Phase]) -> list:
     groups are rebuilt between phases on the same gloo world.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_autothink.convert.gather import iter_hf_weights
     from megatron_autothink.convert.hf_io import HFCheckpoint
+    from megatron_autothink.convert.live import unwrap
     from megatron_autothink.convert.load import load_hf_weights
     from megatron_autothink.convert.runtime import conversion_context
     from megatron_autothink.train.setup import build_model_chunks
@@ -82,15 +82,16 @@ def _parity_worker(phases: list[Phase]) -> list:
                 res: dict = {
                     "loaded": load_hf_weights(chunks, HFCheckpoint(hf_dir), model_cfg, ctx)
                 }
+                models = [unwrap(c) for c in chunks]
                 res["chunk_layers"] = [
-                    [layer.layer_number for layer in c.language_model.decoder.layers]
-                    for c in chunks
+                    [layer.layer_number for layer in m.language_model.decoder.layers]
+                    for m in models
                 ]
-                last = chunks[-1].language_model
+                last = models[-1].language_model
                 if last.post_process and model_cfg.tie_word_embeddings and ph.pp > 1:
                     res["tied_copy"] = last.output_layer.weight.detach().clone()
                 if ph.forward:
-                    model = chunks[0].eval()
+                    model = models[0].eval()
                     with torch.no_grad():
                         logits = model(
                             x.input_ids,
@@ -107,13 +108,13 @@ def _parity_worker(phases: list[Phase]) -> list:
                     )
                 res["exported"] = {n: t.clone() for n, t in iter_hf_weights(chunks, model_cfg, ctx)}
                 results.append(res)
-        parallel_state.destroy_model_parallel()
-        out.append(results)
+        out.append(results)  # conversion_context tore down megatron's groups, not the world
     return out
 
 
 def _make_cases(specs: list[TinySpec], root: Path) -> tuple[list, list]:
-    cases, refs = [], []
+    cases: list[tuple[str, ModelConfig, VLInputs]] = []
+    refs: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
     for spec in specs:
         d = root / f"tp{len(cases)}-{spec.label}"
         hf = save_hf_model(spec, d)
