@@ -443,3 +443,10 @@ def load_config(
 def dump_config(cfg: AutothinkConfig) -> str:
     """YAML text of a resolved config (saved in every run dir and checkpoint)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def with_stage_lr(cfg: AutothinkConfig, lr: float) -> AutothinkConfig:
+    """The config of a stage with its own peak LR; ``min_lr`` keeps its ratio to the peak."""
+    ratio = cfg.optim.min_lr / cfg.optim.lr
+    optim = cfg.optim.model_copy(update={"lr": lr, "min_lr": lr * ratio})
+    return cfg.model_copy(update={"optim": optim})

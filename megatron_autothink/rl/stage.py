@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from megatron_autothink.config import AutothinkConfig, StageConfig
+from megatron_autothink.config import AutothinkConfig, StageConfig, with_stage_lr
 from megatron_autothink.data.image_processing import write_preprocessor_config
+from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.ssr import ReplayBuffer
 from megatron_autothink.rl.trainer import ReplayStore, RLContext, make_score_fn, rl_step
@@ -32,7 +32,6 @@ from megatron_autothink.train.callbacks import (
     TensorBoardLogger,
 )
 from megatron_autothink.train.checkpoint import CheckpointManager
-from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.train.loop import LoopState
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
 
@@ -113,7 +112,7 @@ def run_stage(
 
     rl = cfg.rl
     if stage.lr is not None:
-        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": stage.lr})})
+        cfg = with_stage_lr(cfg, stage.lr)
     path = stage.train_path or cfg.data.train_path
     tokenizer_dir = resolve_tokenizer_dir(cfg, path)
     if rl.prompts_per_step % ctx.dp:
@@ -185,17 +184,23 @@ def run_stage(
             ref.requires_grad_(False)
 
     run_dir = Path(cfg.logging.run_dir)
-    engine_dir = run_dir / "rollout_engine" / stage.name
+    engine = _ENGINE.get("engine")
     t0 = time.perf_counter()
-    if ctx.rank == 0:
-        engine_dir.mkdir(parents=True, exist_ok=True)
-    export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
-    engine = build_engine(cfg, engine_dir, version=state.step) if engine_owner(ctx) else None
-    log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
+    if engine is None:
+        # One engine for the whole run: vLLM's in-process shutdown tears down the default
+        # process group, so it is shut down once, by shutdown_engine(), after the last stage.
+        engine_dir = run_dir / "rollout_engine"
+        if ctx.rank == 0:
+            engine_dir.mkdir(parents=True, exist_ok=True)
+        export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
+        engine = build_engine(cfg, engine_dir, version=0) if engine_owner(ctx) else None
+        _ENGINE["engine"] = engine
+        log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
 
     def weight_sync(version: int) -> float:
         from megatron_autothink.convert.gather import iter_hf_weights
 
+        version += step_offset  # policy versions grow across stages
         t = time.perf_counter()
         stream = iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint")
         if engine is not None:
@@ -249,11 +254,17 @@ def run_stage(
     finally:
         for cb in callbacks:
             cb.on_train_end(state)
-        if engine is not None:
-            engine.shutdown()
-        if ctx.world_size > 1:
-            dist.barrier()
     return state, ckpt
+
+
+_ENGINE: dict[str, Any] = {}
+
+
+def shutdown_engine() -> None:
+    """Stop the run's rollout engine (after the last stage; see run_stage)."""
+    engine = _ENGINE.pop("engine", None)
+    if engine is not None:
+        engine.shutdown()
 
 
 def _image_id(tokenizer: Any) -> int:

@@ -104,14 +104,24 @@ def _model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
 
 def _ensure_optimizer_state(opt: OptimizerBundle) -> None:
     """torch's Adam creates its state lazily at the first step; megatron's distributed optimizer
-    needs it to exist to describe the state it is about to load. Create it with a zero-gradient
-    step (what megatron does for FSDP); loading then overwrites parameters and state."""
+    needs it to exist to describe (save or load) its state. Create it with megatron's zero-grad
+    dummy step, then undo that step's side effects (AdamW's decoupled weight decay moves the
+    parameters; the step counter advances) so the state is exactly that of a fresh optimizer."""
     inner = getattr(opt.optimizer, "chained_optimizers", [opt.optimizer])
     for o in inner:
         torch_opt = getattr(o, "optimizer", None)
         init = getattr(o, "_init_optimizer_states_with_dummy_values", None)
-        if torch_opt is not None and init is not None and not torch_opt.state:
-            init()
+        if torch_opt is None or init is None or torch_opt.state:
+            continue
+        params = [p for g in torch_opt.param_groups for p in g["params"]]
+        saved = [p.detach().clone() for p in params]
+        init()
+        with torch.no_grad():
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
+        for st in torch_opt.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = torch.zeros_like(st["step"])
 
 
 def _restore_adam_steps(opt: OptimizerBundle) -> None:
@@ -208,6 +218,7 @@ class CheckpointManager:
         _barrier(self.ctx)
         state = _model_state(chunks)
         model_sd = state.get("model", state)
+        _ensure_optimizer_state(opt)  # a stage may save before its first update
         state["optimizer"] = opt.optimizer.sharded_state_dict(
             model_sd, is_loading=False, metadata=OPTIM_METADATA
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config
+from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config, with_stage_lr
 from megatron_autothink.parallel import (
     ParallelContext,
     destroy_distributed,
@@ -189,7 +189,7 @@ def run_sft_stage(
     path = stage.train_path or d.train_path
     n_micro = d.global_batch_size // (d.micro_batch_size * ctx.dp)
     if stage.lr is not None:
-        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": stage.lr})})
+        cfg = with_stage_lr(cfg, stage.lr)
     opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
     loader = build_sft_loader(cfg, ctx, path, tokenizer, training=True, split="train")
     ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
@@ -320,4 +320,7 @@ def main(cfg: AutothinkConfig) -> int:
         log.error("%s", e)
         return 3
     finally:
+        from megatron_autothink.rl.stage import shutdown_engine
+
+        shutdown_engine()
         destroy_distributed()
