@@ -80,7 +80,7 @@ def _training_plot(path: Path, metrics_file: Path) -> bool:
     if not metrics_file.is_file():
         return False
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    sft = [(r.get("global_step", i), r["loss"]) for i, r in enumerate(rows) if "loss_thinking" in r]
+    sft = [(i + 1, r["loss"]) for i, r in enumerate(rows) if "loss_thinking" in r]
     rl = [r for r in rows if "time/rollout_s" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     if sft:

@@ -151,17 +151,25 @@ def goal_checks(summary: dict[str, Any]) -> dict[str, Any]:
     }
     if not diffs or "auto" not in modes:
         return out
-    easy, hard = diffs[0], diffs[-1]
     auto = modes["auto"]
+    # Levels auto mode answered (a mode may miss a level on a small or --limit'ed eval).
+    diffs = [d for d in diffs if d in auto]
+    if not diffs:
+        return out
+    easy, hard = diffs[0], diffs[-1]
     out["think_rate_hardest"] = auto[hard]["think_rate"]
     out["think_rate_easiest"] = auto[easy]["think_rate"]
     forced = [modes[m] for m in ("long", "short") if m in modes]
-    if forced:
-        out["max_acc_gap"] = max(
-            max(f[d]["accuracy"] for f in forced) - auto[d]["accuracy"] for d in diffs
-        )
-    if "short" in modes and modes["short"][easy]["mean_tokens"] > 0:
-        out["easy_length_ratio"] = auto[easy]["mean_tokens"] / modes["short"][easy]["mean_tokens"]
+    gaps = [
+        max(f[d]["accuracy"] for f in forced if d in f) - auto[d]["accuracy"]
+        for d in diffs
+        if any(d in f for f in forced)
+    ]
+    if gaps:
+        out["max_acc_gap"] = max(gaps)
+    short_easy = modes.get("short", {}).get(easy)
+    if short_easy and short_easy["mean_tokens"] > 0:
+        out["easy_length_ratio"] = auto[easy]["mean_tokens"] / short_easy["mean_tokens"]
     out["goals_met"] = {
         "think_hardest>=0.8": out["think_rate_hardest"] >= 0.8,
         "think_easiest<=0.2": out["think_rate_easiest"] <= 0.2,
