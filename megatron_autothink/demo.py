@@ -134,10 +134,10 @@ def _phase_export(out: Path, s: DemoSettings, cfg: AutothinkConfig) -> dict[str,
     p = load_prompts(
         str(out / "data" / "digits"), str(hf), image_config(cfg), split="test", limit=1
     )[0]
-    # The short prefill makes the answer comparable with the eval's direct mode; a plain greedy
+    # Auto mode (no prefill): the model picks thinking or a direct answer itself. A plain greedy
     # loop without KV cache (tiny model) avoids generate()'s mRoPE-state handling.
-    ids = list(p.prompt_ids) + tok.encode("<think>\n", add_special_tokens=False)
-    eos = int(tok.convert_tokens_to_ids("<|im_end|>"))
+    ids = list(p.prompt_ids)
+    eos: Any = tok.convert_tokens_to_ids("<|im_end|>")
     pad = int(model.config.image_token_id)
     new: list[int] = []
     with torch.no_grad():
@@ -155,8 +155,8 @@ def _phase_export(out: Path, s: DemoSettings, cfg: AutothinkConfig) -> dict[str,
             new.append(nxt)
             if nxt == eos:
                 break
-    question = tok.decode([t for t in p.prompt_ids if t != pad], skip_special_tokens=True)
-    answer = "<think>\n" + tok.decode(new, skip_special_tokens=True)
+    question = str(tok.decode([t for t in p.prompt_ids if t != pad], skip_special_tokens=True))
+    answer = str(tok.decode(new, skip_special_tokens=True))
     print(f"[export] transformers reloaded {hf}\n  question: {question.strip()[-160:]}")
     print(f"  answer:   {answer!r}\n  truth:    {p.answer}")
     result = {"hf_dir": str(hf), "question": question, "answer": answer, "truth": p.answer}

@@ -78,9 +78,10 @@ def _image_config(hf_dir: Path, run_cfg: Any) -> Any:
     if not pp.is_file():
         return ImageProcessingConfig()
     c = json.loads(pp.read_text())
+    default = ImageProcessingConfig()
     return ImageProcessingConfig(
-        min_pixels=int(c.get("min_pixels", ImageProcessingConfig.min_pixels)),
-        max_pixels=int(c.get("max_pixels", ImageProcessingConfig.max_pixels)),
+        min_pixels=int(c.get("min_pixels", default.min_pixels)),
+        max_pixels=int(c.get("max_pixels", default.max_pixels)),
         patch_size=int(c.get("patch_size", 14)),
         temporal_patch_size=int(c.get("temporal_patch_size", 2)),
         merge_size=int(c.get("merge_size", 2)),
