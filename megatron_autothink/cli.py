@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=False, help="HF directory or megatron checkpoint")
     p.add_argument("--data", required=False, help="shard folder or URL")
     p.add_argument("--modes", default="auto,long,short", help="comma list of thinking modes")
+    p.add_argument("--split", default="test", help="split part to evaluate (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    p.add_argument("--out", default="eval_out", help="output folder (default: eval_out)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="answer budget (default 96)")
     p.set_defaults(func=_entry("megatron_autothink.eval.cli:main", "eval", "issue #9: eval"))
 
     p = sub.add_parser(

@@ -1,0 +1,221 @@
+"""Greedy evaluation of one model in several thinking modes on a held-out split.
+
+Every test prompt is answered once per mode at temperature 0 by the vLLM rollout engine (the same
+engine and prefills RL uses: ``auto`` adds nothing, ``long`` prefills ``<think>\\n``, ``short``
+the empty think block), scored with the RL reward code (``make_score_fn(RewardWeights())``:
+math-verify on the boxed answer, multiple choice by letter), and aggregated per difficulty.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_autothink.config import RewardWeights
+from megatron_autothink.data.batch import PromptSample
+from megatron_autothink.eval.model import resolve_model
+from megatron_autothink.eval.summary import EvalRecord, format_markdown, goal_checks, summarize
+from megatron_autothink.rl.rewards import is_thinking
+from megatron_autothink.rl.rollout import cut_at_vision_tokens, vision_token_ids
+from megatron_autothink.rl.trainer import make_score_fn
+from megatron_autothink.rollout.types import (
+    GenerationRequest,
+    PreprocessedImages,
+    SamplingConfig,
+    ThinkingMode,
+)
+
+log = logging.getLogger(__name__)
+
+MODES: tuple[ThinkingMode, ...] = ("auto", "long", "short")
+
+
+def parse_modes(text: str) -> list[ThinkingMode]:
+    """``"auto,long"`` -> ``["auto", "long"]``; unknown names raise ``ValueError``."""
+    out: list[ThinkingMode] = []
+    for m in (x.strip() for x in text.split(",") if x.strip()):
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        out.append(m)  # type: ignore[arg-type]
+    if not out:
+        raise ValueError("no modes given")
+    return out
+
+
+def load_prompts(
+    data: str, tokenizer: Any, image_cfg: Any, *, split: str, limit: int | None
+) -> list[PromptSample]:
+    """One deterministic pass over ``split`` (at most ``limit`` prompts)."""
+    from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
+
+    loader = build_prompt_loader(
+        PromptLoaderConfig(path=data, split=split, training=False, batch_size=16, image=image_cfg),
+        tokenizer,
+        dp_rank=0,
+        dp_world_size=1,
+    )
+    prompts: list[PromptSample] = []
+    for batch in loader:
+        prompts.extend(batch)
+        if limit is not None and len(prompts) >= limit:
+            return prompts[:limit]
+    return prompts
+
+
+def _image_config(hf_dir: Path, run_cfg: Any) -> Any:
+    """The preprocessing the model was trained with: the run's, else the HF dir's."""
+    from megatron_autothink.data.image_processing import ImageProcessingConfig
+
+    if run_cfg is not None:
+        from megatron_autothink.train.run import image_config
+
+        return image_config(run_cfg)
+    pp = hf_dir / "preprocessor_config.json"
+    if not pp.is_file():
+        return ImageProcessingConfig()
+    c = json.loads(pp.read_text())
+    default = ImageProcessingConfig()
+    return ImageProcessingConfig(
+        min_pixels=int(c.get("min_pixels", default.min_pixels)),
+        max_pixels=int(c.get("max_pixels", default.max_pixels)),
+        patch_size=int(c.get("patch_size", 14)),
+        temporal_patch_size=int(c.get("temporal_patch_size", 2)),
+        merge_size=int(c.get("merge_size", 2)),
+    )
+
+
+def generate_records(
+    engine: Any,
+    prompts: Sequence[PromptSample],
+    modes: Sequence[ThinkingMode],
+    tokenizer: Any,
+    *,
+    max_new_tokens: int,
+) -> list[EvalRecord]:
+    """Answer every prompt greedily in every mode and score the answers."""
+    score = make_score_fn(RewardWeights())
+    banned = vision_token_ids(tokenizer)
+    reqs = []
+    for i, p in enumerate(prompts):
+        images = (
+            PreprocessedImages(p.pixel_values, p.image_grid_thw)
+            if p.pixel_values is not None and p.image_grid_thw is not None
+            else None
+        )
+        for mode in modes:
+            reqs.append(GenerationRequest(f"eval-{i}-{mode}", list(p.prompt_ids), images, mode, 1))
+    sampling = SamplingConfig(
+        temperature=0.0, max_new_tokens=max_new_tokens, seed=0, logprobs=False
+    )
+    outs = engine.generate(reqs, sampling)
+    records = []
+    for req, comps in zip(reqs, outs, strict=True):
+        p = prompts[int(req.request_id.split("-")[1])]
+        c = comps[0]
+        if cut_at_vision_tokens(c, banned):  # same guard as RL rollouts
+            c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        text = (tokenizer.decode(c.prefill_token_ids) if c.prefill_token_ids else "") + c.text
+        _, correct, _ = score(text, p, c.finish_reason == "stop")
+        records.append(
+            EvalRecord(
+                id=p.id,
+                difficulty=int(p.difficulty) if p.difficulty is not None else 0,
+                mode=req.mode,
+                response=text,
+                correct=bool(correct),
+                thinking=is_thinking(text),
+                num_tokens=len(c.token_ids),
+            )
+        )
+    return records
+
+
+def write_outputs(out: Path, records: Sequence[EvalRecord], summary: dict[str, Any]) -> None:
+    """``samples.jsonl``, ``summary.json`` and ``summary.md`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json()) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    md = format_markdown(summary, f"Eval of {summary.get('model', '?')}")
+    goals = summary.get("goals") or {}
+    if goals:
+        md += "\nR-4B targets (auto mode): " + json.dumps(goals.get("goals_met", {})) + "\n"
+    (out / "summary.md").write_text(md)
+
+
+def evaluate(
+    model: str | Path,
+    data: str,
+    *,
+    modes: Sequence[ThinkingMode] = MODES,
+    split: str = "test",
+    limit: int | None = None,
+    out: str | Path = "eval_out",
+    max_new_tokens: int = 96,
+    max_model_len: int = 1024,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (HF dir or training checkpoint) on ``data``'s ``split``.
+
+    Args:
+        model: HF directory, ``checkpoints/<stage>/iter_N``, or a stage folder (latest iter).
+        data: Prepared shard folder (``autothink prep``).
+        modes: Thinking modes to answer in.
+        split: Split part to read (one deterministic pass).
+        limit: Evaluate only the first ``limit`` prompts.
+        out: Output folder (samples.jsonl, summary.json, summary.md; ``hf/`` for exports).
+        max_new_tokens: Generation budget per answer (prefill not counted).
+        max_model_len: vLLM context length (prompt + image tokens + answer).
+
+    Returns:
+        The summary dict (``summarize`` output plus ``model``, ``split``, ``goals``, timing).
+    """
+    from megatron_autothink.data.tokenizer import load_tokenizer
+    from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    resolved = resolve_model(model, out)
+    tokenizer = load_tokenizer(str(resolved.hf_dir))
+    prompts = load_prompts(
+        data,
+        tokenizer,
+        _image_config(resolved.hf_dir, resolved.run_cfg),
+        split=split,
+        limit=limit,
+    )
+    if not prompts:
+        raise ValueError(f"{data}: split {split!r} has no prompts with an answer")
+    engine = VLLMRolloutEngine(
+        VLLMEngineConfig(
+            model_dir=str(resolved.hf_dir),
+            dtype="float32",  # tiny models on CPU; exact greedy decoding
+            max_model_len=max_model_len,
+            seed=0,
+            cpu_threads=1,  # shared CPU cores: one thread is several times faster
+        )
+    )
+    try:
+        t_gen = time.perf_counter()
+        records = generate_records(engine, prompts, modes, tokenizer, max_new_tokens=max_new_tokens)
+        t_gen = time.perf_counter() - t_gen
+    finally:
+        engine.shutdown()
+    summary = summarize(records)
+    summary.update(
+        {
+            "model": str(model),
+            "data": data,
+            "split": split,
+            "max_new_tokens": max_new_tokens,
+            "goals": goal_checks(summary),
+            "time_s": {"total": time.perf_counter() - t0, "generate": t_gen},
+        }
+    )
+    write_outputs(out, records, summary)
+    log.info("eval of %s: %d prompts x %d modes in %.1fs", model, len(prompts), len(modes), t_gen)
+    return summary
