@@ -119,6 +119,9 @@ class DataConfig(_Section):
     pack: bool = True
     think_ratio: float = Field(0.5, ge=0.0, le=1.0)
     """Share of samples rendered with their thinking answer when a sample carries both."""
+    think_min_difficulty: int | None = None
+    """R-4B-style curation: samples carrying both answers use the thinking one when their
+    difficulty is at least this, the direct one below it (overrides ``think_ratio``)."""
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 256 * 28 * 28
     num_workers: int = Field(0, ge=0)
@@ -198,6 +201,10 @@ class RolloutConfig(_Section):
 
 
 class BPOConfig(_Section):
+    train_decision: bool = True
+    """Train the forced mode prefill as part of the response. The prefill ends at the token where
+    the policy decides to think or not; without it in the loss, BPO's advantages never reach
+    that decision and auto mode cannot learn when to think."""
     g_think: int = Field(4, ge=0)
     """Rollouts per prompt forced into thinking mode (``long`` prefill)."""
     g_nothink: int = Field(4, ge=0)
@@ -259,7 +266,10 @@ class StageConfig(_Section):
     train_path: str = ""
     """Overrides ``data.train_path`` for this stage."""
     text_only: bool = False
+    """Documents a text-only stage (LMM-R1 FRE); the data comes from ``train_path``."""
     lr: float | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Dotted config overrides for this stage only, e.g. ``{rl.algorithm: reinforce}``."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,3 +460,19 @@ def with_stage_lr(cfg: AutothinkConfig, lr: float) -> AutothinkConfig:
     ratio = cfg.optim.min_lr / cfg.optim.lr
     optim = cfg.optim.model_copy(update={"lr": lr, "min_lr": lr * ratio})
     return cfg.model_copy(update={"optim": optim})
+
+
+def stage_config(cfg: AutothinkConfig, stage: StageConfig) -> AutothinkConfig:
+    """The config one stage runs with: its dotted ``overrides`` and its LR applied, validated."""
+    out = cfg
+    if stage.overrides:
+        tree = cfg.model_dump(mode="json")
+        for key, value in stage.overrides.items():
+            _set_dotted(tree, key, value)
+        try:
+            out = AutothinkConfig.model_validate(tree)
+        except ValidationError as err:
+            raise ConfigError(
+                _format_validation_error(err, f"stage {stage.name} overrides")
+            ) from None
+    return with_stage_lr(out, stage.lr) if stage.lr is not None else out

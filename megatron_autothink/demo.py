@@ -182,10 +182,7 @@ def run_demo(out: Path, smoke: bool) -> dict[str, Any]:
         "prep": lambda: _phase_prep(out, s, cfg),
         "anneal": lambda: _run_stages(cfg, 1),
         "eval_before": lambda: _eval(out, s, cfg, cfg.stages[0].name, "eval_before"),
-        # One train.run.main call per RL stage: the vLLM engine's shutdown at the end of an RL
-        # stage tears down the default process group, so a second RL stage in the same call
-        # fails in build_optimizer; a fresh call re-initialises it (finished stages are skipped).
-        "rl": lambda: [_run_stages(cfg, n) for n in range(2, n_stages + 1)],
+        "rl": lambda: _run_stages(cfg, n_stages),
         "eval_after": lambda: _eval(out, s, cfg, cfg.stages[-1].name, "eval_after"),
         "export": lambda: _phase_export(out, s, cfg),
         "report": lambda: _phase_report(out, s, cfg),

@@ -106,7 +106,7 @@ def split_indices(seed: int, test_fraction: float = 0.2) -> dict[str, tuple[np.n
     """
     _, labels = _digit_data()
     perm = np.random.default_rng([seed, 7919]).permutation(len(labels))
-    n_test = int(round(len(labels) * test_fraction))
+    n_test = round(len(labels) * test_fraction)
     parts = {"test": np.sort(perm[:n_test]), "train": np.sort(perm[n_test:])}
     return {
         name: tuple(idx[labels[idx] == digit] for digit in range(10)) for name, idx in parts.items()

@@ -142,6 +142,9 @@ class LoaderConfig(DataSourceConfig):
     """Rows per micro-batch (B)."""
     think_ratio: float = 0.5
     """For samples carrying both responses and no ``mode`` label: P(thinking response)."""
+    think_min_difficulty: int | None = None
+    """If set, samples carrying both responses take the thinking one when their difficulty is at
+    least this and the direct one below it (R-4B's curation by difficulty); else think_ratio."""
     packing_buffer_size: int = 128
     """Samples first-fit packed together (larger: fuller rows)."""
     plain_as_non_thinking: bool = True
@@ -282,6 +285,12 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
             return sample.mode
         if len(sample.responses) == 1:
             return next(iter(sample.responses))
+        if self.config.think_min_difficulty is not None and sample.difficulty is not None:
+            return (
+                "thinking"
+                if sample.difficulty >= self.config.think_min_difficulty
+                else "non_thinking"
+            )
         # A hash of (seed, sample id) rather than the global `random`: energon reseeds `random`
         # from a sample index that does not advance inside the packing pipeline, which gave
         # every sample the same draw (all thinking). Deterministic and restorable as well.

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Literal
 
@@ -154,7 +155,7 @@ class Sample(BaseModel):
             raise ValueError("a system turn is only allowed as the first turn")
         if not body or body[0].role != "user":
             raise ValueError("the first non-system turn must be a user turn")
-        for prev, cur in zip(body, body[1:], strict=False):
+        for prev, cur in itertools.pairwise(body):
             if prev.role == cur.role:
                 raise ValueError(f"turns must alternate user/assistant, got two {cur.role} turns")
         n_placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)

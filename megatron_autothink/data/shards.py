@@ -422,10 +422,7 @@ def _prepare_image(
         name = src if isinstance(src, str) else "<bytes>"
         raise BadRecord("bad_image", f"{name}: cannot decode ({type(e).__name__}: {e})") from e
     unchanged = capped.size == img.size and img.mode == "RGB"
-    if fmt == "auto":
-        target = "jpeg" if orig_format == "JPEG" else "png"
-    else:
-        target = fmt
+    target = ("jpeg" if orig_format == "JPEG" else "png") if fmt == "auto" else fmt
     ext = "jpg" if target == "jpeg" else "png"
     if unchanged and orig_format == ("JPEG" if target == "jpeg" else "PNG"):
         return data, ext, capped.size

@@ -38,6 +38,7 @@ class TrainSequence:
     advantage: float
     mode_id: int  # 1 thinking, 0 non-thinking, -1 unknown
     nll: bool = False  # receives VL-Rethinker's auxiliary NLL
+    train_prefill: bool = False  # BPO: the forced mode prefill is a target too (the decision)
     pixel_values: Tensor | None = None  # [N, 1176]
     image_grid_thw: Tensor | None = None  # [M, 3]
 
@@ -79,7 +80,8 @@ class RLMicroBatch:
 def encode(seq: TrainSequence, image_token_id: int, merge: int = 2) -> EncodedSequence:
     ids = torch.tensor(seq.prompt_ids + seq.prefill_ids + seq.response_ids, dtype=torch.long)
     target = torch.zeros(len(ids), dtype=torch.bool)
-    target[len(seq.prompt_ids) + len(seq.prefill_ids) :] = True
+    first = len(seq.prompt_ids) + (0 if seq.train_prefill else len(seq.prefill_ids))
+    target[first:] = True
     grid = seq.image_grid_thw
     pos = mrope_position_ids(ids, grid, image_token_id, merge)
     return EncodedSequence(
@@ -122,11 +124,14 @@ def pack_sequences(
         idx = torch.full((seq_length,), -1, dtype=torch.long)
         start = 0
         for s in members:
-            first_target = start + len(s.prompt_ids) + len(s.prefill_ids)
-            # label position t predicts token t+1: response token j sits at first_target-1+j
-            a, e = first_target - 1, first_target - 1 + len(s.response_ids)
+            response_start = start + len(s.prompt_ids) + len(s.prefill_ids)
+            first_target = response_start - (len(s.prefill_ids) if s.train_prefill else 0)
+            # label position t predicts token t+1: target token at index i sits at label i-1
+            a, e = first_target - 1, response_start - 1 + len(s.response_ids)
             adv[a:e] = s.advantage
-            elp[a:e] = torch.tensor(s.engine_logprobs[: e - a], dtype=torch.float32)
+            # the prefill was forced, not sampled: no engine log-prob there (left at 0)
+            r0 = response_start - 1
+            elp[r0:e] = torch.tensor(s.engine_logprobs[: e - r0], dtype=torch.float32)
             nll[a:e] = s.nll
             idx[a:e] = s.sample_index
             start += len(s)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, StageConfig, with_stage_lr
+from megatron_autothink.config import AutothinkConfig, StageConfig, stage_config
 from megatron_autothink.data.image_processing import write_preprocessor_config
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
@@ -111,8 +111,7 @@ def run_stage(
     from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
 
     rl = cfg.rl
-    if stage.lr is not None:
-        cfg = with_stage_lr(cfg, stage.lr)
+    cfg = stage_config(cfg, stage)
     path = stage.train_path or cfg.data.train_path
     tokenizer_dir = resolve_tokenizer_dir(cfg, path)
     if rl.prompts_per_step % ctx.dp:

@@ -151,8 +151,9 @@ def _payload(resp: ScoredResponse, prompt: PromptSample, adv: float) -> dict[str
     }
 
 
-def _sequence(i: int, p: dict[str, Any], nll: bool) -> TrainSequence:
+def _sequence(i: int, p: dict[str, Any], nll: bool, train_prefill: bool = False) -> TrainSequence:
     return TrainSequence(
+        train_prefill=train_prefill and bool(p["prefill_ids"]),
         sample_index=i,
         prompt_ids=p["prompt_ids"],
         prefill_ids=p["prefill_ids"],
@@ -345,7 +346,13 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
     t2 = time.perf_counter()
     if payloads:
         seqs = [
-            _sequence(i, p, nll=p["correct"] and p["advantage"] > 0) for i, p in enumerate(payloads)
+            _sequence(
+                i,
+                p,
+                nll=p["correct"] and p["advantage"] > 0,
+                train_prefill=rl.algorithm == "bpo" and rl.bpo.train_decision,
+            )
+            for i, p in enumerate(payloads)
         ]
         batches = pack_sequences(
             seqs,

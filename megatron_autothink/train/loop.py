@@ -12,11 +12,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from megatron_autothink.config import AutothinkConfig, dump_config
 from megatron_autothink.data.batch import PackedBatch

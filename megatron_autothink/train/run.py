@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config, with_stage_lr
+from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config, stage_config
+from megatron_autothink.launch.preempt import PreemptionWatcher, marker_path, write_marker
 from megatron_autothink.parallel import (
     ParallelContext,
     destroy_distributed,
@@ -34,7 +35,6 @@ from megatron_autothink.train.callbacks import (
     WandbLogger,
 )
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
-from megatron_autothink.launch.preempt import PreemptionWatcher, marker_path, write_marker
 from megatron_autothink.train.loop import LoopState, run_sft
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
 from megatron_autothink.train.step import train_step
@@ -132,6 +132,7 @@ def build_sft_loader(
         seq_length=d.seq_length,
         micro_batch_size=d.micro_batch_size,
         think_ratio=d.think_ratio,
+        think_min_difficulty=d.think_min_difficulty,
         s3_endpoint=d.s3_endpoint or None,
         image=image_config(cfg),
     )
@@ -188,8 +189,7 @@ def run_sft_stage(
     d = cfg.data
     path = stage.train_path or d.train_path
     n_micro = d.global_batch_size // (d.micro_batch_size * ctx.dp)
-    if stage.lr is not None:
-        cfg = with_stage_lr(cfg, stage.lr)
+    cfg = stage_config(cfg, stage)
     opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
     loader = build_sft_loader(cfg, ctx, path, tokenizer, training=True, split="train")
     ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)

@@ -118,7 +118,7 @@ def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path
     # The 600x800 image was capped to <= 10k pixels; others kept byte for byte.
     with tarfile.open(sorted(out.glob("train-*.tar"))[0]) as tar:
         imgs = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".png")}  # type: ignore[union-attr]
-    for name, data in imgs.items():
+    for _name, data in imgs.items():
         img = Image.open(io.BytesIO(data))
         assert img.width * img.height <= 10_000
     manifest = read_manifest(str(out))

@@ -1,0 +1,61 @@
+"""Packing rollouts into RL micro-batches: targets, advantages and engine log-probs line up."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_autothink.rl.batching import TrainSequence, pack_sequences
+
+
+def _seq(
+    i: int, prompt: int, prefill: int, resp: int, adv: float, train_prefill: bool = False
+) -> TrainSequence:
+    return TrainSequence(
+        sample_index=i,
+        prompt_ids=list(range(100, 100 + prompt)),
+        prefill_ids=list(range(200, 200 + prefill)),
+        response_ids=list(range(300, 300 + resp)),
+        engine_logprobs=[-0.5 - j for j in range(resp)],
+        advantage=adv,
+        mode_id=1,
+        train_prefill=train_prefill,
+    )
+
+
+def test_targets_advantages_and_logprobs_at_label_positions() -> None:
+    seqs = [_seq(0, 3, 2, 4, 1.5), _seq(1, 2, 0, 3, -0.5)]
+    (mb,) = pack_sequences(seqs, seq_length=16, micro_batch_size=1, pad_id=0, image_token_id=7)
+    row = mb.packed
+    # sequence 0 (9 tokens): response tokens at 5..8, predicted from label positions 4..7
+    assert row.loss_mask[0, :9].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 0]
+    assert row.labels[0, 4:8].tolist() == [300, 301, 302, 303]
+    assert mb.advantages[0, 4:8].tolist() == [1.5] * 4
+    assert mb.engine_logp[0, 4:8].tolist() == [-0.5, -1.5, -2.5, -3.5]
+    # sequence 1 (5 tokens) starts at 9; its response at 11..13 predicted from 10..12
+    assert row.loss_mask[0, 9:14].tolist() == [0, 1, 1, 1, 0]
+    assert mb.advantages[0, 10:13].tolist() == [-0.5] * 3
+    assert mb.sample_index[0, 10:13].tolist() == [1, 1, 1]
+    assert int(row.loss_mask.sum()) == 7 and mb.num_target_tokens == 7
+
+
+def test_bpo_decision_tokens_are_trained_without_engine_logprobs() -> None:
+    (mb,) = pack_sequences(
+        [_seq(0, 3, 2, 4, 2.0, train_prefill=True)],
+        seq_length=12,
+        micro_batch_size=1,
+        pad_id=0,
+        image_token_id=7,
+    )
+    # prefill tokens (3, 4) are targets now: label positions 2..7 carry the advantage
+    assert mb.packed.loss_mask[0, :9].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0]
+    assert mb.advantages[0, 2:8].tolist() == [2.0] * 6
+    # the forced prefill has no sampled log-prob: 0 there, the response's from position 4
+    assert mb.engine_logp[0, 2:4].tolist() == [0.0, 0.0]
+    assert mb.engine_logp[0, 4:8].tolist() == [-0.5, -1.5, -2.5, -3.5]
+
+
+def test_micro_batches_are_padded_to_equal_shape() -> None:
+    seqs = [_seq(i, 5, 0, 6, 1.0) for i in range(3)]  # 11 tokens each: one per row
+    mbs = pack_sequences(seqs, seq_length=12, micro_batch_size=2, pad_id=0, image_token_id=7)
+    assert len(mbs) == 2 and all(m.packed.tokens.shape == (2, 12) for m in mbs)
+    assert torch.all(mbs[1].packed.segment_ids[1] == 0)  # the padding row is empty
