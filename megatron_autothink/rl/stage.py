@@ -24,13 +24,7 @@ from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.ssr import ReplayBuffer
 from megatron_autothink.rl.trainer import ReplayStore, RLContext, make_score_fn, rl_step
-from megatron_autothink.train.callbacks import (
-    Callback,
-    CheckpointCallback,
-    ConsoleLogger,
-    MetricsFile,
-    TensorBoardLogger,
-)
+from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointManager
 from megatron_autothink.train.loop import LoopState
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
@@ -110,8 +104,8 @@ def run_stage(
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
     from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
 
-    rl = cfg.rl
     cfg = stage_config(cfg, stage)
+    rl = cfg.rl
     path = stage.train_path or cfg.data.train_path
     tokenizer_dir = resolve_tokenizer_dir(cfg, path)
     if rl.prompts_per_step % ctx.dp:
@@ -227,13 +221,7 @@ def run_stage(
         weight_sync=weight_sync,
         rollout_log=run_dir / "rollouts" / f"{stage.name}.jsonl" if ctx.rank == 0 else None,
     )
-    callbacks: list[Callback] = [
-        CheckpointCallback(cfg.checkpoint.save_every),
-        MetricsFile(run_dir / "metrics.jsonl"),
-        ConsoleLogger(cfg.train.log_every),
-    ]
-    if cfg.logging.tensorboard:
-        callbacks.append(TensorBoardLogger(run_dir / "tensorboard"))
+    callbacks = standard_callbacks(cfg, evaluate=False)
     for cb in callbacks:
         cb.on_train_start(state)
     try:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_autothink.config import AutothinkConfig
+
 if TYPE_CHECKING:
     from megatron_autothink.train.loop import LoopState
 
@@ -151,3 +153,21 @@ class EvalCallback(Callback):
     def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
         if self.every and state.step % self.every == 0:
             metrics.update(state.evaluate())
+
+
+def standard_callbacks(cfg: AutothinkConfig, *, evaluate: bool) -> list[Callback]:
+    """The callbacks every stage uses, in order: evaluation (adds metrics), checkpointing, then
+    the loggers (metrics file, console, TensorBoard, W&B as configured)."""
+    run_dir = Path(cfg.logging.run_dir)
+    out: list[Callback] = [EvalCallback(cfg.train.eval_every)] if evaluate else []
+    out += [
+        CheckpointCallback(cfg.checkpoint.save_every),
+        MetricsFile(run_dir / "metrics.jsonl"),
+        ConsoleLogger(cfg.train.log_every),
+    ]
+    if cfg.logging.tensorboard:
+        out.append(TensorBoardLogger(run_dir / "tensorboard"))
+    if cfg.logging.wandb.enabled:
+        w = cfg.logging.wandb
+        out.append(WandbLogger(w.project, w.mode, run_dir, cfg.model_dump(mode="json")))
+    return out

@@ -25,15 +25,7 @@ from megatron_autothink.parallel import (
     init_distributed,
     seed_everything,
 )
-from megatron_autothink.train.callbacks import (
-    Callback,
-    CheckpointCallback,
-    ConsoleLogger,
-    EvalCallback,
-    MetricsFile,
-    TensorBoardLogger,
-    WandbLogger,
-)
+from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.loop import LoopState, run_sft
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
@@ -186,10 +178,10 @@ def run_sft_stage(
     previous: CheckpointManager | None,
     watcher: PreemptionWatcher | None = None,
 ) -> tuple[LoopState, CheckpointManager]:
+    cfg = stage_config(cfg, stage)
     d = cfg.data
     path = stage.train_path or d.train_path
     n_micro = d.global_batch_size // (d.micro_batch_size * ctx.dp)
-    cfg = stage_config(cfg, stage)
     opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
     loader = build_sft_loader(cfg, ctx, path, tokenizer, training=True, split="train")
     ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
@@ -219,18 +211,7 @@ def run_sft_stage(
         return state, ckpt
     eval_path = d.eval_path or path
     state.eval_fn = make_eval_fn(cfg, ctx, chunks, opt, eval_path, tokenizer)
-    run_dir = Path(cfg.logging.run_dir)
-    callbacks: list[Callback] = [
-        EvalCallback(cfg.train.eval_every),
-        CheckpointCallback(cfg.checkpoint.save_every),
-        MetricsFile(run_dir / "metrics.jsonl"),
-        ConsoleLogger(cfg.train.log_every),
-    ]
-    if cfg.logging.tensorboard:
-        callbacks.append(TensorBoardLogger(run_dir / "tensorboard"))
-    if cfg.logging.wandb.enabled:
-        w = cfg.logging.wandb
-        callbacks.append(WandbLogger(w.project, w.mode, run_dir, cfg.model_dump(mode="json")))
+    callbacks = standard_callbacks(cfg, evaluate=True)
     run_sft(state, callbacks, num_micro_batches=n_micro, watcher=watcher)
     return state, ckpt
 
@@ -279,29 +260,19 @@ def main(cfg: AutothinkConfig) -> int:
         offset, previous = 0, None
         for stage in stages:
             if stage.kind == "rl":
-                from megatron_autothink.rl.trainer import run_rl_stage  # type: ignore[import-not-found]
-
-                state, previous = run_rl_stage(
-                    cfg,
-                    ctx,
-                    stage,
-                    chunks,
-                    tokenizer,
-                    step_offset=offset,
-                    previous=previous,
-                    watcher=watcher,
-                )
+                from megatron_autothink.rl.trainer import run_rl_stage as run_stage
             else:
-                state, previous = run_sft_stage(
-                    cfg,
-                    ctx,
-                    stage,
-                    chunks,
-                    tokenizer,
-                    step_offset=offset,
-                    previous=previous,
-                    watcher=watcher,
-                )
+                run_stage = run_sft_stage
+            state, previous = run_stage(
+                cfg,
+                ctx,
+                stage,
+                chunks,
+                tokenizer,
+                step_offset=offset,
+                previous=previous,
+                watcher=watcher,
+            )
             if state.stop_requested:
                 if ctx.rank == 0:
                     write_marker(
