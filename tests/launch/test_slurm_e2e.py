@@ -36,11 +36,11 @@ TRAINERS = [
     pytest.param(
         "autothink-train",
         id="autothink-train",
-        marks=pytest.mark.skipif(
-            not HAVE_TRAINER,
-            reason="megatron_autothink.train.run is not in this branch yet (issue #4); "
-            "the stand-in job proves the SLURM mechanics meanwhile",
-        ),
+        # The real trainer needs prepared shards and minutes per job: slow.
+        marks=[
+            pytest.mark.skipif(not HAVE_TRAINER, reason="megatron_autothink.train.run missing"),
+            pytest.mark.slow,
+        ],
     ),
 ]
 
@@ -56,6 +56,7 @@ def launch(
     step_seconds: float = 0.25,
     launcher: str = "torchrun",
     extra: tuple[str, ...] = (),
+    overrides: tuple[str, ...] = (),
 ) -> str:
     """Submit with the real CLI; return the job id."""
     argv = [
@@ -88,12 +89,42 @@ def launch(
     if trainer == "standin":
         argv += ["--entry", f"tests/launch/standin_job.py --step-seconds {step_seconds}"]
     argv += list(extra)
-    argv += [f"logging.run_dir={run_dir}", f"train.steps={steps}"]
+    argv += [f"logging.run_dir={run_dir}", f"train.steps={steps}", *overrides]
     r = subprocess.run(argv, env=slurm.env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     m = re.search(r"submitted job (\d+)", r.stdout)
     assert m, r.stdout
     return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny digits shards + tokenizer for the real trainer (built on first use)."""
+    d = tmp_path_factory.mktemp("slurm_digits") / "data"
+    cli = [sys.executable, "-m", "megatron_autothink.cli", "prep"]
+    subprocess.run(
+        [*cli, "digits", "--out", str(d), "--train", "300", "--test", "20", "--no-progress"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*cli, "tokenizer", "--out", str(d / "tokenizer")], check=True, capture_output=True
+    )
+    return d
+
+
+def trainer_overrides(request: pytest.FixtureRequest, trainer: str, dp: int) -> tuple[str, ...]:
+    if trainer == "standin":
+        return ()
+    d = request.getfixturevalue("digits")
+    return (
+        f"data.train_path={d}",
+        "data.seq_length=256",
+        "data.micro_batch_size=2",
+        f"data.global_batch_size={2 * dp}",
+        "train.eval_every=0",
+        "logging.tensorboard=false",
+    )
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:
@@ -125,10 +156,19 @@ def wait_for_steps(run_dir: Path, n: int, slurm: SlurmCluster, job_id: str, time
 @pytest.mark.parametrize("trainer", TRAINERS)
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("srun", marks=pytest.mark.slow)])
 def test_runs_to_completion(
-    slurm: SlurmCluster, tmp_path: Path, trainer: str, launcher: str
+    slurm: SlurmCluster, tmp_path: Path, trainer: str, launcher: str, request: pytest.FixtureRequest
 ) -> None:
     run_dir = tmp_path / "run"
-    job = launch(slurm, run_dir, trainer=trainer, launcher=launcher, nodes=2, procs=2, steps=8)
+    job = launch(
+        slurm,
+        run_dir,
+        trainer=trainer,
+        launcher=launcher,
+        nodes=2,
+        procs=2,
+        steps=8,
+        overrides=trainer_overrides(request, trainer, dp=4),
+    )
     try:
         info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240)
     except TimeoutError as e:
@@ -171,7 +211,12 @@ def test_runs_to_completion(
     ],
 )
 def test_preempted_job_requeues_and_resumes(
-    slurm: SlurmCluster, tmp_path: Path, trainer: str, launcher: str, nodes: int
+    slurm: SlurmCluster,
+    tmp_path: Path,
+    trainer: str,
+    launcher: str,
+    nodes: int,
+    request: pytest.FixtureRequest,
 ) -> None:
     """USR1 as SLURM sends it before the time limit (`scancel --batch --signal=USR1`):
     checkpoint, PREEMPTED marker, requeue, rerun with SLURM_RESTART_COUNT=1, resume."""
@@ -186,6 +231,7 @@ def test_preempted_job_requeues_and_resumes(
         procs=1,
         steps=steps,
         step_seconds=0.1,
+        overrides=trainer_overrides(request, trainer, dp=nodes),
     )
     if trainer == "standin":
         wait_for_steps(run_dir, 4, slurm, job, timeout=120)
