@@ -1,13 +1,14 @@
 """``autothink prep ...``: argparse wiring for the data-preparation commands.
 
-The main CLI mounts these with::
+The main CLI mounts these under its ``prep`` command::
 
-    sub = parser.add_subparsers(dest="command")
-    add_prep_subcommands(sub)          # adds `prep digits`, `prep shards`, `prep tokenizer`
+    prep = sub.add_parser("prep", ...)
+    add_prep_subcommands(prep.add_subparsers(dest="prep_command", required=True))
     args = parser.parse_args()
-    sys.exit(args.func(args))
+    sys.exit(args.func(args))     # every leaf sets func: args -> exit code
 
-Every leaf parser sets ``func`` (``args -> exit code``). :func:`main` runs them standalone.
+which gives ``autothink prep digits``, ``autothink prep shards`` and ``autothink prep tokenizer``.
+:func:`main` does the same standalone (``python -m megatron_autothink.data.cli prep ...``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _run_digits(args: argparse.Namespace) -> int:
             s3_endpoint=args.s3_endpoint,
             max_shard_size=args.max_shard_size,
             progress=not args.no_progress,
+            save_tokenizer=not args.no_tokenizer,
         )
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -118,23 +120,13 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``prep digits``, ``prep shards`` and ``prep tokenizer``.
+def add_prep_subcommands(subparsers: Any) -> None:
+    """Register ``digits``, ``shards`` and ``tokenizer`` on the ``prep`` command's subparsers.
 
     Args:
-        subparsers: The object returned by ``ArgumentParser.add_subparsers()`` of the main CLI.
-
-    Returns:
-        The ``prep`` parser (its leaves set ``func``).
+        subparsers: What ``prep_parser.add_subparsers()`` returned.
     """
-    prep = subparsers.add_parser(
-        "prep",
-        help="prepare datasets (digits, shards) and the tiny tokenizer",
-        description="Prepare training data as megatron-energon WebDataset shards.",
-    )
-    sub = prep.add_subparsers(dest="prep_command", metavar="{digits,shards,tokenizer}")
-    sub.required = True
-
+    sub = subparsers
     d = sub.add_parser(
         "digits",
         help="synthetic visual arithmetic on sklearn's handwritten digits",
@@ -156,6 +148,11 @@ def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--digit-size", type=_positive_int, default=28, help="pixels per digit")
     d.add_argument(
         "--max-shard-size", type=parse_size, default=parse_size("64MB"), help="bytes per shard"
+    )
+    d.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="do not save the tiny tokenizer to OUT/tokenizer",
     )
     _add_storage_args(d)
     d.set_defaults(func=_run_digits)
@@ -224,13 +221,17 @@ def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--vocab-size", type=_positive_int, default=768, help="learned vocab size")
     t.set_defaults(func=_run_tokenizer)
-    return prep  # type: ignore[no-any-return]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry: ``python -m megatron_autothink.data.cli prep digits --out DIR``."""
     parser = argparse.ArgumentParser(prog="autothink")
-    add_prep_subcommands(parser.add_subparsers(dest="command", required=True))
+    prep = parser.add_subparsers(dest="command", required=True).add_parser(
+        "prep",
+        help="prepare datasets (digits, shards) and the tiny tokenizer",
+        description="Prepare training data as megatron-energon WebDataset shards.",
+    )
+    add_prep_subcommands(prep.add_subparsers(dest="prep_command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args))

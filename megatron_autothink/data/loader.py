@@ -28,6 +28,7 @@ error handler; both are counted in :attr:`PackedLoader.stats`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -61,7 +62,7 @@ from megatron.energon.metadataset import load_dataset
 from megatron.energon.source_info import SourceInfo
 from PIL import Image
 
-from megatron_autothink.data.batch import PackedBatch, PromptSample
+from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.data.chat_template import (
     DEFAULT_SYSTEM,
     IMAGE_PAD,
@@ -82,6 +83,7 @@ from megatron_autothink.data.packing import (
     mrope_position_ids,
     pack_row,
 )
+from megatron_autothink.data.prompts import PromptSample
 from megatron_autothink.data.schema import EMPTY_THINK, Mode, Sample, Turn, response_mode
 from megatron_autothink.data.storage import energon_path
 from megatron_autothink.data.tokenizer import load_tokenizer
@@ -285,7 +287,9 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
         # Seeded per sample index by @stateless(restore_seeds=True): reproducible and restorable.
         return "thinking" if random.random() < self.config.think_ratio else "non_thinking"
 
-    def encode(self, sample: Sample, images: list[Image.Image], mode: Mode | None) -> EncodedSequence:
+    def encode(
+        self, sample: Sample, images: list[Image.Image], mode: Mode | None
+    ) -> EncodedSequence:
         """Render + tokenize one sample with the response of ``mode`` (deterministic)."""
         turns = sample.with_response(mode) if mode else list(sample.conversations)
         if self.config.plain_as_non_thinking:
@@ -323,7 +327,10 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
         if len(seq) > self.config.seq_length:
             _WORKER_STATS["too_long"] += 1
             logger.warning(
-                "skipping %s: %d tokens > seq_length %d", parsed.id, len(seq), self.config.seq_length
+                "skipping %s: %d tokens > seq_length %d",
+                parsed.id,
+                len(seq),
+                self.config.seq_length,
             )
             raise SkipSample()
         return _Encoded.derive_from(sample, seq=seq)
@@ -510,7 +517,9 @@ class _EnergonLoader(Generic[T]):
             bad = verify_shards(factory.shards, config.verify_shards)
             for name, reason in bad.items():
                 count = next(s.count for s in factory.shards if s.name == name)
-                logger.error("corrupted shard %s (%s): skipped, %d samples lost", name, reason, count)
+                logger.error(
+                    "corrupted shard %s (%s): skipped, %d samples lost", name, reason, count
+                )
                 self.stats["corrupt_shards"] += 1
                 self.stats["corrupt_shard_samples"] += count
             self.excluded_shards.update(bad)
@@ -571,10 +580,9 @@ class _EnergonLoader(Generic[T]):
         self.close()
 
     def __del__(self) -> None:
-        try:
+        # At interpreter shutdown modules may already be gone; nothing useful to report then.
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # interpreter shutdown: modules may be gone already
-            pass
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's loader state (picklable; ``torch.save`` it with the checkpoint)."""

@@ -98,7 +98,9 @@ def mrope_position_ids(
     return out
 
 
-def _as_grid_list(grid: torch.Tensor | Sequence[Sequence[int]] | None) -> list[tuple[int, int, int]]:
+def _as_grid_list(
+    grid: torch.Tensor | Sequence[Sequence[int]] | None,
+) -> list[tuple[int, int, int]]:
     if grid is None:
         return []
     rows = grid.tolist() if isinstance(grid, torch.Tensor) else grid

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Literal
 
@@ -47,7 +48,9 @@ AnswerType = Literal["number", "expression", "choice", "text"]
 
 # `\n(.+?)\n</think>` rather than `\n(.*)\n` so an empty block never counts as thinking; DOTALL
 # because reasoning spans lines. The answer after the block must be non-empty.
-_THINKING_RE = re.compile(r"\A<think>\n(?P<reasoning>.*\S.*?)\n</think>\n\n(?P<answer>.*\S.*)\Z", re.S)
+_THINKING_RE = re.compile(
+    r"\A<think>\n(?P<reasoning>.*\S.*?)\n</think>\n\n(?P<answer>.*\S.*)\Z", re.S
+)
 _NON_THINKING_RE = re.compile(r"\A<think>\n\n</think>\n\n(?P<answer>.*\S.*)\Z", re.S)
 
 
@@ -152,7 +155,7 @@ class Sample(BaseModel):
             raise ValueError("a system turn is only allowed as the first turn")
         if not body or body[0].role != "user":
             raise ValueError("the first non-system turn must be a user turn")
-        for prev, cur in zip(body, body[1:], strict=False):
+        for prev, cur in itertools.pairwise(body):
             if prev.role == cur.role:
                 raise ValueError(f"turns must alternate user/assistant, got two {cur.role} turns")
         n_placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)
@@ -187,9 +190,7 @@ class Sample(BaseModel):
 
     def has_assistant(self) -> bool:
         """Whether the sample carries something to train on (an assistant turn or responses)."""
-        return self.responses is not None or any(
-            t.role == "assistant" for t in self.conversations
-        )
+        return self.responses is not None or any(t.role == "assistant" for t in self.conversations)
 
     def final_mode(self) -> Mode | None:
         """The mode of the final response: the label, else what its think block says."""

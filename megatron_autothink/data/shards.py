@@ -268,9 +268,7 @@ def record_to_sample(record: dict[str, Any], *, fallback_id: str, source: str | 
     if images and n_placeholders == 0:
         first_user = next((t for t in turns if t["role"] == "user"), None)
         if first_user is not None:
-            first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(images) + first_user[
-                "content"
-            ]
+            first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(images) + first_user["content"]
     raw_id = record.get("id")
     data: dict[str, Any] = {
         "id": str(raw_id) if raw_id not in (None, "") else fallback_id,
@@ -424,10 +422,7 @@ def _prepare_image(
         name = src if isinstance(src, str) else "<bytes>"
         raise BadRecord("bad_image", f"{name}: cannot decode ({type(e).__name__}: {e})") from e
     unchanged = capped.size == img.size and img.mode == "RGB"
-    if fmt == "auto":
-        target = "jpeg" if orig_format == "JPEG" else "png"
-    else:
-        target = fmt
+    target = ("jpeg" if orig_format == "JPEG" else "png") if fmt == "auto" else fmt
     ext = "jpg" if target == "jpeg" else "png"
     if unchanged and orig_format == ("JPEG" if target == "jpeg" else "PNG"):
         return data, ext, capped.size
@@ -496,8 +491,9 @@ class _TarShard:
 
     def __init__(self, local_path: str) -> None:
         self.local_path = local_path
-        self._file = open(local_path, "wb")  # noqa: SIM115 - closed in close()
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        # Both stay open while the shard fills up; close() closes them.
+        self._file = open(local_path, "wb")  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.count = 0
 
     def final_size(self, members: dict[str, bytes]) -> int:
@@ -764,9 +760,9 @@ class _ShardRun:
             sample = record_to_sample(payload, fallback_id=fallback, source=item.source)
         else:
             sample = payload
-        if not sample.has_assistant():
-            if not (self.options.allow_prompt_only and sample.answer is not None):
-                raise BadRecord("no_assistant_turn", "no assistant turn to train on")
+        prompt_only_ok = self.options.allow_prompt_only and sample.answer is not None
+        if not sample.has_assistant() and not prompt_only_ok:
+            raise BadRecord("no_assistant_turn", "no assistant turn to train on")
         return sample_to_members(
             sample, base_dir=item.base_dir, options=self.options, length_checker=checker
         )
@@ -894,7 +890,11 @@ def write_samples(
     def source(cursor: tuple[int, int]) -> Iterator[SourceItem]:
         for i, sample in enumerate(samples(cursor[1]), start=cursor[1]):
             yield SourceItem(
-                cursor=(0, i + 1), location=f"{sample.id}", payload=sample, base_dir=".", source=None
+                cursor=(0, i + 1),
+                location=f"{sample.id}",
+                payload=sample,
+                base_dir=".",
+                source=None,
             )
 
     run = _ShardRun(out, opts, {"generator": source_id or {}})

@@ -50,7 +50,10 @@ def test_jinja_equals_python(
         kwargs["default_system"] = ""
     jinja = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     python = render_messages(
-        messages, add_generation_prompt=gen, thinking_mode=mode, default_system=system  # type: ignore[arg-type]
+        messages,
+        add_generation_prompt=gen,
+        thinking_mode=mode,
+        default_system=system,  # type: ignore[arg-type]
     )
     assert jinja == python
     if gen:

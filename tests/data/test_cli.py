@@ -20,13 +20,26 @@ def test_parse_size() -> None:
 
 
 def test_mountable_and_helpful(capsys: pytest.CaptureFixture[str]) -> None:
+    # Mounted the way megatron_autothink/cli.py does it.
     parser = argparse.ArgumentParser(prog="autothink")
-    add_prep_subcommands(parser.add_subparsers(dest="command"))
+    prep = parser.add_subparsers(dest="command", required=True).add_parser("prep")
+    add_prep_subcommands(prep.add_subparsers(dest="prep_command", required=True))
     args = parser.parse_args(["prep", "digits", "--out", "x", "--train", "5", "--text-only"])
     assert args.train == 5 and args.text_only and callable(args.func)
     args = parser.parse_args(
-        ["prep", "shards", "--input", "a.jsonl", "b.parquet", "--out", "s3://b/p",
-         "--max-shard-size", "1MB", "--max-error-rate", "0.05"]
+        [
+            "prep",
+            "shards",
+            "--input",
+            "a.jsonl",
+            "b.parquet",
+            "--out",
+            "s3://b/p",
+            "--max-shard-size",
+            "1MB",
+            "--max-error-rate",
+            "0.05",
+        ]
     )
     assert args.input == ["a.jsonl", "b.parquet"] and args.max_shard_size == 2**20
     for cmd in ("digits", "shards"):
@@ -37,11 +50,20 @@ def test_mountable_and_helpful(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_prep_shards_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rec = {"id": "a", "conversations": [{"from": "human", "value": "hi"},
-                                         {"from": "gpt", "value": "hello"}]}
+    rec = {
+        "id": "a",
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+    }
     (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
-    argv = ["prep", "shards", "--input", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
-            "--no-progress"]
+    argv = [
+        "prep",
+        "shards",
+        "--input",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert "1 written" in capsys.readouterr().out
     assert main(argv) == 1  # complete: refused

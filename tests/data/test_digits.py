@@ -100,6 +100,7 @@ def test_prep_digits_dataset(digits_dir: str) -> None:
         record = json.loads(tar.extractfile(names[0]).read())  # type: ignore[union-attr]
     assert names[:2] == ["train_000000000.json", "train_000000000.img0.png"]
     assert record["images"] == ["img0.png"] and record["id"] == "digits-train-0000000"
+    assert (root / "tokenizer" / "tokenizer_config.json").is_file()  # where `train` looks
     split_yaml = (root / ".nv-meta" / "split.yaml").read_text()
     assert "train-" in split_yaml and "test-" in split_yaml
 
@@ -110,8 +111,14 @@ def test_tiny_tokenizer(tokenizer_dir: str, tokenizer: Any) -> None:
     auto = AutoTokenizer.from_pretrained(tokenizer_dir)  # loadable the standard way, offline
     assert 512 <= len(auto) <= 1024
     for tok in (
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-        "<|image_pad|>", "<think>", "</think>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<think>",
+        "</think>",
     ):
         ids = auto.encode(tok, add_special_tokens=False)
         assert len(ids) == 1 and auto.convert_ids_to_tokens(ids[0]) == tok

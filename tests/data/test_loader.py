@@ -98,7 +98,9 @@ def test_batches_are_consistent(digits_dir: str, tokenizer: Any) -> None:
         for r in range(2):
             seg = b.segment_ids[r]
             k = int(seg.max())
-            assert len(b.sample_ids[r]) == k and seg.tolist() == sorted(seg.tolist(), key=lambda x: x == 0)
+            assert len(b.sample_ids[r]) == k and seg.tolist() == sorted(
+                seg.tolist(), key=lambda x: x == 0
+            )
             for s in range(1, k + 1):
                 idx = (seg == s).nonzero().flatten()
                 lo, hi = int(idx[0]), int(idx[-1])
@@ -138,7 +140,9 @@ def test_determinism_and_resume(digits_dir: str, tokenizer: Any, workers: int) -
     resumed = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
     resumed.load_state_dict(torch.load(buf, weights_only=True))
     assert [_sig(next(resumed)) for _ in range(5)] == ref[3:]
-    other_seed = build_packed_loader(_cfg(digits_dir, seed=4), tokenizer, dp_rank=0, dp_world_size=1)
+    other_seed = build_packed_loader(
+        _cfg(digits_dir, seed=4), tokenizer, dp_rank=0, dp_world_size=1
+    )
     assert _sig(next(other_seed)) != ref[0]
 
 
@@ -184,7 +188,9 @@ def test_corrupted_shards_are_skipped_and_counted(
 
     cfg = _cfg(str(root), split="test", training=False)
     loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
-    assert loader.stats["corrupt_shards"] == 1 and loader.stats["corrupt_shard_samples"] == len(lost)
+    assert loader.stats["corrupt_shards"] == 1 and loader.stats["corrupt_shard_samples"] == len(
+        lost
+    )
     assert truncated.name in loader.excluded_shards
     seen = _all_ids(loader)
     expected = {f"digits-test-{i:07d}" for i in range(60)} - set(lost) - {bad_id}

@@ -11,7 +11,7 @@ IMG = 7  # image pad id in these tests
 
 
 @pytest.fixture(scope="module")
-def hf_model():  # noqa: ANN201 - transformers model
+def hf_model():
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
@@ -59,7 +59,7 @@ def _sample(grids: list[tuple[int, int, int]], texts: list[int]) -> torch.Tensor
         ([(1, 4, 4)], [2, 0]),  # image last
     ],
 )
-def test_matches_transformers(hf_model, grids, texts) -> None:  # noqa: ANN001
+def test_matches_transformers(hf_model, grids, texts) -> None:
     tokens = _sample(grids, texts)
     grid_t = torch.tensor(grids, dtype=torch.long) if grids else None
     ref, _ = hf_model.get_rope_index(

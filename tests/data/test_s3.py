@@ -23,8 +23,10 @@ def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                           "AWS_DEFAULT_REGION", "MSC_CONFIG")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MSC_CONFIG")
+    }
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
     )
@@ -59,6 +61,7 @@ def test_digits_round_trip(s3_endpoint: str, tokenizer: Any) -> None:
     assert reports["train"].written == 24  # type: ignore[attr-defined]
     keys = _keys(s3_endpoint, "digits/")
     assert "digits/.nv-meta/split.yaml" in keys and "digits/.autothink/manifest.json" in keys
+    assert "digits/tokenizer/tokenizer.json" in keys
     assert sum(k.endswith(".tar") for k in keys) >= 3 and not any(".partial" in k for k in keys)
     with pytest.raises(PrepError, match="already complete"):
         prep_digits(url, n_train=24, n_test=8, max_shard_size=50_000, s3_endpoint=s3_endpoint)
@@ -77,9 +80,16 @@ def test_digits_round_trip(s3_endpoint: str, tokenizer: Any) -> None:
     assert ids == [f"digits-test-{i:07d}" for i in range(8)]
 
     train = build_packed_loader(
-        LoaderConfig(path=url, seq_length=256, micro_batch_size=2, s3_endpoint=s3_endpoint,
-                     num_workers=1, shuffle_buffer_size=8, packing_buffer_size=8,
-                     gc_every_n_batches=0),
+        LoaderConfig(
+            path=url,
+            seq_length=256,
+            micro_batch_size=2,
+            s3_endpoint=s3_endpoint,
+            num_workers=1,
+            shuffle_buffer_size=8,
+            packing_buffer_size=8,
+            gc_every_n_batches=0,
+        ),
         tokenizer,
         dp_rank=0,
         dp_world_size=1,
@@ -111,8 +121,14 @@ def test_jsonl_to_s3(s3_endpoint: str, tokenizer: Any, tmp_path: Path) -> None:
         PrepOptions(s3_endpoint=s3_endpoint, max_error_rate=0.2, progress=False),
     )
     assert report.written == 6 and report.skipped == {"malformed_json": 1}
-    cfg = LoaderConfig(path=url, training=False, seq_length=512, micro_batch_size=1,
-                       s3_endpoint=s3_endpoint, gc_every_n_batches=0)
+    cfg = LoaderConfig(
+        path=url,
+        training=False,
+        seq_length=512,
+        micro_batch_size=1,
+        s3_endpoint=s3_endpoint,
+        gc_every_n_batches=0,
+    )
     batches = list(build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1))
     assert sorted(i for b in batches for row in b.sample_ids for i in row) == [
         f"j{i}" for i in range(6)

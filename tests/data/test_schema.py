@@ -34,9 +34,16 @@ def test_valid_samples() -> None:
         responses={"thinking": THINK, "non_thinking": DIRECT},
     )
     assert both.with_response("non_thinking")[-1].content == DIRECT
-    assert make(images=["a.png"], conversations=[
-        {"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "plain"}
-    ]).final_mode() is None
+    assert (
+        make(
+            images=["a.png"],
+            conversations=[
+                {"role": "user", "content": "<image>\nq"},
+                {"role": "assistant", "content": "plain"},
+            ],
+        ).final_mode()
+        is None
+    )
 
 
 def test_response_mode() -> None:
@@ -80,7 +87,12 @@ def test_response_mode() -> None:
         ({"images": ["a.png"]}, "1 image(s) but 0"),
         ({"images": [b""]}, "images[0] is empty"),
         (
-            {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>x"}]},
+            {
+                "conversations": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "<think>x"},
+                ]
+            },
             "malformed think block",
         ),
         ({"mode": "non_thinking"}, "not in non_thinking format"),

@@ -59,13 +59,15 @@ def llava_jsonl(tmp_path: Path) -> tuple[Path, dict[str, int], int]:
         ),
         "too_long": json.dumps(_record(102, None, "<think>\n\n</think>\n\n" + "word " * 400)),
         "invalid_schema": json.dumps(
-            {"id": "g", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}
+            {
+                "id": "g",
+                "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}],
+            }
         ),
     }
-    for j, (reason, text) in enumerate(bad.items()):
-        pos = 5 + 6 * j
-        lines.insert(pos, text)
-    for j, (reason, text) in enumerate(bad.items()):
+    for j, text in enumerate(bad.values()):
+        lines.insert(5 + 6 * j, text)
+    for reason, text in bad.items():
         bad_lines[reason] = lines.index(text) + 1
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -90,7 +92,7 @@ def _digest(out: Path) -> dict[str, str]:
     }
 
 
-def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path) -> None:  # noqa: ANN001
+def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path) -> None:
     path, bad_lines, n_good = llava_jsonl
     out = tmp_path / "out"
     opts = PrepOptions(
@@ -115,7 +117,7 @@ def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path
     # The 600x800 image was capped to <= 10k pixels; others kept byte for byte.
     with tarfile.open(sorted(out.glob("train-*.tar"))[0]) as tar:
         imgs = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".png")}  # type: ignore[union-attr]
-    for name, data in imgs.items():
+    for _name, data in imgs.items():
         img = Image.open(io.BytesIO(data))
         assert img.width * img.height <= 10_000
     manifest = read_manifest(str(out))
@@ -123,7 +125,7 @@ def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path
     assert (out / ".nv-meta" / "dataset.yaml").read_text().count("CrudeWebdataset") == 1
 
 
-def test_error_rate_gate_then_rerun(llava_jsonl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_error_rate_gate_then_rerun(llava_jsonl, tmp_path: Path) -> None:
     path, _, _ = llava_jsonl
     out = tmp_path / "out"
     with pytest.raises(PrepError, match="bad"):
@@ -163,7 +165,9 @@ def test_parquet_with_embedded_images(tmp_path: Path) -> None:
 
 
 def test_resume_after_interrupt_refuse_and_overwrite(
-    llava_jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    llava_jsonl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path, _, _ = llava_jsonl
     opts = PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False)
@@ -175,7 +179,7 @@ def test_resume_after_interrupt_refuse_and_overwrite(
     real_add = shards_mod._TarShard.add
     calls = {"n": 0}
 
-    def flaky_add(self, key, members):  # noqa: ANN001, ANN202
+    def flaky_add(self, key, members):
         calls["n"] += 1
         if calls["n"] == first_shard + 3:  # two samples into the second shard
             raise KeyboardInterrupt
@@ -201,7 +205,9 @@ def test_resume_after_interrupt_refuse_and_overwrite(
     with pytest.raises(PrepError, match="other inputs or options"):
         prep_shards([path], str(out), PrepOptions(max_shard_size=30_000, progress=False))
     again = prep_shards(
-        [path], str(out), PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False, overwrite=True)
+        [path],
+        str(out),
+        PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False, overwrite=True),
     )
     assert not again.resumed and _digest(out) == _digest(clean)
 
