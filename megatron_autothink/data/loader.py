@@ -62,7 +62,7 @@ from megatron.energon.metadataset import load_dataset
 from megatron.energon.source_info import SourceInfo
 from PIL import Image
 
-from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.data.batch import PackedBatch, PromptSample
 from megatron_autothink.data.chat_template import (
     DEFAULT_SYSTEM,
     IMAGE_PAD,
@@ -83,7 +83,6 @@ from megatron_autothink.data.packing import (
     mrope_position_ids,
     pack_row,
 )
-from megatron_autothink.data.prompts import PromptSample
 from megatron_autothink.data.schema import EMPTY_THINK, Mode, Sample, Turn, response_mode
 from megatron_autothink.data.storage import energon_path
 from megatron_autothink.data.tokenizer import load_tokenizer
