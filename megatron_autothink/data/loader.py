@@ -28,6 +28,7 @@ error handler; both are counted in :attr:`PackedLoader.stats`.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -37,6 +38,7 @@ import pickle
 import random
 import struct
 import tarfile
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any, Generic, Literal, TypeVar
@@ -436,38 +438,54 @@ def _count_tar_samples(shard: EPath) -> int:
     return len(keys)
 
 
-def verify_shards(shards: list[ShardInfo], mode: VerifyMode = "size") -> dict[str, str]:
+def _check_shard(shard: ShardInfo, mode: VerifyMode) -> str | None:
+    """Why the shard is unusable, or ``None``. I/O errors are retried (a transient error on one
+    rank must not make ranks disagree about which shards exist)."""
+    for attempt in range(3):
+        try:
+            if not shard.path.is_file():
+                return "missing"
+            size, end = shard.path.size(), _last_indexed_offset(shard.path)
+            if size < end:
+                return f"truncated ({size} bytes, index expects >= {end})"
+            if mode == "headers":
+                n = _count_tar_samples(shard.path)
+                if n != shard.count:
+                    return f"{n} samples readable, {shard.count} indexed"
+            return None
+        except tarfile.TarError as e:  # deterministic: the bytes are bad
+            return f"{type(e).__name__}: {e}"
+        except Exception as e:  # I/O: retry, then give up on the shard
+            if attempt == 2:
+                return f"{type(e).__name__}: {e}"
+            time.sleep(0.5 * (attempt + 1))
+    return None  # pragma: no cover - the loop always returns
+
+
+def verify_shards(
+    shards: list[ShardInfo], mode: VerifyMode = "size", *, threads: int = 16
+) -> dict[str, str]:
     """Find unusable shards before training (energon would crash mid-epoch on them).
+
+    Every rank checks all shards of the split, so all ranks exclude the same ones and energon's
+    per-rank slicing stays consistent.
 
     Args:
         shards: Energon shard infos of a dataset split.
-        mode: ``size``: the shard exists and is not shorter than its index says (catches
-            truncated uploads / missing files, one stat + one small read per shard);
-            ``headers``: additionally parse every tar header and count samples (catches garbage
-            inside a shard; reads each shard fully); ``none``: skip.
+        mode: ``size``: the shard exists and is not shorter than its ``.tar.idx`` says (catches
+            truncated uploads and missing files; about four small requests per shard on object
+            storage); ``headers``: additionally parse every tar header and count samples
+            (catches garbage inside a shard; reads each shard fully); ``none``: skip.
+        threads: Shards checked concurrently (the checks wait on I/O).
 
     Returns:
         ``{shard name: reason}`` of the bad shards.
     """
-    bad: dict[str, str] = {}
-    if mode == "none":
-        return bad
-    for shard in shards:
-        try:
-            if not shard.path.is_file():
-                bad[shard.name] = "missing"
-                continue
-            size, end = shard.path.size(), _last_indexed_offset(shard.path)
-            if size < end:
-                bad[shard.name] = f"truncated ({size} bytes, index expects >= {end})"
-                continue
-            if mode == "headers":
-                n = _count_tar_samples(shard.path)
-                if n != shard.count:
-                    bad[shard.name] = f"{n} samples readable, {shard.count} indexed"
-        except Exception as e:  # any I/O or tar error means the shard is unusable
-            bad[shard.name] = f"{type(e).__name__}: {e}"
-    return bad
+    if mode == "none" or not shards:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(shards))) as pool:
+        reasons = list(pool.map(lambda s: _check_shard(s, mode), shards))
+    return {s.name: r for s, r in zip(shards, reasons, strict=True) if r is not None}
 
 
 # ----------------------------------------------------------------------------- loaders
