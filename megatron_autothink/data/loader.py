@@ -21,8 +21,9 @@ a new loader built with the same arguments and given that state yields exactly t
 old one would have yielded next. Restore before iterating.
 
 Bad data: shards that are missing or shorter than their index says are found before training
-(``verify_shards``), reported and left out; samples that fail to decode are skipped by energon's
-error handler; both are counted in :attr:`PackedLoader.stats`.
+(``verify_shards``), reported and left out; samples that cannot be read (damaged tar headers)
+or decoded are skipped by energon's error handler; all are counted in
+:attr:`PackedLoader.stats`.
 """
 
 from __future__ import annotations
@@ -191,9 +192,15 @@ class ConversationSample(EnergonSample):
     image_bytes: list[bytes]
 
 
+class UnreadableSampleError(OSError):
+    """The bytes of a sample could not be read from its shard."""
+
+
 @stateless
 def cook_conversation(raw: dict[str, Any]) -> ConversationSample:
     """Energon cooker: raw tar members (``json``, ``img{i}.*``) -> :class:`ConversationSample`."""
+    if READ_ERROR_KEY in raw:  # see _TolerantReader: skipped + counted by the error handler
+        raise UnreadableSampleError(raw[READ_ERROR_KEY])
     record = json.loads(raw["json"])
     images = [raw[name] for name in record.get("images", [])]
     return ConversationSample(**basic_sample_keys(raw), record=record, image_bytes=images)
@@ -418,6 +425,64 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
 
 # ----------------------------------------------------------------------------- shard checks
 
+READ_ERROR_KEY = "__read_error__"
+
+
+class _TolerantReader:
+    """Wraps energon's tar reader so one unreadable sample does not end the epoch.
+
+    energon reads each sample at its indexed byte offset; a damaged tar header there raises out
+    of its iterator (not through its per-sample error handling) and kills the loader. We turn
+    the failure into a placeholder record; :func:`cook_conversation` raises on it, so energon's
+    error handler logs, counts and skips it like any other bad sample.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getitem__(self, idx: Any) -> Any:
+        try:
+            return self.inner[idx]
+        except Exception as e:
+            shard = "?"
+            with contextlib.suppress(Exception):  # private energon API, best effort
+                pointer = self.inner._get_itar_sample_pointer(idx)
+                shard = self.inner.tar_filenames[pointer.tar_file_id]
+            source = SourceInfo(
+                dataset_path=self.inner.base_path, index=idx, shard_name=shard, file_names=()
+            )
+            return {
+                "__key__": f"unreadable-{idx}",
+                "__shard__": shard,
+                "__restore_key__": ("Webdataset", idx),
+                "__sources__": (source,),
+                READ_ERROR_KEY: f"{shard}[{idx}]: {type(e).__name__}: {e}",
+            }
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _make_reads_tolerant(factory: Any) -> None:
+    """Make ``factory.build()`` wrap its tar readers in :class:`_TolerantReader`."""
+    original = factory.build
+
+    def build(worker_rotation_offset: int = 0) -> Any:
+        dataset = original(worker_rotation_offset=worker_rotation_offset)
+        # build() returns MapDataset(WebdatasetSampleLoaderDataset(join_readers=[...]), ...)
+        loader: Any = getattr(dataset, "dataset", None)
+        readers = getattr(loader, "join_readers", None)
+        if readers is None:
+            logger.warning("energon internals changed: unreadable samples will not be skipped")
+            return dataset
+        loader.join_readers = [_TolerantReader(r) for r in readers]
+        return dataset
+
+    factory.build = build
+
 
 def _last_indexed_offset(shard: EPath) -> int:
     """End offset of the last sample according to energon's ``.tar.idx`` (8-byte offsets)."""
@@ -542,6 +607,7 @@ class _EnergonLoader(Generic[T]):
             self.excluded_shards.update(bad)
             # `shards` is what the factory's build() slices across ranks and workers.
             factory.shards = [s for s in factory.shards if s.name not in bad]
+            _make_reads_tolerant(factory)
             if not factory.shards:
                 raise RuntimeError(f"{config.path} [{config.split}]: every shard is corrupted")
         if config.training:

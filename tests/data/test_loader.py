@@ -198,9 +198,8 @@ def test_corrupted_shards_are_skipped_and_counted(
     assert loader.stats["bad_sample"] == 1
 
 
-def test_verify_headers_catches_garbage_headers(
-    digits_dir: str, tokenizer: Any, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("verify", ["size", "headers"])
+def test_garbage_tar_header(digits_dir: str, tokenizer: Any, tmp_path: Path, verify: str) -> None:
     root = _corrupt_copy(digits_dir, tmp_path)
     shard = sorted(root.glob("test-*.tar"))[0]
     with tarfile.open(shard) as tar:
@@ -208,10 +207,15 @@ def test_verify_headers_catches_garbage_headers(
     raw = bytearray(shard.read_bytes())
     raw[header + 100 : header + 148] = b"\x07" * 48  # same size, but the checksum breaks
     shard.write_bytes(bytes(raw))
-    cfg = _cfg(str(root), split="test", training=False, verify_shards="headers")
+    cfg = _cfg(str(root), split="test", training=False, verify_shards=verify)
     loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
-    assert list(loader.excluded_shards) == [shard.name]
-    assert len(_all_ids(loader)) == 60 - loader.stats["corrupt_shard_samples"]
+    seen = _all_ids(loader)
+    if verify == "headers":  # found up front: the whole shard is left out
+        assert list(loader.excluded_shards) == [shard.name]
+        assert len(seen) == 60 - loader.stats["corrupt_shard_samples"]
+    else:  # found at read time: only the damaged sample is skipped
+        assert not loader.excluded_shards and loader.stats["bad_sample"] == 1
+        assert len(seen) == 59
 
 
 def test_prompt_loader(digits_dir: str, tokenizer: Any) -> None:
