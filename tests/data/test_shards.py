@@ -17,6 +17,7 @@ from megatron_autothink.data import shards as shards_mod
 from megatron_autothink.data.shards import PrepError, PrepOptions, prep_shards, read_manifest
 
 ANSWER = "<think>\n\n</think>\n\nIt is a picture."
+Jsonl = tuple[Path, dict[str, int], int]
 
 
 def _png(h: int, w: int, seed: int) -> bytes:
@@ -38,7 +39,7 @@ def _record(i: int, image: str | None, answer: str = ANSWER) -> dict[str, Any]:
 
 
 @pytest.fixture
-def llava_jsonl(tmp_path: Path) -> tuple[Path, dict[str, int], int]:
+def llava_jsonl(tmp_path: Path) -> Jsonl:
     """40 records, 6 of them bad (one per reason). Returns (file, {reason: line}, n_good)."""
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
@@ -92,7 +93,7 @@ def _digest(out: Path) -> dict[str, str]:
     }
 
 
-def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path) -> None:
+def test_jsonl_bad_rows_reported(llava_jsonl: Jsonl, tokenizer_dir: str, tmp_path: Path) -> None:
     path, bad_lines, n_good = llava_jsonl
     out = tmp_path / "out"
     opts = PrepOptions(
@@ -125,7 +126,7 @@ def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path
     assert (out / ".nv-meta" / "dataset.yaml").read_text().count("CrudeWebdataset") == 1
 
 
-def test_error_rate_gate_then_rerun(llava_jsonl, tmp_path: Path) -> None:
+def test_error_rate_gate_then_rerun(llava_jsonl: Jsonl, tmp_path: Path) -> None:
     path, _, _ = llava_jsonl
     out = tmp_path / "out"
     with pytest.raises(PrepError, match="bad"):
@@ -165,7 +166,7 @@ def test_parquet_with_embedded_images(tmp_path: Path) -> None:
 
 
 def test_resume_after_interrupt_refuse_and_overwrite(
-    llava_jsonl,
+    llava_jsonl: Jsonl,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -179,7 +180,7 @@ def test_resume_after_interrupt_refuse_and_overwrite(
     real_add = shards_mod._TarShard.add
     calls = {"n": 0}
 
-    def flaky_add(self, key, members):
+    def flaky_add(self: shards_mod._TarShard, key: str, members: dict[str, bytes]) -> None:
         calls["n"] += 1
         if calls["n"] == first_shard + 3:  # two samples into the second shard
             raise KeyboardInterrupt
@@ -210,6 +211,21 @@ def test_resume_after_interrupt_refuse_and_overwrite(
         PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False, overwrite=True),
     )
     assert not again.resumed and _digest(out) == _digest(clean)
+
+
+def test_refuses_foreign_shards(llava_jsonl: Jsonl, tmp_path: Path) -> None:
+    path, _, _ = llava_jsonl
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"someone else's data")
+    opts = PrepOptions(max_error_rate=0.5, progress=False)
+    with pytest.raises(PrepError, match="no prep run of ours recorded"):
+        prep_shards([path], str(out), opts)
+    assert (out / "train-000000.tar").read_bytes() == b"someone else's data"
+    report = prep_shards(
+        [path], str(out), PrepOptions(max_error_rate=0.5, progress=False, overwrite=True)
+    )
+    assert report.written == 35
 
 
 def test_broken_input_aborts_early(tmp_path: Path) -> None:
