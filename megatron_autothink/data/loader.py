@@ -69,6 +69,7 @@ from megatron_autothink.data.batch import PackedBatch, PromptSample
 from megatron_autothink.data.chat_template import (
     DEFAULT_SYSTEM,
     IMAGE_PAD,
+    render_messages,
     tokenize_messages,
     turns_to_messages,
 )
@@ -240,15 +241,9 @@ def _mode_id(mode: Mode | None) -> int:
 class _Renderer:
     """Shared by both task encoders: validate, decode images, render and tokenize."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        image_config: ImageProcessingConfig,
-        default_system: str | None,
-    ) -> None:
+    def __init__(self, tokenizer: Any, image_config: ImageProcessingConfig) -> None:
         self.tokenizer = tokenizer
         self.image_config = image_config
-        self.default_system = default_system
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_PAD))
 
     def parse(self, cooked: ConversationSample) -> tuple[Sample, list[Image.Image]]:
@@ -280,7 +275,7 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
 
     def __init__(self, tokenizer: Any, config: LoaderConfig) -> None:
         self.config = config
-        self.renderer = _Renderer(tokenizer, config.image, config.default_system)
+        self.renderer = _Renderer(tokenizer, config.image)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
@@ -373,7 +368,7 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
 
     def __init__(self, tokenizer: Any, config: PromptLoaderConfig) -> None:
         self.config = config
-        self.renderer = _Renderer(tokenizer, config.image, config.default_system)
+        self.renderer = _Renderer(tokenizer, config.image)
 
     def encode(self, sample: Sample, images: list[Image.Image]) -> PromptSample:
         """Render the prompt turns with the generation prompt (thinking mode ``auto``)."""
@@ -385,12 +380,11 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
             add_generation_prompt=True,
             default_system=self.config.default_system,
         )
-        vllm = tokenize_messages(
-            self.renderer.tokenizer,
+        vllm = render_messages(
             turns_to_messages(turns, None),
             add_generation_prompt=True,
             default_system=self.config.default_system,
-        ).text
+        )
         return PromptSample(
             id=sample.id,
             prompt=tok.text,
@@ -486,7 +480,7 @@ def _make_reads_tolerant(factory: Any) -> None:
 
 def _last_indexed_offset(shard: EPath) -> int:
     """End offset of the last sample according to energon's ``.tar.idx`` (8-byte offsets)."""
-    idx = EPath(str(shard) + ".idx") if not str(shard).endswith(".idx") else shard
+    idx = EPath(f"{shard}.idx")  # energon writes it next to the shard: x.tar -> x.tar.idx
     size = idx.size()
     with idx.open("rb") as f:
         f.seek(size - 8)
