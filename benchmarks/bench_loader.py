@@ -7,8 +7,9 @@ Datasets (built in a temp dir):
 
 For each dataset, storage (local folder / S3 on moto's in-process server at 127.0.0.1) and
 worker count, the packed loader runs ``--warmup`` batches (fork, buffer fill) and then
-``--batches`` timed batches. Figures: samples/s, non-pad tokens/s, packing efficiency
-(non-pad / total tokens). A second table shows packing efficiency against the packing buffer.
+``--batches`` timed batches, ``--repeats`` times (the median is printed: the figures are
+noisy on a shared machine). Figures: samples/s, non-pad tokens/s, packing efficiency (non-pad /
+total tokens). A second table shows packing efficiency against the packing buffer.
 
 Usage::
 
@@ -157,7 +158,8 @@ def main() -> None:
     ap.add_argument("--mixed", type=int, default=2000, help="mixed-length samples")
     ap.add_argument("--batches", type=int, default=40, help="timed batches per config")
     ap.add_argument("--warmup", type=int, default=5, help="untimed batches first")
-    ap.add_argument("--workers", default="1,2", help="worker counts, comma separated")
+    ap.add_argument("--workers", default="0,1,2", help="worker counts, comma separated")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per config; the median is printed")
     ap.add_argument("--seq-length", type=int, default=512)
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) runs")
@@ -204,7 +206,8 @@ def main() -> None:
 
     print(
         f"\nthroughput: seq_length={args.seq_length}, micro_batch_size={args.micro_batch_size}, "
-        f"{args.batches} timed batches after {args.warmup} warm-up batches"
+        f"{args.batches} timed batches after {args.warmup} warm-up batches, median of "
+        f"{args.repeats} runs; load average before: {os.getloadavg()[0]:.1f}"
     )
     header = f"{'dataset':8} {'storage':7} {'workers':>7} {'startup s':>9} {'samples/s':>10} "
     header += f"{'tokens/s':>10} {'packing':>8} {'samples/row':>11}"
@@ -219,7 +222,10 @@ def main() -> None:
                     num_workers=w,
                     s3_endpoint=endpoint,
                 )
-                r = measure(cfg, tokenizer, args.warmup, args.batches)
+                runs = [
+                    measure(cfg, tokenizer, args.warmup, args.batches) for _ in range(args.repeats)
+                ]
+                r = {k: float(np.median([run[k] for run in runs])) for k in runs[0]}
                 print(
                     f"{name:8} {storage:7} {w:>7} {r['startup_s']:>9.1f} {r['samples_s']:>10.1f} "
                     f"{r['tokens_s']:>10.0f} {r['efficiency']:>8.1%} {r['samples_per_row']:>11.2f}"
