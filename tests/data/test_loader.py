@@ -240,3 +240,16 @@ def test_prompt_loader(digits_dir: str, tokenizer: Any) -> None:
     assert [[p.id for p in b] for b in (next(again), next(again))] == [
         [p.id for p in b] for b in batches[1:]
     ]
+
+
+def test_text_only_digits(tokenizer: Any, tmp_path: Path) -> None:
+    from megatron_autothink.data.digits import prep_digits
+
+    out = str(tmp_path / "text")
+    prep_digits(out, n_train=20, n_test=0, text_only=True, progress=False, save_tokenizer=False)
+    cfg = _cfg(out, micro_batch_size=1, shuffle_buffer_size=4, packing_buffer_size=8)
+    batch = next(build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1))
+    assert batch.pixel_values is None and batch.image_grid_thw is None
+    assert "Digits:" in tokenizer.decode(batch.tokens[0])
+    pos = batch.position_ids[:, 0]
+    assert torch.equal(pos[0], pos[1]) and torch.equal(pos[1], pos[2])  # text: same in t, h, w
