@@ -83,6 +83,7 @@ from megatron_autothink.data.packing import (
     EncodedSequence,
     PackedRow,
     collate_rows,
+    concat_rows,
     first_fit_decreasing,
     mrope_position_ids,
     pack_row,
@@ -261,7 +262,7 @@ class _Renderer:
             pixels.append(pv)
             grids.append(grid)
         counts = [num_image_tokens(g, self.image_config.merge_size) for g in grids]
-        return torch.cat(pixels), torch.tensor(grids, dtype=torch.long), counts
+        return concat_rows(pixels), torch.tensor(grids, dtype=torch.long), counts
 
 
 # ----------------------------------------------------------------------------- SFT task encoder
@@ -279,16 +280,27 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
-    def choose_mode(self, sample: Sample) -> Mode | None:
-        """The response used for this sample: its label, its only response, or a draw."""
+    def choose_mode(self, sample: Sample, draw: float) -> Mode | None:
+        """The response used for this sample: its label, its only response, or
+        ``draw < think_ratio`` (``draw`` uniform in [0, 1))."""
         if sample.responses is None:
             return None
         if sample.mode is not None:
             return sample.mode
         if len(sample.responses) == 1:
             return next(iter(sample.responses))
-        # Seeded per sample index by @stateless(restore_seeds=True): reproducible and restorable.
-        return "thinking" if random.random() < self.config.think_ratio else "non_thinking"
+        return "thinking" if draw < self.config.think_ratio else "non_thinking"
+
+    def _draw(self) -> float:
+        """A uniform number fixed by (worker seed, sample index): the same after a restore.
+
+        energon's ``@stateless(restore_seeds=True)`` would give the same guarantee by saving and
+        reseeding the global torch/numpy/random generators around every sample; without CUDA
+        initialised, torch's lazy CUDA seeding captures a stack trace each time (~1 ms/sample).
+        """
+        worker = WorkerConfig.active_worker_config
+        seed = worker.worker_seed() if worker is not None else self.config.seed
+        return random.Random(f"{seed}:{self.current_sample_index}").random()
 
     def encode(
         self, sample: Sample, images: list[Image.Image], mode: Mode | None
@@ -323,10 +335,10 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
             image_grid_thw=grids,
         )
 
-    @stateless(restore_seeds=True)
+    @stateless
     def encode_sample(self, sample: ConversationSample) -> _Encoded:
         parsed, images = self.renderer.parse(sample)
-        seq = self.encode(parsed, images, self.choose_mode(parsed))
+        seq = self.encode(parsed, images, self.choose_mode(parsed, self._draw()))
         if len(seq) > self.config.seq_length:
             _WORKER_STATS["too_long"] += 1
             logger.warning(
