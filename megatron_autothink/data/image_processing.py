@@ -20,7 +20,9 @@ and decoding stays cheap; the loader's ``max_pixels`` then decides the model res
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,3 +176,28 @@ def decode_image(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def write_preprocessor_config(out_dir: str | os.PathLike[str], cfg: ImageProcessingConfig) -> None:
+    """``preprocessor_config.json`` of an HF Qwen2.5-VL directory matching ``cfg`` (what vLLM and
+    transformers' ``Qwen2VLImageProcessor`` read)."""
+    conf = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "min_pixels": cfg.min_pixels,
+        "max_pixels": cfg.max_pixels,
+        "size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
+        "patch_size": cfg.patch_size,
+        "temporal_patch_size": cfg.temporal_patch_size,
+        "merge_size": cfg.merge_size,
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    path = os.path.join(os.fspath(out_dir), "preprocessor_config.json")
+    with open(path, "w") as f:
+        json.dump(conf, f, indent=2)

@@ -32,11 +32,11 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import pickle
-import random
 import struct
 import tarfile
 import time
@@ -280,27 +280,21 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
-    def choose_mode(self, sample: Sample, draw: float) -> Mode | None:
-        """The response used for this sample: its label, its only response, or
-        ``draw < think_ratio`` (``draw`` uniform in [0, 1))."""
+    def choose_mode(self, sample: Sample) -> Mode | None:
+        """The response used for this sample: its label, its only response, or a seeded draw
+        (thinking with probability ``think_ratio``, fixed per (seed, sample id))."""
         if sample.responses is None:
             return None
         if sample.mode is not None:
             return sample.mode
         if len(sample.responses) == 1:
             return next(iter(sample.responses))
-        return "thinking" if draw < self.config.think_ratio else "non_thinking"
-
-    def _draw(self) -> float:
-        """A uniform number fixed by (worker seed, sample index): the same after a restore.
-
-        energon's ``@stateless(restore_seeds=True)`` would give the same guarantee by saving and
-        reseeding the global torch/numpy/random generators around every sample; without CUDA
-        initialised, torch's lazy CUDA seeding captures a stack trace each time (~1 ms/sample).
-        """
-        worker = WorkerConfig.active_worker_config
-        seed = worker.worker_seed() if worker is not None else self.config.seed
-        return random.Random(f"{seed}:{self.current_sample_index}").random()
+        # A hash of (seed, sample id) rather than the global `random`: energon reseeds `random`
+        # from a sample index that does not advance inside the packing pipeline, which gave
+        # every sample the same draw (all thinking). Deterministic and restorable as well.
+        digest = hashlib.blake2b(f"{self.config.seed}:{sample.id}".encode(), digest_size=8)
+        u = int.from_bytes(digest.digest(), "big") / 2**64
+        return "thinking" if u < self.config.think_ratio else "non_thinking"
 
     def encode(
         self, sample: Sample, images: list[Image.Image], mode: Mode | None
@@ -338,7 +332,7 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
     @stateless
     def encode_sample(self, sample: ConversationSample) -> _Encoded:
         parsed, images = self.renderer.parse(sample)
-        seq = self.encode(parsed, images, self.choose_mode(parsed, self._draw()))
+        seq = self.encode(parsed, images, self.choose_mode(parsed))
         if len(seq) > self.config.seq_length:
             _WORKER_STATS["too_long"] += 1
             logger.warning(
@@ -352,7 +346,16 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
 
     def select_samples_to_pack(self, samples: list[_Encoded]) -> list[list[_Encoded]]:
         groups = first_fit_decreasing([len(s.seq) for s in samples], self.config.seq_length)
+        # First-fit-decreasing creates bins longest-first; emitted in that order, the first rows
+        # of every buffer would hold only long (thinking) samples and the last ones only short
+        # (non-thinking) ones. Emit bins in a deterministic pseudo-random order instead.
+        groups.sort(key=lambda g: self._bin_key([samples[i].seq.sample_id for i in g]))
         return [[samples[i] for i in group] for group in groups]
+
+    def _bin_key(self, ids: list[str]) -> bytes:
+        return hashlib.blake2b(
+            f"{self.config.seed}:{'|'.join(ids)}".encode(), digest_size=8
+        ).digest()
 
     @stateless
     def pack_selected_samples(self, samples: list[_Encoded]) -> _Row:
@@ -669,9 +672,11 @@ class _EnergonLoader(Generic[T]):
         self.close()
 
     def __del__(self) -> None:
-        # At interpreter shutdown modules may already be gone; nothing useful to report then.
-        with contextlib.suppress(Exception):
+        # Not contextlib.suppress: at interpreter shutdown the module may already be None.
+        try:  # noqa: SIM105
             self.close()
+        except Exception:
+            pass
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's loader state (picklable; ``torch.save`` it with the checkpoint)."""
