@@ -93,7 +93,7 @@ def _digest(out: Path) -> dict[str, str]:
     }
 
 
-def test_jsonl_bad_rows_reported(llava_jsonl: Jsonl, tokenizer_dir: str, tmp_path: Path) -> None:
+def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path) -> None:
     path, bad_lines, n_good = llava_jsonl
     out = tmp_path / "out"
     opts = PrepOptions(
@@ -126,7 +126,7 @@ def test_jsonl_bad_rows_reported(llava_jsonl: Jsonl, tokenizer_dir: str, tmp_pat
     assert (out / ".nv-meta" / "dataset.yaml").read_text().count("CrudeWebdataset") == 1
 
 
-def test_error_rate_gate_then_rerun(llava_jsonl: Jsonl, tmp_path: Path) -> None:
+def test_error_rate_gate_then_rerun(llava_jsonl, tmp_path: Path) -> None:
     path, _, _ = llava_jsonl
     out = tmp_path / "out"
     with pytest.raises(PrepError, match="bad"):
@@ -166,7 +166,7 @@ def test_parquet_with_embedded_images(tmp_path: Path) -> None:
 
 
 def test_resume_after_interrupt_refuse_and_overwrite(
-    llava_jsonl: Jsonl,
+    llava_jsonl,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -180,7 +180,7 @@ def test_resume_after_interrupt_refuse_and_overwrite(
     real_add = shards_mod._TarShard.add
     calls = {"n": 0}
 
-    def flaky_add(self: shards_mod._TarShard, key: str, members: dict[str, bytes]) -> None:
+    def flaky_add(self, key, members):
         calls["n"] += 1
         if calls["n"] == first_shard + 3:  # two samples into the second shard
             raise KeyboardInterrupt
