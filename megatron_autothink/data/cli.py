@@ -1,13 +1,12 @@
 """``autothink prep ...``: argparse wiring for the data-preparation commands.
 
-The main CLI mounts these under its ``prep`` command::
+The main CLI mounts them on its top-level subparsers (``megatron_autothink/cli.py``)::
 
-    prep = sub.add_parser("prep", ...)
-    add_prep_subcommands(prep.add_subparsers(dest="prep_command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_prep_subcommands(sub)      # adds `prep` with `digits`, `shards`, `tokenizer`
     args = parser.parse_args()
-    sys.exit(args.func(args))     # every leaf sets func: args -> exit code
+    sys.exit(args.func(args))      # every leaf sets func: args -> exit code
 
-which gives ``autothink prep digits``, ``autothink prep shards`` and ``autothink prep tokenizer``.
 :func:`main` does the same standalone (``python -m megatron_autothink.data.cli prep ...``).
 """
 
@@ -120,13 +119,22 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_prep_subcommands(subparsers: Any) -> None:
-    """Register ``digits``, ``shards`` and ``tokenizer`` on the ``prep`` command's subparsers.
+def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``prep`` with ``prep digits``, ``prep shards`` and ``prep tokenizer``.
 
     Args:
-        subparsers: What ``prep_parser.add_subparsers()`` returned.
+        subparsers: The main parser's ``add_subparsers()`` object.
+
+    Returns:
+        The ``prep`` parser (its leaves set ``func``).
     """
-    sub = subparsers
+    prep = subparsers.add_parser(
+        "prep",
+        help="prepare datasets (digits, shards) and the tiny tokenizer",
+        description="Prepare training data as megatron-energon WebDataset shards.",
+    )
+    sub = prep.add_subparsers(dest="prep_command", metavar="{digits,shards,tokenizer}")
+    sub.required = True
     d = sub.add_parser(
         "digits",
         help="synthetic visual arithmetic on sklearn's handwritten digits",
@@ -221,17 +229,13 @@ def add_prep_subcommands(subparsers: Any) -> None:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--vocab-size", type=_positive_int, default=768, help="learned vocab size")
     t.set_defaults(func=_run_tokenizer)
+    return prep
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry: ``python -m megatron_autothink.data.cli prep digits --out DIR``."""
     parser = argparse.ArgumentParser(prog="autothink")
-    prep = parser.add_subparsers(dest="command", required=True).add_parser(
-        "prep",
-        help="prepare datasets (digits, shards) and the tiny tokenizer",
-        description="Prepare training data as megatron-energon WebDataset shards.",
-    )
-    add_prep_subcommands(prep.add_subparsers(dest="prep_command", required=True))
+    add_prep_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args))
