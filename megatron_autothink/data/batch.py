@@ -29,11 +29,11 @@ class PackedBatch:
     """LongTensor[B, S]: 1..k for the k samples of a row, 0 for padding."""
     mode_ids: torch.Tensor
     """LongTensor[B, S]: 1 thinking, 0 non-thinking, -1 unknown / padding."""
-    pixel_values: torch.Tensor | None
+    pixel_values: torch.Tensor | None = None
     """FloatTensor[N, 1176]: patches of all images of the micro-batch in order of appearance."""
-    image_grid_thw: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None = None
     """LongTensor[M, 3]: one (t, h, w) row per image, same order."""
-    sample_ids: list[list[str]]
+    sample_ids: list[list[str]] = field(default_factory=list)
     """Per row, the ids of the packed samples (in row order)."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
@@ -75,6 +75,8 @@ class PromptSample:
     image_grid_thw: torch.Tensor | None = None
     """LongTensor[M, 3]: grid per image."""
     answer: str | None = None
+    """Ground truth for the reward."""
     answer_type: str | None = None
+    """``number`` | ``expression`` | ``choice`` | ``text``."""
     difficulty: int | None = None
     source: str | None = None

@@ -1,13 +1,13 @@
 """``autothink prep ...``: argparse wiring for the data-preparation commands.
 
-The main CLI mounts these with::
+The main CLI mounts them on its top-level subparsers (``megatron_autothink/cli.py``)::
 
-    sub = parser.add_subparsers(dest="command")
-    add_prep_subcommands(sub)          # adds `prep digits`, `prep shards`, `prep tokenizer`
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_prep_subcommands(sub)      # adds `prep` with `digits`, `shards`, `tokenizer`
     args = parser.parse_args()
-    sys.exit(args.func(args))
+    sys.exit(args.func(args))      # every leaf sets func: args -> exit code
 
-Every leaf parser sets ``func`` (``args -> exit code``). :func:`main` runs them standalone.
+:func:`main` does the same standalone (``python -m megatron_autothink.data.cli prep ...``).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def _run_digits(args: argparse.Namespace) -> int:
             s3_endpoint=args.s3_endpoint,
             max_shard_size=args.max_shard_size,
             progress=not args.no_progress,
+            save_tokenizer=not args.no_tokenizer,
         )
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -119,10 +120,10 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
 
 
 def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``prep digits``, ``prep shards`` and ``prep tokenizer``.
+    """Register ``prep`` with ``prep digits``, ``prep shards`` and ``prep tokenizer``.
 
     Args:
-        subparsers: The object returned by ``ArgumentParser.add_subparsers()`` of the main CLI.
+        subparsers: The main parser's ``add_subparsers()`` object.
 
     Returns:
         The ``prep`` parser (its leaves set ``func``).
@@ -134,7 +135,6 @@ def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     )
     sub = prep.add_subparsers(dest="prep_command", metavar="{digits,shards,tokenizer}")
     sub.required = True
-
     d = sub.add_parser(
         "digits",
         help="synthetic visual arithmetic on sklearn's handwritten digits",
@@ -156,6 +156,11 @@ def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--digit-size", type=_positive_int, default=28, help="pixels per digit")
     d.add_argument(
         "--max-shard-size", type=parse_size, default=parse_size("64MB"), help="bytes per shard"
+    )
+    d.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="do not save the tiny tokenizer to OUT/tokenizer",
     )
     _add_storage_args(d)
     d.set_defaults(func=_run_digits)
@@ -224,7 +229,7 @@ def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--vocab-size", type=_positive_int, default=768, help="learned vocab size")
     t.set_defaults(func=_run_tokenizer)
-    return prep  # type: ignore[no-any-return]
+    return prep
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import os
 from collections.abc import Iterator
 from typing import Literal
 
@@ -302,8 +303,12 @@ def prep_digits(
     s3_endpoint: str | None = None,
     max_shard_size: int = 64 * 1024 * 1024,
     progress: bool = True,
+    save_tokenizer: bool = True,
 ) -> dict[str, object]:
     """Generate the digits set and write it as an energon dataset with ``train``/``test`` splits.
+
+    The tiny tokenizer (:func:`~megatron_autothink.data.tokenizer.build_tiny_tokenizer`) is saved
+    next to the shards in ``out/tokenizer`` (where ``autothink train`` looks for it).
 
     Args:
         out: Output folder or ``s3://bucket/prefix``.
@@ -316,6 +321,7 @@ def prep_digits(
         s3_endpoint: S3 endpoint for ``s3://`` outputs.
         max_shard_size: Bytes per shard.
         progress: Show progress bars.
+        save_tokenizer: Also write ``out/tokenizer`` (skipped if one is there already).
 
     Returns:
         ``{"train": PrepReport, "test": PrepReport}``.
@@ -351,4 +357,24 @@ def prep_digits(
         reports[split] = write_samples(
             gen, out, opts, total=n, source_id=source_id, finalize=job_idx == len(jobs) - 1
         )
+    if save_tokenizer:
+        _save_tokenizer_next_to(out, s3_endpoint)
     return reports
+
+
+def _save_tokenizer_next_to(out: str, endpoint: str | None) -> None:
+    import tempfile
+
+    from megatron_autothink.data.storage import filesystem
+    from megatron_autothink.data.tokenizer import build_tiny_tokenizer
+
+    fs, root = filesystem(out, endpoint=endpoint)
+    if fs.exists(f"{root}/tokenizer/tokenizer.json"):
+        return
+    if not out.startswith("s3://"):
+        build_tiny_tokenizer(f"{root}/tokenizer")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_tokenizer(tmp)
+        for name in sorted(os.listdir(tmp)):
+            fs.put_file(os.path.join(tmp, name), f"{root}/tokenizer/{name}")

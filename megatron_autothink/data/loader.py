@@ -21,13 +21,16 @@ a new loader built with the same arguments and given that state yields exactly t
 old one would have yielded next. Restore before iterating.
 
 Bad data: shards that are missing or shorter than their index says are found before training
-(``verify_shards``), reported and left out; samples that fail to decode are skipped by energon's
-error handler; both are counted in :attr:`PackedLoader.stats`.
+(``verify_shards``), reported and left out; samples that cannot be read (damaged tar headers)
+or decoded are skipped by energon's error handler; all are counted in
+:attr:`PackedLoader.stats`.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +39,7 @@ import os
 import pickle
 import struct
 import tarfile
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any, Generic, Literal, TypeVar
@@ -65,6 +69,7 @@ from megatron_autothink.data.batch import PackedBatch, PromptSample
 from megatron_autothink.data.chat_template import (
     DEFAULT_SYSTEM,
     IMAGE_PAD,
+    render_messages,
     tokenize_messages,
     turns_to_messages,
 )
@@ -78,6 +83,7 @@ from megatron_autothink.data.packing import (
     EncodedSequence,
     PackedRow,
     collate_rows,
+    concat_rows,
     first_fit_decreasing,
     mrope_position_ids,
     pack_row,
@@ -191,9 +197,15 @@ class ConversationSample(EnergonSample):
     image_bytes: list[bytes]
 
 
+class UnreadableSampleError(OSError):
+    """The bytes of a sample could not be read from its shard."""
+
+
 @stateless
 def cook_conversation(raw: dict[str, Any]) -> ConversationSample:
     """Energon cooker: raw tar members (``json``, ``img{i}.*``) -> :class:`ConversationSample`."""
+    if READ_ERROR_KEY in raw:  # see _TolerantReader: skipped + counted by the error handler
+        raise UnreadableSampleError(raw[READ_ERROR_KEY])
     record = json.loads(raw["json"])
     images = [raw[name] for name in record.get("images", [])]
     return ConversationSample(**basic_sample_keys(raw), record=record, image_bytes=images)
@@ -233,15 +245,9 @@ def _mode_id(mode: Mode | None) -> int:
 class _Renderer:
     """Shared by both task encoders: validate, decode images, render and tokenize."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        image_config: ImageProcessingConfig,
-        default_system: str | None,
-    ) -> None:
+    def __init__(self, tokenizer: Any, image_config: ImageProcessingConfig) -> None:
         self.tokenizer = tokenizer
         self.image_config = image_config
-        self.default_system = default_system
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_PAD))
 
     def parse(self, cooked: ConversationSample) -> tuple[Sample, list[Image.Image]]:
@@ -259,7 +265,7 @@ class _Renderer:
             pixels.append(pv)
             grids.append(grid)
         counts = [num_image_tokens(g, self.image_config.merge_size) for g in grids]
-        return torch.cat(pixels), torch.tensor(grids, dtype=torch.long), counts
+        return concat_rows(pixels), torch.tensor(grids, dtype=torch.long), counts
 
 
 # ----------------------------------------------------------------------------- SFT task encoder
@@ -273,12 +279,13 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
 
     def __init__(self, tokenizer: Any, config: LoaderConfig) -> None:
         self.config = config
-        self.renderer = _Renderer(tokenizer, config.image, config.default_system)
+        self.renderer = _Renderer(tokenizer, config.image)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
     def choose_mode(self, sample: Sample) -> Mode | None:
-        """The response used for this sample: its label, its only response, or a draw."""
+        """The response used for this sample: its label, its only response, or a seeded draw
+        (thinking with probability ``think_ratio``, fixed per (seed, sample id))."""
         if sample.responses is None:
             return None
         if sample.mode is not None:
@@ -331,7 +338,7 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
             image_grid_thw=grids,
         )
 
-    @stateless(restore_seeds=True)
+    @stateless
     def encode_sample(self, sample: ConversationSample) -> _Encoded:
         parsed, images = self.renderer.parse(sample)
         seq = self.encode(parsed, images, self.choose_mode(parsed))
@@ -385,7 +392,7 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
 
     def __init__(self, tokenizer: Any, config: PromptLoaderConfig) -> None:
         self.config = config
-        self.renderer = _Renderer(tokenizer, config.image, config.default_system)
+        self.renderer = _Renderer(tokenizer, config.image)
 
     def encode(self, sample: Sample, images: list[Image.Image]) -> PromptSample:
         """Render the prompt turns with the generation prompt (thinking mode ``auto``)."""
@@ -397,12 +404,11 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
             add_generation_prompt=True,
             default_system=self.config.default_system,
         )
-        vllm = tokenize_messages(
-            self.renderer.tokenizer,
+        vllm = render_messages(
             turns_to_messages(turns, None),
             add_generation_prompt=True,
             default_system=self.config.default_system,
-        ).text
+        )
         return PromptSample(
             id=sample.id,
             prompt=tok.text,
@@ -437,10 +443,68 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
 
 # ----------------------------------------------------------------------------- shard checks
 
+READ_ERROR_KEY = "__read_error__"
+
+
+class _TolerantReader:
+    """Wraps energon's tar reader so one unreadable sample does not end the epoch.
+
+    energon reads each sample at its indexed byte offset; a damaged tar header there raises out
+    of its iterator (not through its per-sample error handling) and kills the loader. We turn
+    the failure into a placeholder record; :func:`cook_conversation` raises on it, so energon's
+    error handler logs, counts and skips it like any other bad sample.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getitem__(self, idx: Any) -> Any:
+        try:
+            return self.inner[idx]
+        except Exception as e:
+            shard = "?"
+            with contextlib.suppress(Exception):  # private energon API, best effort
+                pointer = self.inner._get_itar_sample_pointer(idx)
+                shard = self.inner.tar_filenames[pointer.tar_file_id]
+            source = SourceInfo(
+                dataset_path=self.inner.base_path, index=idx, shard_name=shard, file_names=()
+            )
+            return {
+                "__key__": f"unreadable-{idx}",
+                "__shard__": shard,
+                "__restore_key__": ("Webdataset", idx),
+                "__sources__": (source,),
+                READ_ERROR_KEY: f"{shard}[{idx}]: {type(e).__name__}: {e}",
+            }
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _make_reads_tolerant(factory: Any) -> None:
+    """Make ``factory.build()`` wrap its tar readers in :class:`_TolerantReader`."""
+    original = factory.build
+
+    def build(worker_rotation_offset: int = 0) -> Any:
+        dataset = original(worker_rotation_offset=worker_rotation_offset)
+        # build() returns MapDataset(WebdatasetSampleLoaderDataset(join_readers=[...]), ...)
+        loader: Any = getattr(dataset, "dataset", None)
+        readers = getattr(loader, "join_readers", None)
+        if readers is None:
+            logger.warning("energon internals changed: unreadable samples will not be skipped")
+            return dataset
+        loader.join_readers = [_TolerantReader(r) for r in readers]
+        return dataset
+
+    factory.build = build
+
 
 def _last_indexed_offset(shard: EPath) -> int:
     """End offset of the last sample according to energon's ``.tar.idx`` (8-byte offsets)."""
-    idx = EPath(str(shard) + ".idx") if not str(shard).endswith(".idx") else shard
+    idx = EPath(f"{shard}.idx")  # energon writes it next to the shard: x.tar -> x.tar.idx
     size = idx.size()
     with idx.open("rb") as f:
         f.seek(size - 8)
@@ -457,38 +521,54 @@ def _count_tar_samples(shard: EPath) -> int:
     return len(keys)
 
 
-def verify_shards(shards: list[ShardInfo], mode: VerifyMode = "size") -> dict[str, str]:
+def _check_shard(shard: ShardInfo, mode: VerifyMode) -> str | None:
+    """Why the shard is unusable, or ``None``. I/O errors are retried (a transient error on one
+    rank must not make ranks disagree about which shards exist)."""
+    for attempt in range(3):
+        try:
+            if not shard.path.is_file():
+                return "missing"
+            size, end = shard.path.size(), _last_indexed_offset(shard.path)
+            if size < end:
+                return f"truncated ({size} bytes, index expects >= {end})"
+            if mode == "headers":
+                n = _count_tar_samples(shard.path)
+                if n != shard.count:
+                    return f"{n} samples readable, {shard.count} indexed"
+            return None
+        except tarfile.TarError as e:  # deterministic: the bytes are bad
+            return f"{type(e).__name__}: {e}"
+        except Exception as e:  # I/O: retry, then give up on the shard
+            if attempt == 2:
+                return f"{type(e).__name__}: {e}"
+            time.sleep(0.5 * (attempt + 1))
+    return None  # pragma: no cover - the loop always returns
+
+
+def verify_shards(
+    shards: list[ShardInfo], mode: VerifyMode = "size", *, threads: int = 16
+) -> dict[str, str]:
     """Find unusable shards before training (energon would crash mid-epoch on them).
+
+    Every rank checks all shards of the split, so all ranks exclude the same ones and energon's
+    per-rank slicing stays consistent.
 
     Args:
         shards: Energon shard infos of a dataset split.
-        mode: ``size``: the shard exists and is not shorter than its index says (catches
-            truncated uploads / missing files, one stat + one small read per shard);
-            ``headers``: additionally parse every tar header and count samples (catches garbage
-            inside a shard; reads each shard fully); ``none``: skip.
+        mode: ``size``: the shard exists and is not shorter than its ``.tar.idx`` says (catches
+            truncated uploads and missing files; about four small requests per shard on object
+            storage); ``headers``: additionally parse every tar header and count samples
+            (catches garbage inside a shard; reads each shard fully); ``none``: skip.
+        threads: Shards checked concurrently (the checks wait on I/O).
 
     Returns:
         ``{shard name: reason}`` of the bad shards.
     """
-    bad: dict[str, str] = {}
-    if mode == "none":
-        return bad
-    for shard in shards:
-        try:
-            if not shard.path.is_file():
-                bad[shard.name] = "missing"
-                continue
-            size, end = shard.path.size(), _last_indexed_offset(shard.path)
-            if size < end:
-                bad[shard.name] = f"truncated ({size} bytes, index expects >= {end})"
-                continue
-            if mode == "headers":
-                n = _count_tar_samples(shard.path)
-                if n != shard.count:
-                    bad[shard.name] = f"{n} samples readable, {shard.count} indexed"
-        except Exception as e:  # any I/O or tar error means the shard is unusable
-            bad[shard.name] = f"{type(e).__name__}: {e}"
-    return bad
+    if mode == "none" or not shards:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(shards))) as pool:
+        reasons = list(pool.map(lambda s: _check_shard(s, mode), shards))
+    return {s.name: r for s, r in zip(shards, reasons, strict=True) if r is not None}
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -545,6 +625,7 @@ class _EnergonLoader(Generic[T]):
             self.excluded_shards.update(bad)
             # `shards` is what the factory's build() slices across ranks and workers.
             factory.shards = [s for s in factory.shards if s.name not in bad]
+            _make_reads_tolerant(factory)
             if not factory.shards:
                 raise RuntimeError(f"{config.path} [{config.split}]: every shard is corrupted")
         if config.training:
@@ -600,9 +681,10 @@ class _EnergonLoader(Generic[T]):
         self.close()
 
     def __del__(self) -> None:
-        try:
+        # Not contextlib.suppress: at interpreter shutdown the module may already be None.
+        try:  # noqa: SIM105
             self.close()
-        except Exception:  # interpreter shutdown: modules may be gone already
+        except Exception:
             pass
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megatron_autothink.data.batch import PackedBatch
@@ -117,6 +118,25 @@ def _count_images(
         remaining -= t * (h // merge) * (w // merge)
         n += 1
     return n
+
+
+def concat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.cat(tensors)`` for CPU tensors, done in numpy; ``None`` for an empty list.
+
+    Without loader workers this runs in the training process, whose torch intra-op pool would
+    parallelise the copy: on a busy CPU that made a 200 KB concatenation take ~12 ms instead of
+    ~0.3 ms (measured on the 2-core dev machine).
+    """
+    if not tensors:
+        return None
+    if len(tensors) == 1:
+        return tensors[0]
+    return torch.from_numpy(np.concatenate([t.numpy() for t in tensors]))
+
+
+def _stack(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.stack`` in numpy, for the same reason as :func:`concat_rows`."""
+    return torch.from_numpy(np.stack([t.numpy() for t in tensors], axis=dim))
 
 
 @dataclass
@@ -216,8 +236,6 @@ def pack_row(samples: Sequence[EncodedSequence], seq_length: int, pad_id: int) -
         segment_ids[start:end] = k
         mode_ids[start:end] = s.mode_id
         start = end
-    pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
-    grids = [s.image_grid_thw for s in samples if s.image_grid_thw is not None]
     return PackedRow(
         tokens=tokens,
         labels=labels,
@@ -225,24 +243,26 @@ def pack_row(samples: Sequence[EncodedSequence], seq_length: int, pad_id: int) -
         position_ids=position_ids,
         segment_ids=segment_ids,
         mode_ids=mode_ids,
-        pixel_values=torch.cat(pixels) if pixels else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
+        pixel_values=concat_rows([s.pixel_values for s in samples if s.pixel_values is not None]),
+        image_grid_thw=concat_rows(
+            [s.image_grid_thw for s in samples if s.image_grid_thw is not None]
+        ),
         sample_ids=[s.sample_id for s in samples],
     )
 
 
 def collate_rows(rows: Sequence[PackedRow]) -> PackedBatch:
     """Stack packed rows into a :class:`PackedBatch` (images concatenated in row order)."""
-    pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
-    grids = [r.image_grid_thw for r in rows if r.image_grid_thw is not None]
     return PackedBatch(
-        tokens=torch.stack([r.tokens for r in rows]),
-        labels=torch.stack([r.labels for r in rows]),
-        loss_mask=torch.stack([r.loss_mask for r in rows]),
-        position_ids=torch.stack([r.position_ids for r in rows], dim=1),
-        segment_ids=torch.stack([r.segment_ids for r in rows]),
-        mode_ids=torch.stack([r.mode_ids for r in rows]),
-        pixel_values=torch.cat(pixels) if pixels else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
+        tokens=_stack([r.tokens for r in rows]),
+        labels=_stack([r.labels for r in rows]),
+        loss_mask=_stack([r.loss_mask for r in rows]),
+        position_ids=_stack([r.position_ids for r in rows], dim=1),
+        segment_ids=_stack([r.segment_ids for r in rows]),
+        mode_ids=_stack([r.mode_ids for r in rows]),
+        pixel_values=concat_rows([r.pixel_values for r in rows if r.pixel_values is not None]),
+        image_grid_thw=concat_rows(
+            [r.image_grid_thw for r in rows if r.image_grid_thw is not None]
+        ),
         sample_ids=[list(r.sample_ids) for r in rows],
     )

@@ -21,9 +21,7 @@ continues there, so no sample is written twice; a complete split is refused unle
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -491,8 +489,9 @@ class _TarShard:
 
     def __init__(self, local_path: str) -> None:
         self.local_path = local_path
-        self._file = open(local_path, "wb")  # noqa: SIM115 - closed in close()
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        # Both stay open while the shard fills up; close() closes them.
+        self._file = open(local_path, "wb")  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.count = 0
 
     def final_size(self, members: dict[str, bytes]) -> int:
@@ -609,9 +608,15 @@ class _ShardRun:
         splits = self.manifest["splits"]
         state = splits.get(options.split)
         self.resumed = False
-        if state is not None and options.overwrite:
-            self._delete_split(state)
+        prefix = f"{options.split}-"
+        if options.overwrite:
+            self._delete_split()
             state = None
+        elif state is None and any(n.startswith(prefix) for n in self.output.list_names()):
+            raise PrepError(
+                f"{out} has {prefix}* files that no prep run of ours recorded; refusing to touch "
+                "them (use --overwrite to delete them, or another --out)"
+            )
         if state is not None:
             if state["fingerprint"] != self.fingerprint:
                 raise PrepError(
@@ -629,7 +634,10 @@ class _ShardRun:
             state = _empty_split_state(self.fingerprint)
         splits[options.split] = state
         self.state = state
-        self._remove_uncommitted()
+        if self.resumed:
+            self._remove_uncommitted()
+        else:
+            self._save()  # from now on, files of this split are ours (see the check above)
 
     # -- bookkeeping
     def _shard_names(self) -> set[str]:
@@ -644,7 +652,7 @@ class _ShardRun:
                 logger.info("removing uncommitted %s", name)
                 self.output.remove(name)
 
-    def _delete_split(self, state: dict[str, Any]) -> None:
+    def _delete_split(self) -> None:
         prefix = f"{self.options.split}-"
         for name in self.output.list_names():
             if name.startswith(prefix):
@@ -668,8 +676,9 @@ class _ShardRun:
         self.state["shards"].append({"name": name, "samples": shard.count, "bytes": nbytes})
         self._save(cursor)
 
-    def _save(self, cursor: tuple[int, int]) -> None:
-        self.state["cursor"] = list(cursor)
+    def _save(self, cursor: tuple[int, int] | None = None) -> None:
+        if cursor is not None:
+            self.state["cursor"] = list(cursor)
         self.state["updated"] = time.time()
         self.output.write_json(MANIFEST_PATH, self.manifest)
 
@@ -759,16 +768,15 @@ class _ShardRun:
             sample = record_to_sample(payload, fallback_id=fallback, source=item.source)
         else:
             sample = payload
-        if not sample.has_assistant():
-            if not (self.options.allow_prompt_only and sample.answer is not None):
-                raise BadRecord("no_assistant_turn", "no assistant turn to train on")
+        prompt_only_ok = self.options.allow_prompt_only and sample.answer is not None
+        if not sample.has_assistant() and not prompt_only_ok:
+            raise BadRecord("no_assistant_turn", "no assistant turn to train on")
         return sample_to_members(
             sample, base_dir=item.base_dir, options=self.options, length_checker=checker
         )
 
     def _finalize(self) -> None:
         """Write energon metadata over the shards of all finished splits."""
-        self.state["status"] = "written"
         splits = {
             name: s for name, s in self.manifest["splits"].items() if s["status"] != "in_progress"
         }
@@ -785,7 +793,7 @@ class _ShardRun:
         for s in splits.values():
             s["status"] = "complete"
         self.manifest["energon"] = {"shards": len(shard_names), "splits": sorted(splits)}
-        self._save(tuple(self.state["cursor"]))  # type: ignore[arg-type]
+        self._save()
 
     def report(self, seconds: float = 0.0) -> PrepReport:
         st = self.state
@@ -903,13 +911,3 @@ def write_samples(
 def read_manifest(out: str, *, endpoint: str | None = None) -> dict[str, Any] | None:
     """The prep manifest of a dataset (``None`` if it was not written by us)."""
     return _Output(out, endpoint).read_json(MANIFEST_PATH)
-
-
-def shard_digest(data: bytes) -> str:
-    """Short content hash, used by tests to compare shard contents across runs."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def count_by_reason(errors: Iterable[dict[str, str]]) -> dict[str, int]:
-    """Count error records by reason (helper for reports)."""
-    return dict(collections.Counter(e["reason"] for e in errors))

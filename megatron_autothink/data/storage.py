@@ -25,11 +25,6 @@ MSC_PREFIX = "msc://"
 _MSC_LOCK = threading.Lock()
 
 
-def is_remote(path: str) -> bool:
-    """Whether ``path`` is an object-storage URL (``s3://`` or ``msc://``)."""
-    return path.startswith((S3_PREFIX, MSC_PREFIX))
-
-
 def s3_endpoint(endpoint: str | None = None) -> str | None:
     """The S3 endpoint to use: the argument, else ``AWS_ENDPOINT_URL``, else AWS's default."""
     return endpoint or os.environ.get("AWS_ENDPOINT_URL") or None

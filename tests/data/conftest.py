@@ -12,10 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from megatron_autothink.data.tokenizer import build_tiny_tokenizer
-
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+def tokenizer_dir(digits_dir: str) -> str:
+    """The tiny tokenizer that `prep digits` saves next to its shards."""
+    return os.path.join(digits_dir, "tokenizer")
 
 
 @pytest.fixture(scope="session")

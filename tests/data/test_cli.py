@@ -20,8 +20,9 @@ def test_parse_size() -> None:
 
 
 def test_mountable_and_helpful(capsys: pytest.CaptureFixture[str]) -> None:
+    # Mounted the way megatron_autothink/cli.py does it.
     parser = argparse.ArgumentParser(prog="autothink")
-    add_prep_subcommands(parser.add_subparsers(dest="command"))
+    add_prep_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["prep", "digits", "--out", "x", "--train", "5", "--text-only"])
     assert args.train == 5 and args.text_only and callable(args.func)
     args = parser.parse_args(

@@ -100,6 +100,7 @@ def test_prep_digits_dataset(digits_dir: str) -> None:
         record = json.loads(tar.extractfile(names[0]).read())  # type: ignore[union-attr]
     assert names[:2] == ["train_000000000.json", "train_000000000.img0.png"]
     assert record["images"] == ["img0.png"] and record["id"] == "digits-train-0000000"
+    assert (root / "tokenizer" / "tokenizer_config.json").is_file()  # where `train` looks
     split_yaml = (root / ".nv-meta" / "split.yaml").read_text()
     assert "train-" in split_yaml and "test-" in split_yaml
 

@@ -198,9 +198,8 @@ def test_corrupted_shards_are_skipped_and_counted(
     assert loader.stats["bad_sample"] == 1
 
 
-def test_verify_headers_catches_garbage_headers(
-    digits_dir: str, tokenizer: Any, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("verify", ["size", "headers"])
+def test_garbage_tar_header(digits_dir: str, tokenizer: Any, tmp_path: Path, verify: str) -> None:
     root = _corrupt_copy(digits_dir, tmp_path)
     shard = sorted(root.glob("test-*.tar"))[0]
     with tarfile.open(shard) as tar:
@@ -208,10 +207,15 @@ def test_verify_headers_catches_garbage_headers(
     raw = bytearray(shard.read_bytes())
     raw[header + 100 : header + 148] = b"\x07" * 48  # same size, but the checksum breaks
     shard.write_bytes(bytes(raw))
-    cfg = _cfg(str(root), split="test", training=False, verify_shards="headers")
+    cfg = _cfg(str(root), split="test", training=False, verify_shards=verify)
     loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
-    assert list(loader.excluded_shards) == [shard.name]
-    assert len(_all_ids(loader)) == 60 - loader.stats["corrupt_shard_samples"]
+    seen = _all_ids(loader)
+    if verify == "headers":  # found up front: the whole shard is left out
+        assert list(loader.excluded_shards) == [shard.name]
+        assert len(seen) == 60 - loader.stats["corrupt_shard_samples"]
+    else:  # found at read time: only the damaged sample is skipped
+        assert not loader.excluded_shards and loader.stats["bad_sample"] == 1
+        assert len(seen) == 59
 
 
 def test_prompt_loader(digits_dir: str, tokenizer: Any) -> None:
@@ -236,3 +240,16 @@ def test_prompt_loader(digits_dir: str, tokenizer: Any) -> None:
     assert [[p.id for p in b] for b in (next(again), next(again))] == [
         [p.id for p in b] for b in batches[1:]
     ]
+
+
+def test_text_only_digits(tokenizer: Any, tmp_path: Path) -> None:
+    from megatron_autothink.data.digits import prep_digits
+
+    out = str(tmp_path / "text")
+    prep_digits(out, n_train=20, n_test=0, text_only=True, progress=False, save_tokenizer=False)
+    cfg = _cfg(out, micro_batch_size=1, shuffle_buffer_size=4, packing_buffer_size=8)
+    batch = next(build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1))
+    assert batch.pixel_values is None and batch.image_grid_thw is None
+    assert "Digits:" in tokenizer.decode(batch.tokens[0])
+    pos = batch.position_ids[:, 0]
+    assert torch.equal(pos[0], pos[1]) and torch.equal(pos[1], pos[2])  # text: same in t, h, w

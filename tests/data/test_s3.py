@@ -61,6 +61,7 @@ def test_digits_round_trip(s3_endpoint: str, tokenizer: Any) -> None:
     assert reports["train"].written == 24  # type: ignore[attr-defined]
     keys = _keys(s3_endpoint, "digits/")
     assert "digits/.nv-meta/split.yaml" in keys and "digits/.autothink/manifest.json" in keys
+    assert "digits/tokenizer/tokenizer.json" in keys
     assert sum(k.endswith(".tar") for k in keys) >= 3 and not any(".partial" in k for k in keys)
     with pytest.raises(PrepError, match="already complete"):
         prep_digits(url, n_train=24, n_test=8, max_shard_size=50_000, s3_endpoint=s3_endpoint)

@@ -17,6 +17,7 @@ from megatron_autothink.data import shards as shards_mod
 from megatron_autothink.data.shards import PrepError, PrepOptions, prep_shards, read_manifest
 
 ANSWER = "<think>\n\n</think>\n\nIt is a picture."
+Jsonl = tuple[Path, dict[str, int], int]
 
 
 def _png(h: int, w: int, seed: int) -> bytes:
@@ -38,7 +39,7 @@ def _record(i: int, image: str | None, answer: str = ANSWER) -> dict[str, Any]:
 
 
 @pytest.fixture
-def llava_jsonl(tmp_path: Path) -> tuple[Path, dict[str, int], int]:
+def llava_jsonl(tmp_path: Path) -> Jsonl:
     """40 records, 6 of them bad (one per reason). Returns (file, {reason: line}, n_good)."""
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
@@ -65,10 +66,9 @@ def llava_jsonl(tmp_path: Path) -> tuple[Path, dict[str, int], int]:
             }
         ),
     }
-    for j, (reason, text) in enumerate(bad.items()):
-        pos = 5 + 6 * j
-        lines.insert(pos, text)
-    for j, (reason, text) in enumerate(bad.items()):
+    for j, text in enumerate(bad.values()):
+        lines.insert(5 + 6 * j, text)
+    for reason, text in bad.items():
         bad_lines[reason] = lines.index(text) + 1
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -211,6 +211,21 @@ def test_resume_after_interrupt_refuse_and_overwrite(
         PrepOptions(max_shard_size=20_000, max_error_rate=0.5, progress=False, overwrite=True),
     )
     assert not again.resumed and _digest(out) == _digest(clean)
+
+
+def test_refuses_foreign_shards(llava_jsonl: Jsonl, tmp_path: Path) -> None:
+    path, _, _ = llava_jsonl
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"someone else's data")
+    opts = PrepOptions(max_error_rate=0.5, progress=False)
+    with pytest.raises(PrepError, match="no prep run of ours recorded"):
+        prep_shards([path], str(out), opts)
+    assert (out / "train-000000.tar").read_bytes() == b"someone else's data"
+    report = prep_shards(
+        [path], str(out), PrepOptions(max_error_rate=0.5, progress=False, overwrite=True)
+    )
+    assert report.written == 35
 
 
 def test_broken_input_aborts_early(tmp_path: Path) -> None:
