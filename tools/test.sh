@@ -11,4 +11,4 @@ echo "== mypy (package)"; "$PY" -m mypy
 MARK='not slow'
 [[ "${AUTOTHINK_SLOW:-0}" == "1" ]] && MARK=''
 echo "== pytest -m '${MARK}'"
-exec "$PY" -m pytest -m "${MARK}" -q -p no:cacheprovider --timeout=900
+exec "$PY" -m pytest -m "${MARK}" -q -p no:cacheprovider --timeout=900 --durations=25
