@@ -131,6 +131,35 @@ def build_sft_loader(
     return build_packed_loader(lcfg, tokenizer, dp_rank=ctx.dp_rank, dp_world_size=ctx.dp)
 
 
+def load_initial_weights(
+    cfg: AutothinkConfig, ctx: ParallelContext, chunks: list[torch.nn.Module]
+) -> None:
+    """``train.init_from``: a Hugging Face Qwen2.5-VL directory (config.json + safetensors) or a
+    megatron dist-checkpoint made by ``autothink convert hf-to-mcore`` (autothink_model.json).
+    Loaded before DDP wrapping, only when the run has nothing to resume."""
+    src = Path(cfg.train.init_from)
+    if (src / "autothink_model.json").is_file() or (src / "metadata.json").is_file():
+        from megatron.core import dist_checkpointing
+
+        mods: list[Any] = [getattr(c, "module", c) for c in chunks]
+        if len(mods) != 1:
+            raise SystemExit("train.init_from with a dist-checkpoint needs parallel.vpp unset")
+        with torch.no_grad():
+            mods[0].load_state_dict(dist_checkpointing.load(mods[0].sharded_state_dict(), str(src)))
+    elif (src / "config.json").is_file():
+        from megatron_autothink.convert.hf_io import HFCheckpoint
+        from megatron_autothink.convert.load import load_hf_weights
+
+        with torch.no_grad():
+            load_hf_weights(chunks, HFCheckpoint(src), cfg.model, ctx, progress=ctx.rank == 0)
+    else:
+        raise SystemExit(
+            f"train.init_from={src}: neither a HF model dir (config.json) nor a megatron "
+            "checkpoint from `autothink convert hf-to-mcore` (autothink_model.json)"
+        )
+    log.info("initial weights from %s", src)
+
+
 def make_eval_fn(
     cfg: AutothinkConfig,
     ctx: ParallelContext,
@@ -256,6 +285,10 @@ def main(cfg: AutothinkConfig) -> int:
         chunks = build_model_chunks(
             cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=image_token_id
         )
+        first_ckpt = checkpoint_root(cfg) / stages[0].name
+        fresh = not (cfg.checkpoint.resume and CheckpointManager(first_ckpt, ctx).candidates())
+        if cfg.train.init_from and fresh:
+            load_initial_weights(cfg, ctx, chunks)
         chunks = wrap_ddp(cfg, chunks, ctx)
         offset, previous = 0, None
         for stage in stages:

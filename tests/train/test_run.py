@@ -87,7 +87,21 @@ def test_loss_falls_on_digits(digits: Path, tmp_path: Path) -> None:
     first = sum(losses[s] for s in (1, 2, 3)) / 3
     last = sum(losses[s] for s in (28, 29, 30)) / 3
     assert last < first - 2.0, (first, last)
-    assert (run / "checkpoints" / "sft" / "iter_00000030" / "meta.json").exists()
+    ckpt = run / "checkpoints" / "sft" / "iter_00000030"
+    assert (ckpt / "meta.json").exists()
+    # train.init_from: the trained weights, exported to a HF dir, start a new run where the
+    # old one ended (first loss far below a random init's).
+    from megatron_autothink.eval.model import export_training_checkpoint
+
+    export_training_checkpoint(ckpt, tmp_path / "hf")
+    again = tmp_path / "again"
+    subprocess.run(
+        _cmd(digits, again, "train.steps=1", f"train.init_from={tmp_path / 'hf'}"),
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    assert _losses(again)[1] < first - 1.5, (_losses(again), first)
 
 
 def test_sigkill_then_restart_resumes_exactly(digits: Path, tmp_path: Path) -> None:
