@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -246,6 +247,7 @@ def main() -> None:
         print(f"{name:8} " + " ".join(f"{e:>8.1%}" for e in effs))
     if server is not None:
         server.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
