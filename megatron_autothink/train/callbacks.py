@@ -156,14 +156,16 @@ class EvalCallback(Callback):
 
 
 def standard_callbacks(cfg: AutothinkConfig, *, evaluate: bool) -> list[Callback]:
-    """The callbacks every stage uses, in order: evaluation (adds metrics), checkpointing, then
-    the loggers (metrics file, console, TensorBoard, W&B as configured)."""
+    """The callbacks every stage uses, in order: evaluation (adds metrics), the metrics file and
+    console, checkpointing, then TensorBoard / W&B as configured."""
     run_dir = Path(cfg.logging.run_dir)
     out: list[Callback] = [EvalCallback(cfg.train.eval_every)] if evaluate else []
+    # Log before saving: a run killed between the two re-runs (and re-logs) that step after the
+    # resume; saving first could leave a resumed step that was never logged.
     out += [
-        CheckpointCallback(cfg.checkpoint.save_every),
         MetricsFile(run_dir / "metrics.jsonl"),
         ConsoleLogger(cfg.train.log_every),
+        CheckpointCallback(cfg.checkpoint.save_every),
     ]
     if cfg.logging.tensorboard:
         out.append(TensorBoardLogger(run_dir / "tensorboard"))

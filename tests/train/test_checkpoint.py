@@ -62,7 +62,7 @@ def _train(ckpt_dir: str, steps: int, save_every: int, overrides: list[str]) -> 
             losses.append(metrics["loss"])
             super().on_step_end(st, metrics)
 
-    run_sft(state, [Record(save_every)], num_micro_batches=2 // ctx.dp, handle_signals=False)
+    run_sft(state, [Record(save_every)], num_micro_batches=2 // ctx.dp)
     return {
         "losses": losses,
         "resumed_from": None if loaded is None else loaded.step,

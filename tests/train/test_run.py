@@ -49,7 +49,7 @@ def _cmd(data: Path, run: Path, *extra: str, nproc: int = 1) -> list[str]:
             "-m",
             "torch.distributed.run",
             f"--nproc-per-node={nproc}",
-            "--master-port=0",
+            "--standalone",
         ]
         if nproc > 1
         else [sys.executable]
