@@ -13,7 +13,7 @@ import pytest
 from megatron_autothink.demo import PHASES
 
 
-@pytest.mark.slow
+@pytest.mark.vllm  # ~1.5-3 min: the CI smoke of the whole pipeline (issue #9)
 def test_demo_smoke(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "megatron_autothink.cli", "demo", "--smoke", "--out", str(out)]
