@@ -38,9 +38,8 @@ Patches (see ``PATCHES``):
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,16 +171,6 @@ def _revert_device_kwarg() -> None:
         if _mode is not None:
             _mode.__exit__(None, None, None)
             _mode = None
-
-
-@contextlib.contextmanager
-def cuda_to_cpu_mode() -> Iterator[None]:
-    """The device rewrite for a thread of your own (e.g. a background checkpoint thread)."""
-    if not needs_cpu_mode():
-        yield
-        return
-    with _CudaToCpuMode():
-        yield
 
 
 # --- cuda_tensor_type -------------------------------------------------------------------------

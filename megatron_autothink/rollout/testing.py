@@ -16,21 +16,10 @@ from typing import Any
 
 import torch
 
+# One definition of the Qwen special / think tokens, shared with the data tokenizer.
+from megatron_autothink.data.tokenizer import SPECIAL_TOKENS, THINK_TOKENS
 from megatron_autothink.rollout.images import expand_image_pads
 from megatron_autothink.rollout.types import Completion, PreprocessedImages
-
-# Qwen layout: control tokens are "special" (dropped by skip_special_tokens); the think tags are
-# ordinary added tokens, so they survive detokenisation like in Qwen3.
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-THINK_TOKENS = ("<think>", "</think>")
 
 _SYLLABLES = (
     "ka",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -126,9 +126,3 @@ def run_sft(
     for cb in callbacks:
         cb.on_train_end(state)
     return state
-
-
-def iterate_forever(batches: list[PackedBatch]) -> Iterator[PackedBatch]:
-    """Cycle a fixed list (tests and benchmarks)."""
-    while True:
-        yield from batches

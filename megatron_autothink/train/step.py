@@ -26,10 +26,6 @@ from megatron_autothink.train.setup import OptimizerBundle
 THINKING, NON_THINKING = 1, 0
 
 
-def _to(batch: PackedBatch, device: torch.device) -> PackedBatch:
-    return batch.to(device)
-
-
 def loss_func(
     loss_mask: Tensor, mode_ids: Tensor, output_tensor: Tensor
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
