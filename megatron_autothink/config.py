@@ -198,6 +198,12 @@ class RolloutConfig(_Section):
     weight_bucket_mb: int = Field(64, ge=1)
     require_fresh_weights: bool = True
     """The engine refuses to generate with a policy version older than the trainer's."""
+    engine_process: Literal["auto", "in_process", "subprocess"] = "auto"
+    """Where vLLM's engine core runs. ``in_process`` passes weight buckets as tensors but shares
+    (and on shutdown destroys) torch's default process group, so it is only safe in a
+    single-rank run; ``subprocess`` gives vLLM its own process and its own torch.distributed
+    world (buckets travel as safetensors bytes). ``auto``: in-process for one rank, subprocess
+    otherwise."""
 
 
 class BPOConfig(_Section):

@@ -105,7 +105,8 @@ def pack_sequences(
 ) -> list[RLMicroBatch]:
     """First-fit pack into rows, then group rows into micro-batches of ``micro_batch_size``
     (the last one padded with empty rows so every micro-batch has the same shape, which
-    megatron's pipeline schedules require)."""
+    megatron's pipeline schedules require). No sequences give one all-padding micro-batch: a
+    data-parallel rank without samples still takes part in the optimizer step."""
     too_long = [s.sample_index for s in seqs if len(s) > seq_length]
     if too_long:
         raise ValueError(
@@ -136,7 +137,7 @@ def pack_sequences(
             idx[a:e] = s.sample_index
             start += len(s)
         extras.append((adv, elp, nll, idx))
-    while len(rows) % micro_batch_size:
+    while not rows or len(rows) % micro_batch_size:
         rows.append(pack_row([], seq_length, pad_id))
         extras.append(
             (

@@ -2,10 +2,12 @@
 
 The engine is colocated: the first rank of every model-parallel group (tp_rank 0, pp_rank 0)
 owns one vLLM engine holding the whole policy and generates for its data-parallel shard of the
-prompts; the other ranks of that group receive the rollouts. On CPU runs the world is usually a
-single rank. Weights reach the engine through the HF name map shared with checkpoint
-conversion (``convert.gather.iter_hf_weights``), tensor by tensor, tagged with the step as the
-policy version.
+prompts; the other ranks of that group receive the rollouts (:mod:`megatron_autothink.rl.comm`).
+With more than one rank, vLLM's engine core runs in its own process
+(``rollout.engine_process``): in-process vLLM would build its groups on torch's default process
+group, which the trainer owns, and destroy it on shutdown. Weights reach the engine through the
+HF name map shared with checkpoint conversion (``convert.gather.iter_hf_weights``), gathered
+over TP/PP and streamed in buckets, tagged with the step as the policy version.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from megatron_autothink.config import AutothinkConfig, StageConfig, stage_config
 from megatron_autothink.data.image_processing import write_preprocessor_config
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.ssr import ReplayBuffer
 from megatron_autothink.rl.trainer import ReplayStore, RLContext, make_score_fn, rl_step
 from megatron_autothink.train.callbacks import standard_callbacks
@@ -32,10 +35,6 @@ from megatron_autothink.train.setup import build_model_chunks, build_optimizer
 log = logging.getLogger(__name__)
 
 
-def engine_owner(ctx: ParallelContext) -> bool:
-    return ctx.tp_rank == 0 and ctx.pp_rank == 0
-
-
 def export_hf(
     cfg: AutothinkConfig,
     ctx: ParallelContext,
@@ -44,12 +43,13 @@ def export_hf(
     tokenizer_dir: str,
     out_dir: Path,
 ) -> None:
-    """Write the live policy as a HF directory (collective; rank 0 of each DP group writes)."""
+    """Write the live policy as a HF directory (collective: every rank gathers its
+    model-parallel group's weights; global rank 0 writes, the others wait until it is done)."""
     from megatron_autothink.convert.gather import iter_hf_weights
     from megatron_autothink.convert.hf_io import ShardedSafetensorsWriter
     from megatron_autothink.convert.mcore_to_hf import write_hf_assets
 
-    writer = ShardedSafetensorsWriter(out_dir) if engine_owner(ctx) else None
+    writer = ShardedSafetensorsWriter(out_dir) if ctx.rank == 0 else None
     for name, t in iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint"):
         if writer is not None:
             writer.add(name, t)
@@ -67,9 +67,23 @@ def export_hf(
         from megatron_autothink.train.run import image_config
 
         write_preprocessor_config(out_dir, image_config(cfg))
+    if ctx.world_size > 1:
+        torch.distributed.barrier()  # readers start only once the directory is complete
 
 
-def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int) -> Any:
+def engine_in_process(cfg: AutothinkConfig, ctx: ParallelContext) -> bool:
+    """Resolve ``rollout.engine_process`` for this world (see the module docstring)."""
+    mode = cfg.rollout.engine_process
+    if mode == "in_process" and ctx.world_size > 1:
+        raise ValueError(
+            "rollout.engine_process=in_process needs a single-rank run: in-process vLLM shares "
+            f"torch's default process group with the trainer (world size {ctx.world_size}); "
+            "use rollout.engine_process=subprocess or auto"
+        )
+    return mode == "in_process" or (mode == "auto" and ctx.world_size == 1)
+
+
+def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int, *, in_process: bool) -> Any:
     from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
     ro = cfg.rollout
@@ -86,6 +100,7 @@ def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int) -> Any:
             cpu_threads=1 if not torch.cuda.is_available() else None,
             sleep_level=2 if ro.sleep_level == 2 else 1,
             initial_version=version,
+            in_process=in_process,
         )
     )
 
@@ -131,8 +146,12 @@ def run_stage(
         if rl.ssr.enabled
         else None
     )
-    rng = random.Random(cfg.train.seed + 17)
-    gen = torch.Generator().manual_seed(cfg.train.seed + 29)
+    comm = RLComm.create(ctx)
+    in_process = engine_in_process(cfg, ctx)
+    # Data-parallel ranks draw differently (rethinking triggers, SSR); the ranks of one
+    # model-parallel group draw alike, so they select the same samples.
+    rng = random.Random(cfg.train.seed + 17 + 7919 * ctx.dp_rank)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 29 + 7919 * ctx.dp_rank)
     state = LoopState(
         cfg=cfg,
         ctx=ctx,
@@ -186,7 +205,11 @@ def run_stage(
         if ctx.rank == 0:
             engine_dir.mkdir(parents=True, exist_ok=True)
         export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
-        engine = build_engine(cfg, engine_dir, version=0) if engine_owner(ctx) else None
+        engine = (
+            build_engine(cfg, engine_dir, version=0, in_process=in_process)
+            if engine_owner(ctx)
+            else None
+        )
         _ENGINE["engine"] = engine
         log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
 
@@ -219,6 +242,7 @@ def run_stage(
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         image_token_id=_image_id(tokenizer),
         weight_sync=weight_sync,
+        comm=comm,
         rollout_log=run_dir / "rollouts" / f"{stage.name}.jsonl" if ctx.rank == 0 else None,
     )
     callbacks = standard_callbacks(cfg, evaluate=False)
@@ -227,10 +251,6 @@ def run_stage(
     try:
         while state.step < state.total_steps:
             prompts = next(loader)
-            if ctx.world_size > 1 and not engine_owner(ctx):
-                raise NotImplementedError(
-                    "multi-rank RL with tp/pp > 1 needs rollout broadcast (not built yet)"
-                )
             metrics = rl_step(rc, prompts, state.step + 1)
             state.step += 1
             state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False

@@ -31,6 +31,7 @@ from megatron_autothink.rl.actor import compute_logprobs, policy_update
 from megatron_autothink.rl.advantages import group_advantages
 from megatron_autothink.rl.batching import TrainSequence, pack_sequences
 from megatron_autothink.rl.bpo import bpo_advantages
+from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rewards import (
     lmm_r1_format_ok,
     math_accuracy_reward,
@@ -268,16 +269,16 @@ def logprob_mismatch(batches: list[Any], old: list[torch.Tensor]) -> dict[str, f
 # ---------------------------------------------------------------------------------------------
 
 
-def log_rollouts(
-    path: Path, step: int, prompts: list[PromptSample], groups: list[list[ScoredResponse]]
-) -> None:
-    """Append one JSON line per response: what was asked, in which mode, what came back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        for g in groups:
-            for r in g:
-                p = prompts[r.prompt_index]
-                rec = {
+def rollout_records(
+    step: int, prompts: list[PromptSample], groups: list[list[ScoredResponse]]
+) -> list[dict[str, Any]]:
+    """One JSON-able record per response: what was asked, in which mode, what came back."""
+    recs = []
+    for g in groups:
+        for r in g:
+            p = prompts[r.prompt_index]
+            recs.append(
+                {
                     "step": step,
                     "prompt_id": p.id,
                     "difficulty": p.difficulty,
@@ -290,7 +291,27 @@ def log_rollouts(
                     "rethink": r.rethink,
                     "text": r.text,
                 }
-                f.write(json.dumps(rec) + "\n")
+            )
+    return recs
+
+
+def log_rollouts(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append the records to the rollouts JSONL (one line each)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
+# Metrics that add up over data-parallel ranks (the others are averaged).
+SUMMED_METRICS = (
+    "samples_trained",
+    "ssr/selected",
+    "ssr/buffer_size",
+    "rollout/vision_token_cuts",
+    "rethink/attempted",
+    "rethink/accepted",
+)
 
 
 @dataclass
@@ -311,6 +332,7 @@ class RLContext:
     pad_id: int
     image_token_id: int
     weight_sync: Any  # callable(version) -> seconds
+    comm: RLComm  # engine owner -> model-parallel group; reductions over data parallelism
     rollout_log: Path | None = None  # JSONL of every rollout (prompt id, mode, reward, text)
 
 
@@ -324,57 +346,24 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
         seed=cfg.train.seed * 100_003 + step,
     )
     t0 = time.perf_counter()
-    rc.engine.wake_up()
-    groups = generate_groups(rc.engine, prompts, rl, sampling, rc.tokenizer, rc.score, step=step)
+    # Only the engine owner generates; its model-parallel peers receive the scored groups.
+    groups, metrics = rc.comm.run_on_owner(lambda: _rollouts(rc, prompts, sampling, step))
     t_roll = time.perf_counter() - t0
-    metrics: dict[str, float] = {}
-    if rl.rethink.enabled:
-        metrics.update(
-            force_rethinking(
-                rc.engine, prompts, groups, rl, sampling, rc.tokenizer, rc.score, rc.rng
-            )
-        )
-    rc.engine.sleep()
     metrics.update(rollout_metrics(prompts, groups))
-    if rc.rollout_log is not None:
-        log_rollouts(rc.rollout_log, step, prompts, groups)
+    if engine_owner(ctx):
+        records = rc.comm.gather_to_first_dp(rollout_records(step, prompts, groups))
+        if rc.rollout_log is not None and records is not None:
+            log_rollouts(rc.rollout_log, records)
     t1 = time.perf_counter()
     advs = compute_advantages(groups, rl)
     payloads, sel_metrics = select_training_set(prompts, groups, advs, rl, rc.replay, rc.gen)
     metrics.update(sel_metrics)
     t_reward = time.perf_counter() - t1
     t2 = time.perf_counter()
-    if payloads:
-        seqs = [
-            _sequence(
-                i,
-                p,
-                nll=p["correct"] and p["advantage"] > 0,
-                train_prefill=rl.algorithm == "bpo" and rl.bpo.train_decision,
-            )
-            for i, p in enumerate(payloads)
-        ]
-        batches = pack_sequences(
-            seqs,
-            seq_length=cfg.data.seq_length,
-            micro_batch_size=cfg.data.micro_batch_size,
-            pad_id=rc.pad_id,
-            image_token_id=rc.image_token_id,
-        )
-        old = compute_logprobs(rc.chunks, batches, ctx, seq_length=cfg.data.seq_length)
-        metrics.update(logprob_mismatch(batches, old))
-        ref = (
-            compute_logprobs(rc.ref_chunks, batches, ctx, seq_length=cfg.data.seq_length)
-            if rc.ref_chunks is not None
-            else None
-        )
-        for i, mb in enumerate(batches):
-            mb.old_logp = old[i]
-            mb.ref_logp = None if ref is None else ref[i]
-        for _ in range(rl.updates_per_step):
-            metrics.update(
-                policy_update(rc.chunks, rc.opt, batches, ctx, rl, seq_length=cfg.data.seq_length)
-            )
+    # Every data-parallel rank steps the optimizer (DDP), also one whose samples were all
+    # filtered out: it then packs one empty micro-batch and contributes no tokens.
+    if rc.comm.global_count(len(payloads)):
+        metrics.update(_update_policy(rc, payloads))
     t_train = time.perf_counter() - t2
     t_sync = rc.weight_sync(step)
     metrics.update(
@@ -386,10 +375,65 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
             "samples_trained": float(len(payloads)),
         }
     )
+    metrics = rc.comm.reduce_metrics(metrics, SUMMED_METRICS)
     metrics["loss"] = metrics.get("actor/loss", float("nan"))
     metrics["lr"] = metrics.get("actor/lr", float("nan"))
     metrics["grad_norm"] = metrics.get("actor/grad_norm", float("nan"))
     return metrics
+
+
+def _update_policy(rc: RLContext, payloads: list[dict[str, Any]]) -> dict[str, float]:
+    """Pack the selected samples, recompute old/ref log-probs with megatron, update the policy."""
+    cfg, rl, ctx = rc.cfg, rc.cfg.rl, rc.ctx
+    seqs = [
+        _sequence(
+            i,
+            p,
+            nll=p["correct"] and p["advantage"] > 0,
+            train_prefill=rl.algorithm == "bpo" and rl.bpo.train_decision,
+        )
+        for i, p in enumerate(payloads)
+    ]
+    batches = pack_sequences(
+        seqs,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.data.micro_batch_size,
+        pad_id=rc.pad_id,
+        image_token_id=rc.image_token_id,
+    )
+    old = compute_logprobs(rc.chunks, batches, ctx, seq_length=cfg.data.seq_length)
+    metrics = logprob_mismatch(batches, old)
+    ref = (
+        compute_logprobs(rc.ref_chunks, batches, ctx, seq_length=cfg.data.seq_length)
+        if rc.ref_chunks is not None
+        else None
+    )
+    for i, mb in enumerate(batches):
+        mb.old_logp = old[i]
+        mb.ref_logp = None if ref is None else ref[i]
+    for _ in range(rl.updates_per_step):
+        metrics.update(
+            policy_update(rc.chunks, rc.opt, batches, ctx, rl, seq_length=cfg.data.seq_length)
+        )
+    return metrics
+
+
+def _rollouts(
+    rc: RLContext, prompts: list[PromptSample], sampling: SamplingConfig, step: int
+) -> tuple[list[list[ScoredResponse]], dict[str, float]]:
+    """Generate and score every prompt's group (+ forced rethinking); engine owner only."""
+    rl = rc.cfg.rl
+    rc.engine.wake_up()
+    groups = generate_groups(rc.engine, prompts, rl, sampling, rc.tokenizer, rc.score, step=step)
+    metrics: dict[str, float] = {}
+    if rl.rethink.enabled:
+        metrics.update(
+            force_rethinking(
+                rc.engine, prompts, groups, rl, sampling, rc.tokenizer, rc.score, rc.rng
+            )
+        )
+    rc.engine.sleep()
+    return groups, metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,8 +103,10 @@ class WeightSyncWorkerExtension:
             finalize_layerwise_reload,
         )
 
+        model = self._autothink_model()
         with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self._autothink_model(), self.vllm_config.model_config)
+            finalize_layerwise_reload(model, self.vllm_config.model_config)
+            _repack_tied_heads(model)
         # Encoder outputs (image embeddings) and processed-input caches were computed with the
         # old vision tower; vLLM's reload_weights resets the same ones.
         self.model_runner.reset_encoder_cache()
@@ -112,3 +114,35 @@ class WeightSyncWorkerExtension:
         missing = sorted(self._autothink_expected - self._autothink_loaded)
         del self._autothink_expected, self._autothink_loaded
         return missing
+
+
+def _repack_tied_heads(model: nn.Module) -> int:
+    """Re-pack output heads whose weight is tied to the input embedding (CPU only).
+
+    On CPU, vLLM packs every GEMM weight for its kernels once after loading; the packed copy
+    lives in the layer's ``cpu_linear`` closure, not in a parameter. A tied ``lm_head`` shares
+    the embedding's parameter but receives no tensor of its own in a reload (checkpoints have no
+    ``lm_head.weight`` when it is tied), so layerwise reloading never re-processes it: the
+    embedding lookups would use the new weights and the logits the packed old ones. Packing
+    again from the (updated, shared) parameter fixes that; GPUs have no packed copies.
+
+    Returns:
+        The number of heads re-packed.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return 0
+    n = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(module, ParallelLMHead)
+            and hasattr(module, "cpu_linear")
+            and isinstance(weight, torch.Tensor)
+            and weight.numel() > 0
+        ):
+            module.quant_method.process_weights_after_loading(module)
+            n += 1
+    return n

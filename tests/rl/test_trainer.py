@@ -68,10 +68,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _train(
-    recipe: str, data: dict[str, Path], run: Path, stages: str, *extra: str
+    recipe: str, data: dict[str, Path], run: Path, stages: str, *extra: str, nproc: int = 1
 ) -> subprocess.Popen[bytes]:
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone"]
+        if nproc > 1
+        else [sys.executable]
+    )
     cmd = [
-        sys.executable,
+        *launcher,
         "-m",
         "megatron_autothink.cli",
         "train",
@@ -170,3 +175,47 @@ def test_vl_rethinker_resume_after_sigkill(data: dict[str, Path], tmp_path: Path
         return st["replay"]["buffer"]
 
     assert buffer(run) == buffer(ref)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.tp=1",  # 2 data-parallel ranks, an engine each
+    ],
+)
+def test_two_rank_rl(data: dict[str, Path], tmp_path: Path, layout: str) -> None:
+    """RL on 2 gloo ranks: the engine owner's rollouts reach its model-parallel peers, whose
+    sharded recomputation of the sampled tokens' log-probs matches the engine's, before and
+    after a weight sync gathered from the TP/PP shards; data-parallel ranks each generate for
+    their own prompts and all of them reach the rollouts log.
+
+    BPO with the think-format reward, because its two forced modes differ in it even for a barely
+    trained model (non-zero advantages, so there is something to train), with SSR on: the
+    ranks of a model-parallel group must draw the same selection or their shards diverge.
+    """
+    run = tmp_path / "run"
+    stages = "[{name: anneal, kind: sft, steps: 2}, {name: rl, kind: rl, steps: 2}]"
+    extra = [
+        layout,
+        "checkpoint.save_every=2",
+        "rl.ssr.enabled=true",
+        "rl.rewards.think_format=0.5",
+    ]
+    _finish(_train("r4b_bpo_tiny", data, run, stages, *extra, nproc=2), run)
+    steps = _metrics(run, "rl")
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        # Engine (vLLM, full model) vs trainer (megatron, 2 ranks) on the same tokens: only
+        # float rounding apart when the rollouts and the synced weights are right.
+        assert r["samples_trained"] > 0
+        assert abs(r["mismatch/ratio_median"] - 1.0) < 1e-3, r
+        assert r["mismatch/max_abs"] < 0.05, r
+    rows = [json.loads(x) for x in (run / "rollouts" / "rl.jsonl").read_text().splitlines()]
+    per_prompt = 4  # group_size / g_think + g_nothink in SMALL
+    assert len(rows) == 2 * 2 * per_prompt  # steps x prompts_per_step (over all dp ranks)
+    for step in (1, 2):
+        assert len({x["prompt_id"] for x in rows if x["step"] == step}) == 2
+    assert (run / "checkpoints" / "rl" / "iter_00000002" / "meta.json").exists()
