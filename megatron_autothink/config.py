@@ -78,8 +78,12 @@ class ModelConfig(_Section):
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """``auto``: Transformer Engine layers when TE imports and a GPU is present, else local."""
     fp8: Literal["none", "hybrid", "e4m3"] = "none"
-    """FP8 recipe for TE layers on Hopper; must be ``none`` with local layers."""
+    """FP8 recipe for TE layers on Hopper; must be ``none`` with local layers. Checked against the
+    machine at start-up (``models.specs.resolve_backend``): needs Transformer Engine and a GPU with
+    compute capability >= 8.9, else a config error."""
     recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute in the language model: ``selective`` recomputes core attention,
+    ``full`` every transformer layer (megatron ``recompute_method=uniform``, one layer per unit)."""
     init_method_std: float = 0.02
 
     @property

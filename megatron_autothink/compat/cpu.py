@@ -22,7 +22,9 @@ Patches (see ``PATCHES``):
     ``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and megatron's private
     ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`` -> the CPU generator.
     Covers ``model_parallel_cuda_manual_seed`` and ``CudaRNGStatesTracker.add/fork`` (without the
-    private setters the tracker's ``fork()`` silently does nothing on CPU).
+    private setters the tracker's ``fork()`` silently does nothing on CPU), and
+    ``tensor_parallel.checkpoint`` (activation recompute, ``model.recompute``), which saves and
+    restores the CUDA RNG state around the recomputed forward.
 ``device_kwarg``
     A ``TorchFunctionMode`` that rewrites ``device="cuda"`` / ``cuda:N`` / an int device in
     tensor factories and ``Tensor.to``/``Tensor.cuda`` to the CPU. Covers the literal

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_autothink.config import ModelConfig, ParallelConfig
-from megatron_autothink.models.specs import language_layer_spec, resolve_impl, vision_layer_spec
+from megatron_autothink.models.specs import language_layer_spec, resolve_backend, vision_layer_spec
 from megatron_autothink.models.vision import Qwen25VisionModel
 
 
@@ -40,7 +40,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 def language_config(
     m: ModelConfig, p: ParallelConfig, dtype: torch.dtype, *, use_cpu_init: bool
 ) -> TransformerConfig:
-    impl = resolve_impl(m.transformer_impl)
+    resolve_backend(m)  # a ConfigError for a model.fp8 / transformer_impl this machine cannot run
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -74,7 +74,7 @@ def language_config(
         gradient_accumulation_fusion=False,
         # Full-tensor init on CPU then split: TP=N starts from the same weights as TP=1.
         use_cpu_initialization=use_cpu_init,
-        fp8=None if m.fp8 == "none" or impl != "transformer_engine" else m.fp8,
+        fp8=None if m.fp8 == "none" else m.fp8,  # resolve_backend checked: TE on an FP8 GPU
         recompute_granularity=None if m.recompute == "none" else m.recompute,
         recompute_method="uniform" if m.recompute == "full" else None,
         recompute_num_layers=1 if m.recompute == "full" else None,

@@ -23,12 +23,20 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_autothink.config import ConfigError, ModelConfig
 from megatron_autothink.models.attention import SDPAAttention
+
+FP8_MIN_CAPABILITY = (8, 9)
+"""Transformer Engine runs FP8 GEMMs on compute capability 8.9 (Ada) and newer (Hopper: 9.0)."""
+
+
+def te_importable() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def te_available() -> bool:
     """Transformer Engine importable and a GPU present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    return torch.cuda.is_available() and te_importable()
 
 
 def resolve_impl(impl: str) -> str:
@@ -36,9 +44,41 @@ def resolve_impl(impl: str) -> str:
     if impl == "auto":
         return "transformer_engine" if te_available() else "local"
     if impl == "transformer_engine" and not te_available():
-        raise RuntimeError(
+        raise ConfigError(
             "model.transformer_impl=transformer_engine needs transformer_engine and a CUDA GPU; "
             "use model.transformer_impl=local (or auto)"
+        )
+    return impl
+
+
+def resolve_backend(m: ModelConfig) -> str:
+    """``model.transformer_impl`` resolved on this machine, with ``model.fp8`` checked against
+    it. Called before any work starts (``autothink train``) and again when a model is built, so
+    FP8 without Transformer Engine or without an FP8-capable GPU fails with a
+    :class:`ConfigError` naming the field, never silently (``auto`` picks local layers on such
+    a machine, which would quietly train without FP8)."""
+    impl = resolve_impl(m.transformer_impl)
+    if m.fp8 == "none":
+        return impl
+    need = (
+        f"model.fp8={m.fp8} needs Transformer Engine layers on a GPU with compute capability >= "
+        f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Hopper, Ada)"
+    )
+    if impl != "transformer_engine":
+        missing = [
+            what
+            for what, ok in (
+                ("transformer_engine is not installed", te_importable()),
+                ("no CUDA GPU is available", torch.cuda.is_available()),
+            )
+            if not ok
+        ] or [f"model.transformer_impl={m.transformer_impl}"]
+        raise ConfigError(f"{need}, but {' and '.join(missing)}; set model.fp8=none")
+    capability = torch.cuda.get_device_capability()
+    if capability < FP8_MIN_CAPABILITY:
+        raise ConfigError(
+            f"{need}, but {torch.cuda.get_device_name()} has compute capability "
+            f"{capability[0]}.{capability[1]}; set model.fp8=none"
         )
     return impl
 

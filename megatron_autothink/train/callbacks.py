@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import secrets
+import string
+import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from megatron_autothink.config import AutothinkConfig
 
@@ -103,11 +107,38 @@ class TensorBoardLogger(Callback):
 
 
 class WandbLogger(Callback):
-    """Weights & Biases (``logging.wandb.enabled``); offline mode needs no network."""
+    """Weights & Biases (``logging.wandb``), from the logging rank only.
 
-    def __init__(self, project: str, mode: str, run_dir: Path, config: dict[str, Any]) -> None:
-        self.args = {"project": project, "mode": mode, "dir": str(run_dir), "config": config}
+    One W&B run per run directory: its id is kept in ``<run_dir>/wandb_run_id``, so later stages
+    and resumed jobs continue the same run (``resume="allow"``). ``logging.wandb.mode`` decides
+    (it overrides ``WANDB_MODE``): ``offline``, the default, never touches the network and writes
+    ``<run_dir>/wandb/offline-run-*/run-<id>.wandb`` for a later ``wandb sync``. An ``online`` run
+    that cannot start (no API key, no network) falls back to offline with a warning: logging never
+    stops a training job.
+    """
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(
+        self,
+        project: str,
+        mode: Literal["online", "offline"],
+        run_dir: Path,
+        config: dict[str, Any],
+    ) -> None:
+        self.project, self.mode, self.run_dir, self.config = project, mode, run_dir, config
         self.run: Any = None
+
+    def _run_id(self) -> str:
+        path = self.run_dir / self.ID_FILE
+        if path.is_file():
+            return path.read_text().strip()
+        alphabet = string.ascii_lowercase + string.digits
+        run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
+        return run_id
 
     def on_train_start(self, state: LoopState) -> None:
         if not state.ctx.is_logging_rank or self.run is not None:
@@ -118,7 +149,29 @@ class WandbLogger(Callback):
             raise RuntimeError(
                 "logging.wandb.enabled=true but wandb is not installed: pip install wandb"
             ) from None
-        self.run = wandb.init(**self.args, resume="allow")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        args: dict[str, Any] = {
+            "project": self.project,
+            "dir": str(self.run_dir),
+            "id": self._run_id(),
+            "name": self.run_dir.name,
+            "resume": "allow",
+            "config": self.config,
+        }
+        try:
+            self.run = wandb.init(mode=self.mode, **args)
+        except Exception as e:
+            if self.mode == "offline":
+                raise
+            log.warning(
+                "W&B: the online run could not start (%s: %s); logging offline under %s/wandb "
+                "instead (upload it later with `wandb sync`)",
+                type(e).__name__,
+                e,
+                self.run_dir,
+            )
+            wandb.teardown()  # the failed attempt keeps the run id reserved otherwise
+            self.run = wandb.init(mode="offline", **args)
 
     def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
         if self.run is not None:
@@ -127,9 +180,17 @@ class WandbLogger(Callback):
             )
 
     def on_train_end(self, state: LoopState) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        # The RL stage calls this from a ``finally``: an exception on its way out marks the run
+        # failed. A finish that fails (its service process gone, say) only warns, so a job that
+        # saved its checkpoint still exits as it should (0 after pre-emption, then requeued).
+        failed = sys.exc_info()[0] is not None
+        try:
+            run.finish(exit_code=1 if failed else 0)
+        except Exception as e:
+            log.warning("W&B: finishing the run failed (%s: %s)", type(e).__name__, e)
 
 
 class CheckpointCallback(Callback):

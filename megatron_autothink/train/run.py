@@ -19,6 +19,7 @@ import torch
 
 from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config, stage_config
 from megatron_autothink.launch.preempt import PreemptionWatcher, marker_path, write_marker
+from megatron_autothink.models.specs import resolve_backend
 from megatron_autothink.parallel import (
     ParallelContext,
     destroy_distributed,
@@ -247,6 +248,8 @@ def run_sft_stage(
 
 def main(cfg: AutothinkConfig) -> int:
     """Entry point of ``autothink train``. Returns the process exit code."""
+    # A model.fp8 / transformer_impl this machine cannot run: a config error before any work.
+    resolve_backend(cfg.model)
     # Before any process group, loader worker or engine exists, so they inherit the signal mask
     # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
     watcher = PreemptionWatcher().install() if cfg.checkpoint.save_on_signal else None

@@ -155,3 +155,66 @@ def test_two_rank_layouts_train(digits: Path, tmp_path: Path, layout: str) -> No
     losses = _losses(run)
     assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())
     assert (run / "checkpoints" / "sft" / "iter_00000003" / "meta.json").exists()
+
+
+def _wandb_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No W&B state from the machine, every W&B folder under tmp_path, no reachable server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    home = tmp_path / "wandb_home"
+    env.update(
+        WANDB_DIR=str(home),
+        WANDB_CACHE_DIR=str(home / "cache"),
+        WANDB_CONFIG_DIR=str(home / "config"),
+        WANDB_DATA_DIR=str(home / "data"),
+        WANDB_ARTIFACT_DIR=str(home / "artifacts"),
+        WANDB_BASE_URL="http://127.0.0.1:9",  # nothing listens there: any upload attempt fails
+        WANDB_SILENT="true",
+        **extra,
+    )
+    return env
+
+
+@pytest.mark.parametrize("mode", ["offline", "online_without_network"])
+def test_wandb_offline_run_records_the_metrics(digits: Path, tmp_path: Path, mode: str) -> None:
+    """`logging.wandb.enabled=true`: the run file under <run_dir>/wandb holds every step's
+    metrics (read back from its records). An online run that cannot reach a server falls back
+    to offline instead of failing the job."""
+    from tests.train.wandb_records import history, read_records
+
+    if mode == "offline":
+        env = _wandb_env(tmp_path, WANDB_MODE="offline")
+    else:
+        env = _wandb_env(tmp_path, WANDB_API_KEY="x" * 40, WANDB_INIT_TIMEOUT="3")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        _cmd(
+            digits,
+            run,
+            "train.steps=3",
+            "logging.wandb.enabled=true",
+            f"logging.wandb.mode={'offline' if mode == 'offline' else 'online'}",
+            "logging.wandb.project=autothink-test",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if mode != "offline":
+        assert "the online run could not start" in proc.stderr, proc.stderr[-3000:]
+    run_id = (run / "wandb_run_id").read_text().strip()
+    (run_dir,) = (run / "wandb").glob(f"offline-run-*-{run_id}")
+    records = list(read_records(run_dir / f"run-{run_id}.wandb"))
+    rows = history(run_dir / f"run-{run_id}.wandb")
+    losses = _losses(run)
+    assert sorted(rows) == sorted(losses) == [1, 2, 3]
+    for step, loss in losses.items():
+        assert rows[step]["sft/loss"] == pytest.approx(loss, rel=1e-6)
+        assert {"sft/lr", "sft/grad_norm", "sft/loss_thinking"} <= rows[step].keys()
+    (exit_rec,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exit_rec.exit_code == 0  # finish() ran at train end
+    (run_rec,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run_rec.project == "autothink-test" and run_rec.run_id == run_id
+    config = {i.key: json.loads(i.value_json) for i in run_rec.config.update}
+    assert config["model"]["num_layers"] > 0
