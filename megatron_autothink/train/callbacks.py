@@ -106,7 +106,12 @@ class WandbLogger(Callback):
     """Weights & Biases (``logging.wandb.enabled``); offline mode needs no network."""
 
     def __init__(self, project: str, mode: str, run_dir: Path, config: dict[str, Any]) -> None:
-        self.args = {"project": project, "mode": mode, "dir": str(run_dir), "config": config}
+        self.args: dict[str, Any] = {
+            "project": project,
+            "mode": mode,
+            "dir": str(run_dir),
+            "config": config,
+        }
         self.run: Any = None
 
     def on_train_start(self, state: LoopState) -> None:
