@@ -12,7 +12,7 @@ and the distribution of the importance ratio ``exp(logp_megatron - logp_vllm)``.
 Usage::
 
     python benchmarks/bench_logprob_parity.py --cpu-threads 1
-    python benchmarks/bench_logprob_parity.py --dtype bfloat16   # the engine in bf16 (GPU)
+    python benchmarks/bench_logprob_parity.py --dtype bfloat16   # engine bf16, megatron fp32
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main() -> None:
             gen = torch.Generator().manual_seed(args.seed)
             with torch.no_grad():
                 for p in (p for c in chunks for p in c.parameters()):
-                    p.add_(args.perturb * torch.randn(p.shape, generator=gen))
+                    p.add_(args.perturb * torch.randn(p.shape, generator=gen).to(p.device))
             t0 = time.perf_counter()
             update = engine.update_weights(
                 iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint"), version=1

@@ -298,7 +298,7 @@ def test_logprob_parity_vs_megatron_trainer(engine: Any, tiny_vl_dir: Path) -> N
             generator = torch.Generator().manual_seed(1)
             with torch.no_grad():  # new weights: the engine can only match them through the sync
                 for p in (p for c in chunks for p in c.parameters()):
-                    p.add_(0.05 * torch.randn(p.shape, generator=generator))
+                    p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p.device))
             stream = iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint")
             engine.update_weights(stream, version=engine.policy_version + 1)
             assert tokens_and_logprobs(engine.generate(probe, GREEDY)) != before
