@@ -161,3 +161,23 @@ def pack_sequences(
             )
         )
     return out
+
+
+def per_sample_values(
+    batches: Sequence[RLMicroBatch], values: Sequence[Tensor], num_samples: int
+) -> list[list[float]]:
+    """Undo the packing for a per-token result: for each ``sample_index`` in ``0..num_samples-1``,
+    the values of ``values[i]`` (``[B, S]``, one per micro-batch, label positions as in
+    ``batches``) at that sample's target positions, in sequence order.
+
+    With ``compute_logprobs`` output this gives each response's log-probs token by token, the
+    same layout as :attr:`TrainSequence.engine_logprobs` (plus the prefill first when
+    ``train_prefill``).
+    """
+    out: list[list[float]] = [[] for _ in range(num_samples)]
+    for mb, v in zip(batches, values, strict=True):
+        for idx_row, v_row in zip(mb.sample_index, v, strict=True):
+            at = idx_row >= 0
+            for i, x in zip(idx_row[at].tolist(), v_row[at].tolist(), strict=True):
+                out[i].append(x)
+    return out

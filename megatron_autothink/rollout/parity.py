@@ -34,7 +34,8 @@ def logprob_parity(
 
     Returns:
         ``num_tokens``, ``max_abs_diff``, ``mean_abs_diff``, ``mean_diff`` (signed, trainer minus
-        engine), ``ratio_median``, ``ratio_p90``, ``ratio_p99``, ``ratio_max``, ``ratio_min``.
+        engine), ``ratio_median``, ``ratio_p1``, ``ratio_p10``, ``ratio_p90``, ``ratio_p99``,
+        ``ratio_max``, ``ratio_min``.
         Note ``ratio_median`` can be 1 while ``ratio_min`` is far below it: look at both tails.
 
     Raises:
@@ -54,14 +55,16 @@ def logprob_parity(
     diff = trainer - engine
     ratio = diff.exp()
     abs_diff = diff.abs()
-    q = torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)
-    median, p90, p99 = torch.quantile(ratio, q).tolist()
+    q = torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99], dtype=torch.float64)
+    p1, p10, median, p90, p99 = torch.quantile(ratio, q).tolist()
     return {
         "num_tokens": float(engine.numel()),
         "max_abs_diff": float(abs_diff.max()),
         "mean_abs_diff": float(abs_diff.mean()),
         "mean_diff": float(diff.mean()),
         "ratio_median": median,
+        "ratio_p1": p1,
+        "ratio_p10": p10,
         "ratio_p90": p90,
         "ratio_p99": p99,
         "ratio_max": float(ratio.max()),
@@ -74,6 +77,7 @@ def format_parity(report: dict[str, float]) -> str:
     return (
         f"tokens={int(report['num_tokens'])} max|d|={report['max_abs_diff']:.3g} "
         f"mean|d|={report['mean_abs_diff']:.3g} ratio median={report['ratio_median']:.6f} "
-        f"p90={report['ratio_p90']:.6f} p99={report['ratio_p99']:.6f} "
-        f"max={report['ratio_max']:.6f} min={report['ratio_min']:.6f}"
+        f"p1={report['ratio_p1']:.6f} p90={report['ratio_p90']:.6f} "
+        f"p99={report['ratio_p99']:.6f} min={report['ratio_min']:.6f} "
+        f"max={report['ratio_max']:.6f}"
     )

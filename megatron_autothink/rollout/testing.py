@@ -2,24 +2,35 @@
 
 Everything is built offline: a byte-level BPE tokenizer trained on generated text with the Qwen
 special tokens, a random ``Qwen2_5_VLForConditionalGeneration`` saved with ``save_pretrained``,
-and a PIL image-processor config. :func:`hf_token_logprobs` is the "trainer side" of log-prob
-parity checks until the Megatron model is wired in: a plain fp32 transformers forward over
-``prompt + prefill + completion``.
+and a PIL image-processor config. Two "trainer sides" for log-prob parity checks:
+
+* :func:`hf_token_logprobs`: a plain fp32 transformers forward over
+  ``prompt + prefill + completion``;
+* :func:`megatron_token_logprobs`: our megatron model (:func:`megatron_model_from_hf`) scoring
+  the same tokens through the RL trainer's own path (``rl.batching.pack_sequences`` ->
+  ``rl.actor.compute_logprobs``), which is what the importance ratios of an RL step use.
+
+The megatron imports are local to those functions: the rest of this module needs no megatron.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 # One definition of the Qwen special / think tokens, shared with the data tokenizer.
 from megatron_autothink.data.tokenizer import SPECIAL_TOKENS, THINK_TOKENS
 from megatron_autothink.rollout.images import expand_image_pads
-from megatron_autothink.rollout.types import Completion, PreprocessedImages
+from megatron_autothink.rollout.types import Completion, GenerationRequest, PreprocessedImages
+
+if TYPE_CHECKING:
+    from megatron_autothink.config import AutothinkConfig
+    from megatron_autothink.parallel import ParallelContext
 
 _SYLLABLES = (
     "ka",
@@ -265,3 +276,105 @@ def hf_token_logprobs(
         tokens = torch.tensor(completion.token_ids)
         result.append(logp.gather(-1, tokens[:, None])[:, 0].tolist())
     return result
+
+
+@contextmanager
+def megatron_model_from_hf(
+    model_dir: str | Path,
+) -> Iterator[tuple[list[torch.nn.Module], AutothinkConfig, ParallelContext]]:
+    """Our megatron Qwen2.5-VL (TP=PP=1, fp32) holding a HF directory's weights.
+
+    The config comes from the directory's ``config.json`` (``convert.hf_config``), the weights
+    through ``convert.load.load_hf_weights``; megatron's process groups exist while the context
+    is open (a 1-rank gloo world unless one exists already, e.g. vLLM's in-process one).
+
+    Yields:
+        ``(chunks, run_config, parallel_context)``; ``run_config.model`` is the architecture.
+    """
+    from megatron_autothink.convert.hf_to_mcore import inspect_hf_dir
+    from megatron_autothink.convert.load import load_hf_weights
+    from megatron_autothink.convert.runtime import conversion_context
+    from megatron_autothink.train.setup import build_model_chunks
+
+    model_cfg, ckpt = inspect_hf_dir(model_dir)
+    with conversion_context(model_cfg, precision="fp32") as (cfg, ctx):
+        chunks = build_model_chunks(
+            cfg, ctx, vocab_size=model_cfg.vocab_size, image_token_id=model_cfg.image_token_id
+        )
+        load_hf_weights(chunks, ckpt, model_cfg, ctx)
+        yield chunks, cfg, ctx
+
+
+def megatron_token_logprobs(
+    chunks: Sequence[torch.nn.Module],
+    ctx: ParallelContext,
+    requests: Sequence[GenerationRequest],
+    groups: Sequence[Sequence[Completion]],
+    *,
+    image_token_id: int,
+    pad_id: int,
+    seq_length: int,
+    micro_batch_size: int = 2,
+    spatial_merge_size: int = 2,
+) -> list[list[float]]:
+    """Log-probs our megatron model assigns to each completion's tokens, as the RL trainer
+    computes them: ``prompt (pads expanded) + prefill + completion`` as a
+    ``rl.batching.TrainSequence``, first-fit packed by ``pack_sequences`` (several sequences,
+    and their images, per row), scored by ``rl.actor.compute_logprobs``.
+
+    Args:
+        chunks: Model chunks (e.g. from :func:`megatron_model_from_hf`), TP=PP=1 or not.
+        ctx: Their parallel context.
+        requests: The generation requests; images must be :class:`PreprocessedImages` (the
+            trainer's input, bit-identical to what the engine saw).
+        groups: ``engine.generate(requests, ...)``'s completions, one group per request. A
+            sampled image token cannot be scored (the trainer cuts the response there first:
+            ``rl.rollout.cut_at_vision_tokens``).
+        image_token_id: Id of ``<|image_pad|>``.
+        pad_id: Padding token of the packed rows.
+        seq_length: Packed row length (>= the longest sequence).
+        micro_batch_size: Rows per micro-batch.
+        spatial_merge_size: The vision tower's merge size.
+
+    Returns:
+        Per completion, request by request (``[c for g in groups for c in g]`` order), the
+        log-prob of each of its tokens.
+    """
+    from megatron_autothink.rl.actor import compute_logprobs
+    from megatron_autothink.rl.batching import TrainSequence, pack_sequences, per_sample_values
+
+    seqs: list[TrainSequence] = []
+    for request, group in zip(requests, groups, strict=True):
+        images = request.images
+        if images is not None and not isinstance(images, PreprocessedImages):
+            raise TypeError(f"request {request.request_id!r}: pass PreprocessedImages, not PIL")
+        per_image = [] if images is None else images.num_tokens(spatial_merge_size)
+        prompt = expand_image_pads(request.prompt_token_ids, image_token_id, per_image)
+        for completion in group:
+            if image_token_id in completion.token_ids:
+                raise ValueError(
+                    f"request {request.request_id!r}: a completion sampled the image token; "
+                    "cut it first (rl.rollout.cut_at_vision_tokens)"
+                )
+            seqs.append(
+                TrainSequence(
+                    sample_index=len(seqs),
+                    prompt_ids=prompt,
+                    prefill_ids=list(completion.prefill_token_ids),
+                    response_ids=list(completion.token_ids),
+                    engine_logprobs=list(completion.logprobs),
+                    advantage=0.0,
+                    mode_id=-1,
+                    pixel_values=None if images is None else images.pixel_values,
+                    image_grid_thw=None if images is None else images.image_grid_thw,
+                )
+            )
+    batches = pack_sequences(
+        seqs,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        pad_id=pad_id,
+        image_token_id=image_token_id,
+    )
+    logp = compute_logprobs(list(chunks), batches, ctx, seq_length=seq_length)
+    return per_sample_values(batches, logp, len(seqs))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_autothink.rl.batching import TrainSequence, pack_sequences
+from megatron_autothink.rl.batching import TrainSequence, pack_sequences, per_sample_values
 
 
 def _seq(
@@ -59,3 +59,20 @@ def test_micro_batches_are_padded_to_equal_shape() -> None:
     mbs = pack_sequences(seqs, seq_length=12, micro_batch_size=2, pad_id=0, image_token_id=7)
     assert len(mbs) == 2 and all(m.packed.tokens.shape == (2, 12) for m in mbs)
     assert torch.all(mbs[1].packed.segment_ids[1] == 0)  # the padding row is empty
+
+
+def test_per_sample_values_undoes_the_packing() -> None:
+    # 3 sequences of 11 / 7 / 5 tokens in rows of 12: packed as [0], [1, 2] across 2 micro-batches
+    seqs = [_seq(0, 5, 2, 4, 1.0), _seq(1, 3, 0, 4, 1.0), _seq(2, 2, 1, 2, 1.0, True)]
+    mbs = pack_sequences(seqs, seq_length=12, micro_batch_size=1, pad_id=0, image_token_id=7)
+    assert len(mbs) == 2
+    # Engine log-probs round-trip; the BPO sample's prefill target has no engine value (0).
+    values = per_sample_values(mbs, [mb.engine_logp for mb in mbs], num_samples=3)
+    assert values == [[-0.5, -1.5, -2.5, -3.5], [-0.5, -1.5, -2.5, -3.5], [0.0, -0.5, -1.5]]
+    # Any per-token result (e.g. compute_logprobs output): the label tokens come back in order.
+    labels = per_sample_values(mbs, [mb.packed.labels.float() for mb in mbs], num_samples=3)
+    assert labels == [
+        [300.0, 301.0, 302.0, 303.0],
+        [300.0, 301.0, 302.0, 303.0],
+        [200.0, 300.0, 301.0],
+    ]

@@ -67,6 +67,7 @@ def test_logprob_parity_figures() -> None:
     assert report["ratio_max"] == pytest.approx(torch.tensor(0.1).exp().item())
     assert report["ratio_min"] == pytest.approx(torch.tensor(-0.1).exp().item())
     assert report["ratio_p90"] <= report["ratio_p99"] <= report["ratio_max"]
+    assert report["ratio_min"] <= report["ratio_p1"] <= report["ratio_p10"] <= 1.0
     with pytest.raises(ValueError, match="sequence 0"):
         logprob_parity([[-1.0]], [[-1.0, -2.0]])
     with pytest.raises(ValueError):

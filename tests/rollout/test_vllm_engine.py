@@ -31,7 +31,12 @@ from megatron_autothink.rollout import (
     logprob_parity,
 )
 from megatron_autothink.rollout.images import expand_image_pads, preprocess_images
-from megatron_autothink.rollout.testing import chat_prompt, hf_token_logprobs
+from megatron_autothink.rollout.testing import (
+    chat_prompt,
+    hf_token_logprobs,
+    megatron_model_from_hf,
+    megatron_token_logprobs,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -242,6 +247,82 @@ def test_logprob_parity_image(engine: Any, hf_model: Any, tiny_vl_dir: Path) -> 
         engine_lp += [c.logprobs for c in group]
         trainer_lp += hf_token_logprobs(hf_model, request.prompt_token_ids, group, images)
     check_parity(engine_lp, trainer_lp, "image")
+
+
+def test_logprob_parity_vs_megatron_trainer(engine: Any, tiny_vl_dir: Path) -> None:
+    """vLLM vs the megatron trainer, as in an RL step: the engine gets its weights from a live
+    megatron model (``iter_hf_weights``, the RL weight sync), samples text and image prompts,
+    and megatron rescores the sampled tokens through ``pack_sequences`` -> ``compute_logprobs``.
+    """
+    from safetensors.torch import load_file
+
+    from megatron_autothink.compat import cpu as cpu_compat
+    from megatron_autothink.convert.gather import iter_hf_weights
+    from megatron_autothink.rl.rollout import cut_at_vision_tokens, vision_token_ids
+
+    tok = engine.tokenizer
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    probe = _probe_requests(engine)
+    before = tokens_and_logprobs(engine.generate(probe, GREEDY))
+    patched_before = cpu_compat.cpu_mode_active()
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=32, seed=23)
+    one = preprocess_images(str(tiny_vl_dir), [noise_image(30)])
+    kinds = {
+        "text": [
+            GenerationRequest(f"mt{i}-{mode}", chat_prompt(tok, text), mode=mode, n=3)
+            for i, text in enumerate(["what is 3 * 4?", "name a colour"])
+            for mode in ("auto", "long", "short")
+        ],
+        "image": [
+            GenerationRequest(f"mi-one-{m}", chat_prompt(tok, "what?", 1), one, mode=m, n=3)
+            for m in ("auto", "long", "short")
+        ]
+        + [
+            GenerationRequest(
+                "mi-two",
+                chat_prompt(tok, "compare", 2),
+                preprocess_images(str(tiny_vl_dir), [noise_image(31), noise_image(32, (84, 112))]),
+                n=3,
+            ),
+            # The trainer's prompt format: pads already expanded to the image's token count.
+            GenerationRequest(
+                "mi-expanded",
+                expand_image_pads(chat_prompt(tok, "caption", 1), pad, one.num_tokens()),
+                one,
+                n=3,
+            ),
+        ],
+    }
+    try:
+        with megatron_model_from_hf(tiny_vl_dir) as (chunks, cfg, ctx):
+            generator = torch.Generator().manual_seed(1)
+            with torch.no_grad():  # new weights: the engine can only match them through the sync
+                for p in (p for c in chunks for p in c.parameters()):
+                    p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p.device))
+            stream = iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint")
+            engine.update_weights(stream, version=engine.policy_version + 1)
+            assert tokens_and_logprobs(engine.generate(probe, GREEDY)) != before
+            for what, requests in kinds.items():
+                groups = engine.generate(requests, sampling)
+                for completion in (c for g in groups for c in g):  # as the RL trainer does
+                    cut_at_vision_tokens(completion, vision_token_ids(tok))
+                trainer_lp = megatron_token_logprobs(
+                    chunks,
+                    ctx,
+                    requests,
+                    groups,
+                    image_token_id=pad,
+                    pad_id=tok.pad_token_id,
+                    seq_length=engine.max_model_len,
+                )
+                check_parity([c.logprobs for g in groups for c in g], trainer_lp, f"mcore {what}")
+    finally:
+        # Other tests share the engine (and the process): original weights, no CPU patches.
+        restored = load_file(str(tiny_vl_dir / "model.safetensors"))
+        engine.update_weights(iter(restored.items()), version=engine.policy_version + 1)
+        if not patched_before:
+            cpu_compat.deactivate()
+    assert tokens_and_logprobs(engine.generate(probe, GREEDY)) == before
 
 
 def test_image_changes_output_and_input_forms_agree(engine: Any, tiny_vl_dir: Path) -> None:
