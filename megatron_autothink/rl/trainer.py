@@ -47,6 +47,7 @@ from megatron_autothink.rl.rollout import (
     generate_groups,
 )
 from megatron_autothink.rl.ssr import ReplayBuffer, ReplayRecord, ssr_select
+from megatron_autothink.rollout.parity import logprob_parity
 from megatron_autothink.rollout.types import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -244,23 +245,25 @@ def rollout_metrics(
 
 
 def logprob_mismatch(batches: list[Any], old: list[torch.Tensor]) -> dict[str, float]:
-    """Engine vs trainer log-probs on the sampled tokens (same weights, before the update)."""
-    diffs = []
+    """Engine vs trainer log-probs on the sampled tokens (same weights, before the update).
+
+    Ratios are ``exp(trainer - engine)``, the importance ratio an on-policy step sees
+    (:func:`~megatron_autothink.rollout.parity.logprob_parity`).
+    """
+    engine, trainer = [], []
     for mb, lp in zip(batches, old, strict=True):
         mask = (mb.packed.loss_mask > 0) & (mb.engine_logp != 0)
-        if mask.any():
-            diffs.append((mb.engine_logp[mask] - lp[mask]).double())
-    if not diffs:
+        engine.append(mb.engine_logp[mask].tolist())
+        trainer.append(lp[mask].tolist())
+    if not any(engine):
         return {}
-    d = torch.cat(diffs)
-    ratio = torch.exp(d)
+    r = logprob_parity(engine, trainer)
     return {
-        "mismatch/max_abs": float(d.abs().max()),
-        "mismatch/mean_abs": float(d.abs().mean()),
-        "mismatch/ratio_median": float(ratio.median()),
-        "mismatch/ratio_p99": float(torch.quantile(ratio, 0.99))
-        if ratio.numel() > 1
-        else float(ratio[0]),
+        "mismatch/max_abs": r["max_abs_diff"],
+        "mismatch/mean_abs": r["mean_abs_diff"],
+        "mismatch/ratio_median": r["ratio_median"],
+        "mismatch/ratio_p1": r["ratio_p1"],
+        "mismatch/ratio_p99": r["ratio_p99"],
     }
 
 

@@ -138,6 +138,7 @@ def build_tiny_qwen2_5_vl(
     initializer_range: float = 0.02,
     max_position_embeddings: int = 4096,
     max_pixels: int = 28 * 28 * 16,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Save a random fp32 Qwen2.5-VL model, tokenizer and image-processor config.
 
@@ -157,6 +158,8 @@ def build_tiny_qwen2_5_vl(
             next-token distributions.
         max_position_embeddings: Context length in the config.
         max_pixels: Image-processor resize cap (small images keep tests fast).
+        tie_word_embeddings: Share the input embedding with the output head (as the
+            small Qwen2.5-VL models and our tiny recipes do).
 
     Returns:
         The model directory.
@@ -192,6 +195,7 @@ def build_tiny_qwen2_5_vl(
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": tie_word_embeddings,
         },
         vision_config={
             "depth": vision_depth,
