@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, RewardWeights, RLConfig, StageConfig
+from megatron_autothink.config import AutothinkConfig, RewardWeights, RLConfig
 from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.actor import compute_logprobs, policy_update
@@ -319,7 +319,7 @@ SUMMED_METRICS = (
 
 @dataclass
 class RLContext:
-    """Long-lived objects of one RL stage (built once by :func:`run_rl_stage`)."""
+    """Long-lived objects of one RL stage (built once by :func:`~megatron_autothink.rl.stage.run_stage`)."""
 
     cfg: AutothinkConfig
     ctx: ParallelContext
@@ -437,33 +437,3 @@ def _rollouts(
         )
     rc.engine.sleep()
     return groups, metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage set-up (engine, weight sync, resume) — see run_rl_stage
-# ---------------------------------------------------------------------------------------------
-
-
-def run_rl_stage(
-    cfg: AutothinkConfig,
-    ctx: ParallelContext,
-    stage: StageConfig,
-    chunks: list[torch.nn.Module],
-    tokenizer: Any,
-    *,
-    step_offset: int,
-    previous: Any,
-    watcher: Any = None,
-) -> tuple[Any, Any]:
-    from megatron_autothink.rl.stage import run_stage
-
-    return run_stage(
-        cfg,
-        ctx,
-        stage,
-        chunks,
-        tokenizer,
-        step_offset=step_offset,
-        previous=previous,
-        watcher=watcher,
-    )

@@ -296,7 +296,7 @@ def main(cfg: AutothinkConfig) -> int:
         offset, previous = 0, None
         for stage in stages:
             if stage.kind == "rl":
-                from megatron_autothink.rl.trainer import run_rl_stage as run_stage
+                from megatron_autothink.rl.stage import run_stage
             else:
                 run_stage = run_sft_stage
             state, previous = run_stage(
