@@ -83,8 +83,21 @@ def resolve_backend(m: ModelConfig) -> str:
     return impl
 
 
-def local_layer_spec(causal: bool = True) -> ModuleSpec:
-    """Local backend layer: RMSNorm -> SDPA self-attention -> RMSNorm -> gated MLP."""
+# Checkpoint keys of the local layer's norms under Transformer Engine's names (TE fuses each norm
+# into the following linear): a language model checkpointed with either backend loads into the
+# other. megatron-core's own local GPT spec maps them the same way.
+TE_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+def local_layer_spec(causal: bool = True, te_checkpoint_keys: bool = True) -> ModuleSpec:
+    """Local backend layer: RMSNorm -> SDPA self-attention -> RMSNorm -> gated MLP.
+
+    ``te_checkpoint_keys`` saves the norms under TE's names (:data:`TE_NORM_KEYS`); the vision
+    tower, local with either backend, keeps its own names.
+    """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -109,6 +122,7 @@ def local_layer_spec(causal: bool = True) -> ModuleSpec:
                 ),
             ),
             mlp_bda=_bda(),
+            sharded_state_dict_keys_map=dict(TE_NORM_KEYS) if te_checkpoint_keys else {},
         ),
     )
 
@@ -135,4 +149,4 @@ def language_layer_spec(impl: str) -> ModuleSpec:
 def vision_layer_spec() -> ModuleSpec:
     # The vision tower is small and needs per-block masks (windows vs. whole image); the local
     # spec with SDPA serves it on every device.
-    return local_layer_spec(causal=False)
+    return local_layer_spec(causal=False, te_checkpoint_keys=False)

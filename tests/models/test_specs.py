@@ -76,3 +76,41 @@ def test_te_layers_without_te_name_the_field(monkeypatch: pytest.MonkeyPatch) ->
     _fake_machine(monkeypatch, te=False, gpu=False)
     with pytest.raises(ConfigError, match=r"^model\.transformer_impl=transformer_engine needs"):
         specs.resolve_backend(cfg.model)
+
+
+def _checkpoint_weight_keys() -> list[str]:
+    from megatron_autothink.config import load_config
+    from megatron_autothink.convert.live import unwrap
+    from megatron_autothink.parallel import init_distributed, seed_everything
+    from megatron_autothink.train.setup import build_model_chunks
+
+    cfg = load_config("tiny_cpu")
+    ctx = init_distributed(cfg)
+    seed_everything(0, ctx)
+    (chunk,) = build_model_chunks(cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=7)
+    # The checkpoint key is each sharded tensor's ``key`` (the keys map rewrites those, not the
+    # dict's module-path keys).
+    return [
+        v.key
+        for k, v in unwrap(chunk).sharded_state_dict().items()
+        if not k.endswith("_extra_state")
+    ]
+
+
+def test_local_layers_checkpoint_under_transformer_engine_names() -> None:
+    """The local spec saves its language-model norms under TE's fused names, so a checkpoint
+    from GPU (TE) runs loads on CPU (local) and back; the vision tower keeps its names."""
+    from megatron_autothink.config import load_config
+    from megatron_autothink.convert.mapping import weight_specs
+    from tests.dist_utils import run_distributed
+
+    import re
+
+    (keys,) = run_distributed(_checkpoint_weight_keys, 1)
+    te_names = {s.mcore for s in weight_specs(load_config("tiny_cpu").model, fused_norms=True)}
+    # The language model's decoder block stacks its layers into one key per weight (the layer
+    # is a shard offset); the vision tower keeps one key per layer.
+    stacked = {re.sub(r"^(language_model\.decoder\.layers)\.\d+\.", r"\1.", n) for n in te_names}
+    assert set(keys) == stacked
+    assert "language_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "vision.layers.0.input_layernorm.weight" in keys
