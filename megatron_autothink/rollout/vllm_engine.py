@@ -30,6 +30,7 @@ Design decisions (details in ``docs/rollout.md``):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -37,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -135,6 +136,25 @@ def request_seed(seed: int, request_id: str) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 2**20)
 
 
+def child_visible_devices(device_index: int, visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a child process that must use this process's GPU.
+
+    ``device_index`` is the torch index in this process, which counts within ``visible``.
+
+    Example:
+        >>> child_visible_devices(2, None), child_visible_devices(1, "4,5,6")
+        ('2', '5')
+    """
+    if not visible:
+        return str(device_index)
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if device_index >= len(ids):
+        raise EngineStartError(
+            f"GPU index {device_index} is not among CUDA_VISIBLE_DEVICES={visible!r}"
+        )
+    return ids[device_index]
+
+
 def _run_with_timeout(fn: Callable[[], _T], timeout_s: float, what: str) -> _T:
     """Run ``fn`` in a daemon thread and wait at most ``timeout_s`` seconds for it.
 
@@ -223,9 +243,10 @@ class VLLMRolloutEngine(RolloutEngine):
         kwargs = self._engine_kwargs()
         t0 = time.perf_counter()
         try:
-            self._llm = _run_with_timeout(
-                lambda: self._start_llm(kwargs), config.start_timeout_s, "vLLM engine start"
-            )
+            with self._engine_process_on_my_gpu():
+                self._llm = _run_with_timeout(
+                    lambda: self._start_llm(kwargs), config.start_timeout_s, "vLLM engine start"
+                )
         except TimeoutError as e:
             raise EngineStartError(f"vLLM did not start from {config.model_dir!r}: {e}") from e
         except Exception as e:
@@ -300,6 +321,31 @@ class VLLMRolloutEngine(RolloutEngine):
             )
         kwargs.update(cfg.engine_kwargs)
         return kwargs
+
+    @contextlib.contextmanager
+    def _engine_process_on_my_gpu(self) -> Iterator[None]:
+        """Multiprocess mode on GPU: the engine's processes must use this rank's GPU.
+
+        vLLM's worker process takes the first visible GPU, so with several trainer ranks per
+        node every engine would land on GPU 0. Its processes are spawned while the engine
+        starts and inherit the environment, so ``CUDA_VISIBLE_DEVICES`` names only this
+        rank's GPU for that moment (this process's CUDA context is already bound and ignores
+        the change). Unverified here: no GPU machine was available.
+        """
+        if self.config.in_process or self.device != "cuda":
+            yield
+            return
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = child_visible_devices(
+            torch.cuda.current_device(), before
+        )
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
 
     @staticmethod
     def _start_llm(kwargs: dict[str, Any]) -> Any:

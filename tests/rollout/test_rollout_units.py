@@ -170,3 +170,13 @@ def test_engine_abc_versions_and_context_manager() -> None:
         engine.update_weights([], version=5)
         assert engine.generate(request, SamplingConfig())
     assert engine.closed == 1
+
+
+def test_engine_process_gpu_follows_visible_devices() -> None:
+    from megatron_autothink.rollout.engine import EngineStartError
+    from megatron_autothink.rollout.vllm_engine import child_visible_devices
+
+    assert child_visible_devices(0, "") == "0"
+    assert child_visible_devices(3, " 2, 7 ,1,0") == "0"
+    with pytest.raises(EngineStartError, match="not among CUDA_VISIBLE_DEVICES"):
+        child_visible_devices(2, "4,5")
