@@ -38,7 +38,9 @@ class DemoSettings:
     def __init__(self, smoke: bool) -> None:
         self.recipe = "demo_smoke" if smoke else "demo_tiny"
         self.n_train = 400 if smoke else 4000
-        self.n_test = 30 if smoke else 150
+        # 500 test questions: ~100 per difficulty, so the 2-point accuracy goal is above the
+        # 1-sample granularity (~3 points at 150 questions).
+        self.n_test = 30 if smoke else 500
         self.eval_limit: int | None = 12 if smoke else None
         self.max_new_tokens = 48 if smoke else 96
 
