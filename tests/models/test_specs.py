@@ -100,11 +100,11 @@ def _checkpoint_weight_keys() -> list[str]:
 def test_local_layers_checkpoint_under_transformer_engine_names() -> None:
     """The local spec saves its language-model norms under TE's fused names, so a checkpoint
     from GPU (TE) runs loads on CPU (local) and back; the vision tower keeps its names."""
+    import re
+
     from megatron_autothink.config import load_config
     from megatron_autothink.convert.mapping import weight_specs
     from tests.dist_utils import run_distributed
-
-    import re
 
     (keys,) = run_distributed(_checkpoint_weight_keys, 1)
     te_names = {s.mcore for s in weight_specs(load_config("tiny_cpu").model, fused_norms=True)}

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["types", "rewards", "advantages", "bpo", "losses", "ssr", "rethinking"]
+MODULES = ["types", "rewards", "advantages", "bpo", "losses", "ssr", "rethinking", "comm"]
 
 
 @pytest.mark.parametrize("name", MODULES)
