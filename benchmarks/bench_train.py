@@ -6,6 +6,7 @@ AdamW, one optimizer step per batch. Ours runs the real path: megatron DDP + dis
 optimizer + ``get_forward_backward_func`` schedule. Prints tokens/s of each and the ratio.
 
     python benchmarks/bench_train.py [--recipe tiny_cpu] [--steps 8] [--rows 4] [--seq 512]
+        [KEY=VALUE ...]   # dotted config overrides for both sides, e.g. model.hidden_size=512
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def bench_hf(cfg, batch, steps: int) -> float:  # type: ignore[no-untyped-def]
     return batch.tokens.numel() / (sum(times) / len(times))
 
 
-def _ours(recipe: str, rows: int, seq: int, steps: int, threads: int) -> float:
+def _ours(
+    recipe: str, rows: int, seq: int, steps: int, threads: int, overrides: list[str]
+) -> float:
     torch.set_num_threads(threads)  # the spawn helper pins 1 thread; match the HF side
     from megatron_autothink.config import load_config
     from megatron_autothink.parallel import init_distributed, seed_everything
@@ -97,6 +100,7 @@ def _ours(recipe: str, rows: int, seq: int, steps: int, threads: int) -> float:
             f"data.micro_batch_size={rows}",
             f"data.global_batch_size={rows}",
             f"data.seq_length={seq}",
+            *overrides,
         ],
     )
     ctx = init_distributed(cfg)
@@ -123,17 +127,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides (both sides)")
     args = ap.parse_args()
     from megatron_autothink.config import load_config
     from tests.dist_utils import run_distributed
 
     threads = torch.get_num_threads()
-    cfg = load_config(args.recipe)
-    (ours,) = run_distributed(_ours, 1, args.recipe, args.rows, args.seq, args.steps, threads)
+    cfg = load_config(args.recipe, args.overrides)
+    (ours,) = run_distributed(
+        _ours, 1, args.recipe, args.rows, args.seq, args.steps, threads, args.overrides
+    )
     torch.manual_seed(0)
     hf = bench_hf(cfg, make_batch(args.rows, args.seq, cfg.model.vocab_size), args.steps)
     print(
-        f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} threads={torch.get_num_threads()}"
+        f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} "
+        f"threads={torch.get_num_threads()} overrides={args.overrides}"
     )
     print(f"ours (megatron-core, DDP + distributed optimizer): {ours:10.0f} tokens/s")
     print(f"Hugging Face transformers (AdamW):                {hf:10.0f} tokens/s")

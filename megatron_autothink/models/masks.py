@@ -28,6 +28,23 @@ def packed_causal_mask(segment_ids: Tensor) -> Tensor:
     return ~allowed[:, None]
 
 
+def language_attention_mask(segment_ids: Tensor) -> Tensor | None:
+    """The decoder's attention mask for a packed batch, or None when it is plain causal.
+
+    When every row holds one sample and no padding, the block-diagonal mask equals the causal
+    one; None then lets attention take the fused ``is_causal`` kernels (SDPA's or Transformer
+    Engine's) instead of reading a ``[B, 1, S, S]`` mask in every layer.
+
+    >>> language_attention_mask(torch.tensor([[1, 1, 1]])) is None
+    True
+    >>> language_attention_mask(torch.tensor([[1, 1, 0]])).shape
+    torch.Size([1, 1, 3, 3])
+    """
+    if bool((segment_ids == 1).all()):
+        return None
+    return packed_causal_mask(segment_ids)
+
+
 def block_diagonal_mask(cu_seqlens: Tensor, total: int) -> Tensor:
     """Non-causal block-diagonal mask ``[1, 1, total, total]`` from cumulative lengths.
 
