@@ -65,11 +65,22 @@ def init_distributed(cfg: AutothinkConfig, timeout_s: int = 600) -> ParallelCont
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
         cfg.world_layout(world)  # fail before any group exists
+        init_method = None
+        if world == 1 and "MASTER_PORT" not in os.environ:
+            # A world of one (a plain process, a notebook, an in-process export): a private
+            # port, not written to os.environ, where child processes (another `autothink
+            # train`, torchrun) would inherit it and find it taken by this process's store.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+            backend=backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
         )
     world = dist.get_world_size()
     layout = cfg.world_layout(world)

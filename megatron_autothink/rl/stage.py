@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,10 @@ def run_stage(
     step_offset: int,
     previous: CheckpointManager | None,
     watcher: PreemptionWatcher | None = None,
+    engine_slot: EngineSlot | None = None,
 ) -> tuple[LoopState, CheckpointManager]:
+    """One RL stage. ``engine_slot`` carries the run's rollout engine across its RL stages (the
+    caller shuts it down after the last one); without it the stage shuts its engine down."""
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
     from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
 
@@ -196,11 +200,13 @@ def run_stage(
             ref.requires_grad_(False)
 
     run_dir = Path(cfg.logging.run_dir)
-    engine = _ENGINE.get("engine")
+    own_slot = engine_slot is None
+    slot = EngineSlot() if engine_slot is None else engine_slot
+    engine = slot.engine
     t0 = time.perf_counter()
     if engine is None:
-        # One engine for the whole run: vLLM's in-process shutdown tears down the default
-        # process group, so it is shut down once, by shutdown_engine(), after the last stage.
+        # One engine for the whole run: an in-process vLLM's shutdown tears down the default
+        # process group, so the run shuts it down once, after its last stage.
         engine_dir = run_dir / "rollout_engine"
         if ctx.rank == 0:
             engine_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +216,7 @@ def run_stage(
             if engine_owner(ctx)
             else None
         )
-        _ENGINE["engine"] = engine
+        slot.engine = engine
         log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
 
     def weight_sync(version: int) -> float:
@@ -261,17 +267,22 @@ def run_stage(
     finally:
         for cb in callbacks:
             cb.on_train_end(state)
+        if own_slot:
+            slot.shutdown()
     return state, ckpt
 
 
-_ENGINE: dict[str, Any] = {}
+@dataclass
+class EngineSlot:
+    """The run's rollout engine (None on ranks that own none), shared by its RL stages."""
 
+    engine: Any = None
 
-def shutdown_engine() -> None:
-    """Stop the run's rollout engine (after the last stage; see run_stage)."""
-    engine = _ENGINE.pop("engine", None)
-    if engine is not None:
-        engine.shutdown()
+    def shutdown(self) -> None:
+        """Stop the engine (idempotent); call after the run's last RL stage."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
 
 
 def _image_id(tokenizer: Any) -> int:

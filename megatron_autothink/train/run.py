@@ -264,6 +264,9 @@ def main(cfg: AutothinkConfig) -> int:
             "`autothink prep digits --out data/digits` then data.train_path=data/digits"
         )
     ctx = init_distributed(cfg)
+    from megatron_autothink.rl.stage import EngineSlot
+
+    engine_slot = EngineSlot()  # one rollout engine for all RL stages of the run
     try:
         run_dir = Path(cfg.logging.run_dir)
         if ctx.rank == 0:
@@ -296,19 +299,30 @@ def main(cfg: AutothinkConfig) -> int:
         offset, previous = 0, None
         for stage in stages:
             if stage.kind == "rl":
-                from megatron_autothink.rl.stage import run_stage
+                from megatron_autothink.rl.stage import run_stage as run_rl_stage
+
+                state, previous = run_rl_stage(
+                    cfg,
+                    ctx,
+                    stage,
+                    chunks,
+                    tokenizer,
+                    step_offset=offset,
+                    previous=previous,
+                    watcher=watcher,
+                    engine_slot=engine_slot,
+                )
             else:
-                run_stage = run_sft_stage
-            state, previous = run_stage(
-                cfg,
-                ctx,
-                stage,
-                chunks,
-                tokenizer,
-                step_offset=offset,
-                previous=previous,
-                watcher=watcher,
-            )
+                state, previous = run_sft_stage(
+                    cfg,
+                    ctx,
+                    stage,
+                    chunks,
+                    tokenizer,
+                    step_offset=offset,
+                    previous=previous,
+                    watcher=watcher,
+                )
             if state.stop_requested:
                 if ctx.rank == 0:
                     write_marker(
@@ -327,7 +341,5 @@ def main(cfg: AutothinkConfig) -> int:
         log.error("%s", e)
         return 3
     finally:
-        from megatron_autothink.rl.stage import shutdown_engine
-
-        shutdown_engine()
+        engine_slot.shutdown()
         destroy_distributed()
