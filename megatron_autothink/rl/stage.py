@@ -116,10 +116,10 @@ def run_stage(
     step_offset: int,
     previous: CheckpointManager | None,
     watcher: PreemptionWatcher | None = None,
-    engine_slot: EngineSlot | None = None,
+    engine_slot: EngineSlot,
 ) -> tuple[LoopState, CheckpointManager]:
-    """One RL stage. ``engine_slot`` carries the run's rollout engine across its RL stages (the
-    caller shuts it down after the last one); without it the stage shuts its engine down."""
+    """One RL stage. ``engine_slot`` carries the run's rollout engine across its RL stages; the
+    caller shuts it down after the last one."""
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
     from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
 
@@ -151,7 +151,6 @@ def run_stage(
         else None
     )
     comm = RLComm.create(ctx)
-    in_process = engine_in_process(cfg, ctx)
     # Data-parallel ranks draw differently (rethinking triggers, SSR); the ranks of one
     # model-parallel group draw alike, so they select the same samples.
     rng = random.Random(cfg.train.seed + 17 + 7919 * ctx.dp_rank)
@@ -200,9 +199,7 @@ def run_stage(
             ref.requires_grad_(False)
 
     run_dir = Path(cfg.logging.run_dir)
-    own_slot = engine_slot is None
-    slot = EngineSlot() if engine_slot is None else engine_slot
-    engine = slot.engine
+    engine = engine_slot.engine
     t0 = time.perf_counter()
     if engine is None:
         # One engine for the whole run: an in-process vLLM's shutdown tears down the default
@@ -211,12 +208,13 @@ def run_stage(
         if ctx.rank == 0:
             engine_dir.mkdir(parents=True, exist_ok=True)
         export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
+        in_process = engine_in_process(cfg, ctx)
         engine = (
             build_engine(cfg, engine_dir, version=0, in_process=in_process)
             if engine_owner(ctx)
             else None
         )
-        slot.engine = engine
+        engine_slot.engine = engine
         log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
 
     def weight_sync(version: int) -> float:
@@ -267,8 +265,6 @@ def run_stage(
     finally:
         for cb in callbacks:
             cb.on_train_end(state)
-        if own_slot:
-            slot.shutdown()
     return state, ckpt
 
 

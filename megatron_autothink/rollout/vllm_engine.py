@@ -254,9 +254,10 @@ class VLLMRolloutEngine(RolloutEngine):
             if self.is_vision_language and not config.in_process:
                 hint = (
                     " (multiprocess mode: vLLM spawns its engine process, which must register our "
-                    "Qwen2.5-VL architecture too; import megatron_autothink.rollout.vllm_worker "
-                    "at the top of the entry script, or declare the vllm.general_plugins entry "
-                    "point, see docs/rollout.md)"
+                    "Qwen2.5-VL architecture too: through the package's vllm.general_plugins "
+                    "entry point, so install megatron-autothink (pip install -e .) rather than "
+                    "only putting it on PYTHONPATH, or import megatron_autothink.rollout."
+                    "vllm_worker at the top of the entry script; see docs/rollout.md)"
                 )
             raise EngineStartError(
                 f"vLLM failed to start from {config.model_dir!r}: {type(e).__name__}: {e}{hint}"

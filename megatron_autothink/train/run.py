@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -301,28 +302,19 @@ def main(cfg: AutothinkConfig) -> int:
             if stage.kind == "rl":
                 from megatron_autothink.rl.stage import run_stage as run_rl_stage
 
-                state, previous = run_rl_stage(
-                    cfg,
-                    ctx,
-                    stage,
-                    chunks,
-                    tokenizer,
-                    step_offset=offset,
-                    previous=previous,
-                    watcher=watcher,
-                    engine_slot=engine_slot,
-                )
+                run_stage: Any = partial(run_rl_stage, engine_slot=engine_slot)
             else:
-                state, previous = run_sft_stage(
-                    cfg,
-                    ctx,
-                    stage,
-                    chunks,
-                    tokenizer,
-                    step_offset=offset,
-                    previous=previous,
-                    watcher=watcher,
-                )
+                run_stage = run_sft_stage
+            state, previous = run_stage(
+                cfg,
+                ctx,
+                stage,
+                chunks,
+                tokenizer,
+                step_offset=offset,
+                previous=previous,
+                watcher=watcher,
+            )
             if state.stop_requested:
                 if ctx.rank == 0:
                     write_marker(
