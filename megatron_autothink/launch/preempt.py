@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from megatron_autothink.fileio import atomic_write_text
+
 MARKER_NAME = "PREEMPTED"
 """File written in the run directory once the pre-emption checkpoint is complete."""
 ENV_MARKER = "AUTOTHINK_PREEMPT_MARKER"
@@ -71,9 +73,7 @@ def write_marker(
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         "restart_count": restart_count(),
     }
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(info) + "\n")
 
 
 class PreemptionWatcher:

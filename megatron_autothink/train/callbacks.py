@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
 import string
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from megatron_autothink.config import AutothinkConfig
+from megatron_autothink.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from megatron_autothink.train.loop import LoopState
@@ -135,9 +135,7 @@ class WandbLogger(Callback):
             return path.read_text().strip()
         alphabet = string.ascii_lowercase + string.digits
         run_id = "".join(secrets.choice(alphabet) for _ in range(8))
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, run_id + "\n")
         return run_id
 
     def on_train_start(self, state: LoopState) -> None:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from megatron_autothink.fileio import atomic_write_text
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.setup import OptimizerBundle
 
@@ -240,9 +241,7 @@ class CheckpointManager:
             }
             (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, default=str))
             os.replace(tmp, final)
-            latest_tmp = self.root / "latest.tmp"
-            latest_tmp.write_text(final.name)
-            os.replace(latest_tmp, self.root / "latest")
+            atomic_write_text(self.root / "latest", final.name)
             for old in self.candidates()[self.keep_last :]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
