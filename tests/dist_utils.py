@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -11,6 +12,19 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+
+def python_launcher(nproc: int) -> list[str]:
+    """Command prefix that starts ``python -m ...`` on ``nproc`` local ranks (torchrun when > 1)."""
+    if nproc == 1:
+        return [sys.executable]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--standalone",
+    ]
 
 
 def _free_port() -> int:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.dist_utils import python_launcher
+
 pytestmark = [pytest.mark.vllm]
 
 SMALL = [
@@ -70,13 +72,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _train(
     recipe: str, data: dict[str, Path], run: Path, stages: str, *extra: str, nproc: int = 1
 ) -> subprocess.Popen[bytes]:
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone"]
-        if nproc > 1
-        else [sys.executable]
-    )
     cmd = [
-        *launcher,
+        *python_launcher(nproc),
         "-m",
         "megatron_autothink.cli",
         "train",

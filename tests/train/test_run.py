@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dist_utils import python_launcher
+
 TINY = [
     "data.seq_length=256",
     "data.micro_batch_size=2",
@@ -43,19 +45,8 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cmd(data: Path, run: Path, *extra: str, nproc: int = 1) -> list[str]:
-    launcher = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            "--standalone",
-        ]
-        if nproc > 1
-        else [sys.executable]
-    )
     return [
-        *launcher,
+        *python_launcher(nproc),
         "-m",
         "megatron_autothink.cli",
         "train",
