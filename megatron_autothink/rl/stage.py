@@ -172,20 +172,14 @@ def run_stage(
     }
     if replay is not None:
         state.extra_rank_state["replay"] = replay.state_dict
-    resumed = ckpt.load_latest(chunks, opt) if cfg.checkpoint.resume else None
-    if resumed is not None:
-        state.step = resumed.step
-        rs = resumed.rank_state
-        if "data" in rs:
-            loader.load_state_dict(rs["data"])
+    rs = state.resume(previous)
+    if rs is not None:
         if "rethink_rng" in rs:
             rng.setstate(_as_tuple(rs["rethink_rng"]))
         if "ssr_generator" in rs:
             gen.set_state(rs["ssr_generator"])
         if replay is not None and "replay" in rs:
             replay.load_state_dict(rs["replay"])
-    elif previous is not None:
-        previous.load_latest(chunks, None)
     if state.step >= stage.steps:
         return state, ckpt
 

@@ -77,6 +77,33 @@ class LoopState:
         )
         self._saved_step = self.step
 
+    def resume(self, previous: CheckpointManager | None) -> dict[str, Any] | None:
+        """The mirror of :meth:`save_checkpoint` at the start of a stage.
+
+        With ``checkpoint.resume`` and a checkpoint of this stage: load model, optimizer, step
+        and data position, and return the checkpoint's rank state (for the stage's own extras).
+        Otherwise start from the previous stage's final weights, if there is one, and return
+        None.
+        """
+        resumed = (
+            self.ckpt.load_latest(self.chunks, self.opt)
+            if self.ckpt is not None and self.cfg.checkpoint.resume
+            else None
+        )
+        if resumed is not None:
+            self.step = resumed.step
+            if "data" in resumed.rank_state:
+                self.data.load_state_dict(resumed.rank_state["data"])
+            return resumed.rank_state
+        if previous is not None:
+            prev = previous.load_latest(self.chunks, None)
+            log.info(
+                "stage %s starts from the final weights of %s",
+                self.stage,
+                prev.path if prev else "?",
+            )
+        return None
+
     def evaluate(self) -> dict[str, float]:
         return self.eval_fn() if self.eval_fn is not None else {}
 

@@ -227,16 +227,7 @@ def run_sft_stage(
         total_steps=stage.steps,
         step_offset=step_offset,
     )
-    resumed = ckpt.load_latest(chunks, opt) if cfg.checkpoint.resume else None
-    if resumed is not None:
-        state.step = resumed.step
-        if "data" in resumed.rank_state:
-            loader.load_state_dict(resumed.rank_state["data"])
-    elif previous is not None:
-        prev = previous.load_latest(chunks, None)
-        log.info(
-            "stage %s starts from the final weights of %s", stage.name, prev.path if prev else "?"
-        )
+    state.resume(previous)
     if state.step >= stage.steps:
         log.info("stage %s already finished (step %d)", stage.name, state.step)
         return state, ckpt
