@@ -85,10 +85,33 @@ def wrap_ddp(
                 pg_collection=ctx.pg,
             )
         )
+    for chunk in wrapped:
+        _skip_identity_param_gather(chunk)
     cfg0: Any = wrapped[0].config
     cfg0.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=ctx.pg)
     cfg0.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     return wrapped
+
+
+def _skip_identity_param_gather(chunk: DistributedDataParallel) -> None:
+    """Make the distributed optimizer's param all-gather a no-op when every shard group has one
+    rank (DP = CP = 1): each bucket then gathers its buffer into itself.
+
+    Why bother with an identity: on CPU, gloo performs that gather as a large copy on its own
+    thread, which starts a second OpenMP thread team. libgomp then counts more threads than
+    cores and throttles every team's spin-wait for the rest of the process, so the trainer's
+    worker threads sleep between ops: the tiny CPU step measured 246 ms with it, 169 ms without
+    (docs/benchmarks.md). On GPU it saves one NCCL call per step.
+    """
+    groups = list(chunk.bucket_groups) + list(chunk.expert_parallel_bucket_groups)
+    if not chunk.ddp_config.use_distributed_optimizer or not groups:
+        return
+    if all(g.intra_distributed_optimizer_instance_size == 1 for g in groups):
+        chunk.start_param_sync = _no_param_sync  # type: ignore[method-assign]
+
+
+def _no_param_sync(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 @dataclass
