@@ -26,8 +26,8 @@ Patches (see ``PATCHES``):
     ``tensor_parallel.checkpoint`` (activation recompute, ``model.recompute``), which saves and
     restores the CUDA RNG state around the recomputed forward.
 ``device_kwarg``
-    A ``TorchFunctionMode`` that rewrites ``device="cuda"`` / ``cuda:N`` / an int device in
-    tensor factories and ``Tensor.to``/``Tensor.cuda`` to the CPU. Covers the literal
+    Tensor factories (``torch.zeros``, ``torch.tensor``, ...), ``Tensor.to`` and ``Tensor.cuda``
+    map ``device="cuda"`` / ``cuda:N`` / an int device to the CPU. Covers the literal
     ``device="cuda"`` tensors in DDP's grad-buffer set-up and the token counters in
     ``pipeline_parallel.schedules.forward_backward_*``.
 ``cuda_tensor_type``
@@ -40,13 +40,12 @@ Patches (see ``PATCHES``):
 
 from __future__ import annotations
 
-import threading
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 __all__ = ["PATCHES", "Patch", "activate", "cpu_mode_active", "deactivate", "needs_cpu_mode"]
 
@@ -137,42 +136,70 @@ def _is_cuda_device(dev: Any) -> bool:
 
 _CPU = torch.device("cpu")
 
+# The tensor factories megatron-core calls with a literal CUDA device (grep of 0.16: tensor,
+# zeros, ones, empty, empty_like, randn) plus their siblings, so a new call site is covered too.
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "eye",
+    "linspace",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "empty_strided",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+)
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrite CUDA devices to the CPU in every torch call made while the mode is active."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
+def _on_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a CUDA ``device=`` keyword rewritten to the CPU."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         dev = kwargs.get("device")
         if dev is not None and _is_cuda_device(dev):
             kwargs["device"] = _CPU
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _CPU, *args[2:])
-        return func(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-
-_mode_lock = threading.Lock()
-_mode: _CudaToCpuMode | None = None
+    return wrapper
 
 
 def _apply_device_kwarg() -> None:
-    global _mode
-    with _mode_lock:
-        if _mode is None:
-            _mode = _CudaToCpuMode()
-            # Pushed for the thread that activates (the trainer's main thread). Worker threads of
-            # megatron's checkpoint writer only move CPU tensors, so they do not need it.
-            _mode.__enter__()
+    # Why wrappers and not a TorchFunctionMode (the first version): a mode runs Python for every
+    # torch call on its thread, ~6 us each; it cost 10% of a tiny CPU train step and slowed an
+    # in-process vLLM engine the same way. Wrapping the factories costs only their own calls.
+    for name in _FACTORIES:
+        _set(torch, name, _on_cpu(getattr(torch, name)))
+    to = torch.Tensor.to
+
+    def _to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args and _is_cuda_device(args[0]):
+            args = (_CPU, *args[1:])
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs["device"] = _CPU
+        return to(self, *args, **kwargs)
+
+    _set(torch.Tensor, "to", _to)
+    _set(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
 
 
 def _revert_device_kwarg() -> None:
-    global _mode
-    with _mode_lock:
-        if _mode is not None:
-            _mode.__exit__(None, None, None)
-            _mode = None
+    for name in _FACTORIES:
+        _restore(torch, name)
+    _restore(torch.Tensor, "to")
+    _restore(torch.Tensor, "cuda")
 
 
 # --- cuda_tensor_type -------------------------------------------------------------------------
