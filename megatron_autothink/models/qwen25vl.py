@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_autothink.config import ModelConfig, ParallelConfig
+from megatron_autothink.models import rope
 from megatron_autothink.models.specs import language_layer_spec, resolve_backend, vision_layer_spec
 from megatron_autothink.models.vision import Qwen25VisionModel
 
@@ -132,6 +133,7 @@ class Qwen25VLModel(MegatronModule):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         use_cpu_init = not torch.cuda.is_available()
+        rope.install()  # megatron's attention applies RoPE in one autograd node (models/rope.py)
         lm_cfg = language_config(m, p, dtype, use_cpu_init=use_cpu_init)
         super().__init__(config=lm_cfg)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
