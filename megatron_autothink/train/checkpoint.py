@@ -145,7 +145,10 @@ def _restore_adam_steps(opt: OptimizerBundle) -> None:
             for p in group["params"]:
                 st = torch_opt.state.get(p)
                 if st is not None and "step" in st:
-                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype)
+                    old = st["step"]
+                    st["step"] = torch.tensor(
+                        float(group["step"]), dtype=old.dtype, device=old.device
+                    )
 
 
 @dataclass

@@ -116,7 +116,8 @@ def train_step(
 ) -> StepResult:
     """Forward/backward over this rank's micro-batches and (unless ``forward_only``) one update."""
     for c in chunks:
-        c.train(not forward_only)
+        if c.training == forward_only:  # train()/eval() walk every submodule: only on a change
+            c.train(not forward_only)
         zero = getattr(c, "zero_grad_buffer", None)
         if not forward_only and zero is not None:
             zero()

@@ -61,6 +61,9 @@ def _worker(overrides: list[str], ckpt: str, save: bool, n_micro: int) -> dict:
     # DP=1 skips the distributed optimizer's identity param all-gather (train.setup); DP=2 runs it.
     out["param_gather_skipped"] = chunks[0].start_param_sync is setup._no_param_sync
     opt = build_optimizer(cfg, chunks, ctx, total_steps=STEPS)
+    out["fused_adam"] = [
+        g["fused"] for o in opt.optimizer.chained_optimizers for g in o.optimizer.param_groups
+    ]
     all_mbs = _micro_batches(n_micro)
     # Each DP rank takes its contiguous share of the global batch's micro-batches.
     per_rank = n_micro // ctx.dp
@@ -78,6 +81,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     ckpt = str(tmp_path_factory.mktemp("ref_ckpt"))
     (ref,) = run_distributed(_worker, 1, [], ckpt, True, 2)
     assert ref["param_gather_skipped"]
+    assert ref["fused_adam"] and all(ref["fused_adam"])  # torch's fused AdamW (train.setup)
     return ckpt, ref
 
 
