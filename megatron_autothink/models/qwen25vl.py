@@ -67,8 +67,10 @@ def language_config(
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Fusions are CUDA kernels; the TE path enables its own.
-        bias_activation_fusion=False,
+        # SwiGLU fusion is megatron's TorchScript function: it runs on CPU too, and there it is
+        # ~4% of a hidden-512 step faster than the chunk + silu + mul path. The other fusions
+        # are CUDA kernels (the TE path enables its own); RoPE goes through models/rope.py.
+        bias_activation_fusion=True,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -105,7 +107,7 @@ def vision_config(
         tensor_model_parallel_size=p.tp,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        bias_activation_fusion=False,
+        bias_activation_fusion=True,  # see language_config
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
