@@ -67,10 +67,10 @@ def language_config(
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # SwiGLU fusion is megatron's TorchScript function: it runs on CPU too, and there it is
-        # ~4% of a hidden-512 step faster than the chunk + silu + mul path. The other fusions
-        # are CUDA kernels (the TE path enables its own); RoPE goes through models/rope.py.
-        bias_activation_fusion=True,
+        # Fusions are CUDA kernels; the TE path enables its own. megatron's SwiGLU "fusion" is
+        # TorchScript: 3x faster element-wise on CPU once compiled, but compiling took 6 s on
+        # the first tiny step and recompiles as vision-token counts change, so it stays off.
+        bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -107,7 +107,7 @@ def vision_config(
         tensor_model_parallel_size=p.tp,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        bias_activation_fusion=True,  # see language_config
+        bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
