@@ -8,6 +8,8 @@ schedules and DDP still consult ``parallel_state`` internally, so we initialise 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -111,6 +113,31 @@ def init_distributed(cfg: AutothinkConfig, timeout_s: int = 600) -> ParallelCont
         device=device,
         pg=pg,
     )
+
+
+@contextmanager
+def serial_gloo_workers() -> Iterator[None]:
+    """Run a block of gloo collectives (dist-checkpoint save/load) with torch's intra-op thread
+    count at 1 on a CPU-only machine; a no-op with CUDA.
+
+    Why: a gloo worker thread that moves more than 32k elements runs torch's parallel copy, which
+    gives that thread an OpenMP team of its own. libgomp then counts more threads than cores and
+    throttles every team's spin-wait for the rest of the process, so the trainer's threads sleep
+    between ops: the first checkpoint save of a one-rank tiny CPU run made every later step
+    ~25% slower (dist-checkpointing's plan exchange gathers ~40 kB). torch fixes a thread's
+    OpenMP width at its first parallel op, so a gloo thread first used in here stays serial.
+    (Collectives on large tensors outside such blocks, e.g. DP > 1 gradient reductions, still
+    start teams; see docs/benchmarks.md.)
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def destroy_distributed() -> None:

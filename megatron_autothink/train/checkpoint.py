@@ -37,7 +37,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_autothink.fileio import atomic_write_text
-from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.parallel import ParallelContext, serial_gloo_workers
 from megatron_autothink.train.setup import OptimizerBundle
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,8 @@ class CheckpointManager:
         )
         if extra_sharded:
             state.update(extra_sharded)
-        dist_checkpointing.save(state, str(tmp / "dist"))
+        with serial_gloo_workers():
+            dist_checkpointing.save(state, str(tmp / "dist"))
         rank_state = {**rank_state, "rng": rng_state()}
         torch.save(rank_state, tmp / f"rank_{self.ctx.rank:05d}.pt")
         _barrier(self.ctx)
@@ -311,7 +312,7 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.ctx.rank:05d}.pt"
         same_world = meta["world_size"] == self.ctx.world_size
         try:
-            with torch.no_grad():
+            with torch.no_grad(), serial_gloo_workers():
                 loaded = dist_checkpointing.load(state, str(path / "dist"))
             rank_state = torch.load(rank_file, weights_only=True) if same_world else {}
         except Exception as e:  # any reader error means this checkpoint is unusable

@@ -26,6 +26,7 @@ from megatron_autothink.parallel import (
     destroy_distributed,
     init_distributed,
     seed_everything,
+    serial_gloo_workers,
 )
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
@@ -146,7 +147,7 @@ def load_initial_weights(
         mods: list[Any] = [getattr(c, "module", c) for c in chunks]
         if len(mods) != 1:
             raise SystemExit("train.init_from with a dist-checkpoint needs parallel.vpp unset")
-        with torch.no_grad():
+        with torch.no_grad(), serial_gloo_workers():
             mods[0].load_state_dict(dist_checkpointing.load(mods[0].sharded_state_dict(), str(src)))
     elif (src / "config.json").is_file():
         from megatron_autothink.convert.hf_io import HFCheckpoint

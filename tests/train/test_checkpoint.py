@@ -128,3 +128,51 @@ def test_verify_names_the_bad_file(tmp_path: Path) -> None:
     (ck / "meta.json").unlink()
     with pytest.raises(CheckpointError, match=r"no meta\.json"):
         mgr.verify(ck)
+
+
+def _threads() -> set[str]:
+    return {t.name for t in Path("/proc/self/task").iterdir()}
+
+
+def _save_load_threads(ckpt_dir: str, guarded: bool) -> dict:
+    """Thread ids that appear while saving and loading a checkpoint (model + optimizer) after
+    a train step, in a one-rank world."""
+    import contextlib
+
+    from megatron_autothink.config import load_config
+    from megatron_autothink.parallel import init_distributed, seed_everything
+    from megatron_autothink.train import checkpoint
+    from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
+    from megatron_autothink.train.step import train_step
+    from tests.models.model_utils import synthetic_batch
+
+    if not guarded:
+        checkpoint.serial_gloo_workers = contextlib.nullcontext  # type: ignore[assignment]
+    torch.set_num_threads(2)
+    cfg = load_config("tiny_cpu", ["data.micro_batch_size=2", "data.global_batch_size=2"])
+    ctx = init_distributed(cfg)
+    seed_everything(cfg.train.seed, ctx)
+    chunks = wrap_ddp(cfg, build_model_chunks(cfg, ctx, vocab_size=1024, image_token_id=7), ctx)
+    opt = build_optimizer(cfg, chunks, ctx, total_steps=4)
+    batch = synthetic_batch(2, SEQ, 1024, 0)
+    train_step(chunks, opt, [batch], ctx, seq_length=SEQ)
+    before = _threads()
+    mgr = checkpoint.CheckpointManager(ckpt_dir, ctx)
+    mgr.save(1, chunks, opt, rank_state={}, meta={})
+    assert mgr.load_latest(chunks, opt) is not None
+    train_step(chunks, opt, [batch], ctx, seq_length=SEQ)
+    return {"new": sorted(_threads() - before)}
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(
+    torch.cuda.is_available() or not Path("/proc/self/task").is_dir(), reason="CPU/Linux only"
+)
+def test_checkpoint_io_starts_no_openmp_team(tmp_path: Path) -> None:
+    """dist-checkpointing gathers its save/load plans (~40 kB) with gloo; unguarded, a gloo
+    thread then starts its own OpenMP worker, and libgomp throttles the trainer's threads for
+    the rest of the run (parallel.serial_gloo_workers). Guarded, no thread appears."""
+    (unguarded,) = run_distributed(_save_load_threads, 1, str(tmp_path / "u"), False)
+    assert unguarded["new"], "expected the unguarded plan exchange to start an OpenMP worker"
+    (guarded,) = run_distributed(_save_load_threads, 1, str(tmp_path / "g"), True)
+    assert guarded["new"] == []
