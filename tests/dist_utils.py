@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -84,3 +86,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
                 raise RuntimeError(f"rank {r} failed:\n{out['error']}")
             results.append(out["result"])
         return results
+
+
+def sigkill_job(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a job started with ``start_new_session=True`` and everything it spawned, as
+    SLURM does when it kills a job. Killing only the launcher would orphan its children (e.g.
+    the multiprocessing manager megatron's checkpoint writer starts), which then live on."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

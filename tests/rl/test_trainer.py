@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist_utils import python_launcher
+from tests.dist_utils import python_launcher, sigkill_job
 
 pytestmark = [pytest.mark.vllm]
 
@@ -87,7 +86,7 @@ def _train(
         *extra,
     ]
     log = (run.parent / f"{run.name}.log").open("wb")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _finish(p: subprocess.Popen[bytes], run: Path) -> None:
@@ -152,8 +151,7 @@ def test_vl_rethinker_resume_after_sigkill(data: dict[str, Path], tmp_path: Path
     while not target.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert target.exists(), (run.parent / "killed.log").read_text()[-3000:]
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    sigkill_job(p)
     _finish(_train("vl_rethinker_tiny", data, run, stages, *extra), run)
 
     def step3(r: Path) -> list[tuple]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import python_launcher
+from tests.dist_utils import python_launcher, sigkill_job
 
 TINY = [
     "data.seq_length=256",
@@ -101,15 +101,17 @@ def test_sigkill_then_restart_resumes_exactly(digits: Path, tmp_path: Path) -> N
     subprocess.run(_cmd(digits, ref, *steps), check=True, capture_output=True, timeout=900)
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        _cmd(digits, run, *steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(digits, run, *steps),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     target = run / "checkpoints" / "sft" / "iter_00000006"
     deadline = time.time() + 600
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert target.exists(), "no checkpoint at step 6 before the run ended"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_job(proc)
     subprocess.run(_cmd(digits, run, *steps), check=True, capture_output=True, timeout=900)
     want, got = _losses(ref), _losses(run)
     assert sorted(got) == list(range(1, 11))
