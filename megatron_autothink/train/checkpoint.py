@@ -38,7 +38,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_autothink.fileio import atomic_write_text
 from megatron_autothink.parallel import ParallelContext, serial_gloo_workers
-from megatron_autothink.train.setup import OptimizerBundle
+from megatron_autothink.train.setup import OptimizerBundle, inner_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ def _ensure_optimizer_state(opt: OptimizerBundle) -> None:
     needs it to exist to describe (save or load) its state. Create it with megatron's zero-grad
     dummy step, then undo that step's side effects (AdamW's decoupled weight decay moves the
     parameters; the step counter advances) so the state is exactly that of a fresh optimizer."""
-    inner = getattr(opt.optimizer, "chained_optimizers", [opt.optimizer])
-    for o in inner:
+    for o in inner_optimizers(opt.optimizer):
         torch_opt = getattr(o, "optimizer", None)
         init = getattr(o, "_init_optimizer_states_with_dummy_values", None)
         if torch_opt is None or init is None or torch_opt.state:
@@ -134,8 +133,7 @@ def _restore_adam_steps(opt: OptimizerBundle) -> None:
     foreach Adam then increments once per parameter. Both corrupt bias correction after a
     resume; give every state its own tensor holding the group's saved step.
     """
-    inner = getattr(opt.optimizer, "chained_optimizers", [opt.optimizer])
-    for o in inner:
+    for o in inner_optimizers(opt.optimizer):
         torch_opt = getattr(o, "optimizer", None)
         if torch_opt is None:
             continue

@@ -114,6 +114,12 @@ def _no_param_sync(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def inner_optimizers(optimizer: MegatronOptimizer) -> list[Any]:
+    """The per-param-group megatron optimizers inside ``optimizer`` (a ``ChainedOptimizer`` holds
+    several, e.g. dense and expert params); each wraps a torch optimizer as ``.optimizer``."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _use_fused_torch_adam(optimizer: MegatronOptimizer) -> None:
     """Switch megatron's torch AdamW fallback (no TE/apex: every CPU run) to torch's fused kernel.
 
@@ -121,7 +127,7 @@ def _use_fused_torch_adam(optimizer: MegatronOptimizer) -> None:
     ~8 kernels per parameter (about 3% of a tiny CPU step); the fused kernel does the same update
     in one call per parameter list. TE's / apex's FusedAdam (GPU images) are left alone.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in inner_optimizers(optimizer):
         torch_opt = getattr(inner, "optimizer", None)
         if type(torch_opt) is not torch.optim.AdamW:
             continue

@@ -62,7 +62,7 @@ def _worker(overrides: list[str], ckpt: str, save: bool, n_micro: int) -> dict:
     out["param_gather_skipped"] = chunks[0].start_param_sync is setup._no_param_sync
     opt = build_optimizer(cfg, chunks, ctx, total_steps=STEPS)
     out["fused_adam"] = [
-        g["fused"] for o in opt.optimizer.chained_optimizers for g in o.optimizer.param_groups
+        g["fused"] for o in setup.inner_optimizers(opt.optimizer) for g in o.optimizer.param_groups
     ]
     all_mbs = _micro_batches(n_micro)
     # Each DP rank takes its contiguous share of the global batch's micro-batches.
