@@ -77,23 +77,25 @@ def init_distributed(cfg: AutothinkConfig, timeout_s: int = 600) -> ParallelCont
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(
-            backend=backend,
-            init_method=init_method,
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        with one_gloo_device(enabled=backend == "gloo"):
+            dist.init_process_group(
+                backend=backend,
+                init_method=init_method,
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=timeout_s),
+            )
     world = dist.get_world_size()
     layout = cfg.world_layout(world)
     p = cfg.parallel
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tp,
-            pipeline_model_parallel_size=p.pp,
-            virtual_pipeline_model_parallel_size=p.vpp,
-            context_parallel_size=p.cp,
-        )
+        with one_gloo_device(enabled=dist.get_backend() == "gloo"):
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=p.tp,
+                pipeline_model_parallel_size=p.pp,
+                virtual_pipeline_model_parallel_size=p.vpp,
+                context_parallel_size=p.cp,
+            )
     pg = ProcessGroupCollection.use_mpu_process_groups()
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -113,6 +115,58 @@ def init_distributed(cfg: AutothinkConfig, timeout_s: int = 600) -> ParallelCont
         device=device,
         pg=pg,
     )
+
+
+_GLOO_DEVICES: list[object] = []
+"""The process's shared gloo devices (created at first use; see :func:`one_gloo_device`)."""
+
+
+@contextmanager
+def one_gloo_device(enabled: bool = True) -> Iterator[None]:
+    """Every gloo process group created inside shares one gloo transport device.
+
+    Why: torch gives each gloo group its own device, and each device runs a network loop thread
+    that wakes every 10 ms even when idle. megatron creates ~20 groups (tp, pp, dp, cp, ep,
+    embedding, their combinations, gloo copies), so a CPU run carried ~20 threads waking ~2000
+    times a second between the trainer's two compute threads: ~9% of a tiny training step on a
+    2-core machine (docs/benchmarks.md). gloo devices are made to be shared by many contexts;
+    with one, the process has one loop thread (per interface). Groups are still separate (own store prefix, own
+    pairs, own worker threads), so collectives on different groups stay independent.
+
+    torch builds gloo groups inside ``init_process_group``/``new_group`` and takes no device
+    for them, so for the duration of the block its ``ProcessGroupGloo`` name points at a
+    subclass that passes the shared device; instances remain ``ProcessGroupGloo``.
+    ``GLOO_SOCKET_IFNAME`` is honoured as torch does (one device per listed interface).
+    """
+    if not enabled or not dist.is_gloo_available():
+        yield
+        return
+    import torch.distributed.distributed_c10d as c10d
+
+    base = c10d.ProcessGroupGloo
+    devices = _GLOO_DEVICES
+
+    class _SharedDeviceGloo(base):  # type: ignore[misc, valid-type]
+        def __init__(
+            self, store: object, rank: int, size: int, timeout: timedelta | None = None
+        ) -> None:
+            if not devices:
+                names = [i for i in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if i]
+                devices.extend(
+                    [base.create_device(interface=i) for i in names]
+                    or [base.create_default_device()]
+                )
+            opts = base._Options()
+            if timeout is not None:
+                opts._timeout = timeout
+            opts._devices = devices
+            super().__init__(store, rank, size, opts)
+
+    c10d.ProcessGroupGloo = _SharedDeviceGloo
+    try:
+        yield
+    finally:
+        c10d.ProcessGroupGloo = base
 
 
 @contextmanager

@@ -7,6 +7,8 @@ it to its own TP/PP layout) and must reproduce them.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -60,6 +62,7 @@ def _worker(overrides: list[str], ckpt: str, save: bool, n_micro: int) -> dict:
     chunks = wrap_ddp(cfg, chunks, ctx)
     # DP=1 skips the distributed optimizer's identity param all-gather (train.setup); DP=2 runs it.
     out["param_gather_skipped"] = chunks[0].start_param_sync is setup._no_param_sync
+    out["gloo_loops"] = _gloo_loop_threads()
     opt = build_optimizer(cfg, chunks, ctx, total_steps=STEPS)
     out["fused_adam"] = [
         g["fused"] for o in setup.inner_optimizers(opt.optimizer) for g in o.optimizer.param_groups
@@ -76,12 +79,24 @@ def _worker(overrides: list[str], ckpt: str, save: bool, n_micro: int) -> dict:
     return out
 
 
+def _gloo_loop_threads() -> int:
+    """Threads gloo's transport runs for its devices (Linux names them ``gloo_tcp_loop``)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return names.count("gloo_tcp_loop")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     ckpt = str(tmp_path_factory.mktemp("ref_ckpt"))
     (ref,) = run_distributed(_worker, 1, [], ckpt, True, 2)
     assert ref["param_gather_skipped"]
     assert ref["fused_adam"] and all(ref["fused_adam"])  # torch's fused AdamW (train.setup)
+    # megatron's ~20 gloo groups share one transport device, so one loop thread wakes every
+    # 10 ms instead of one per group (parallel.one_gloo_device).
+    assert ref["gloo_loops"] == 1
     return ckpt, ref
 
 
@@ -121,4 +136,5 @@ def test_dp2_matches_dp1_on_doubled_batch(reference: tuple[str, dict]) -> None:
         # The reference (DP=1) skipped the identity param all-gather; DP=2 needs it, and the
         # updates still match: the skip loses nothing.
         assert not got["param_gather_skipped"]
+        assert got["gloo_loops"] == 1  # two ranks' groups also share one device per process
         _assert_same_training(ref, got)
