@@ -156,17 +156,17 @@ def one_gloo_device(enabled: bool = True) -> Iterator[None]:
                     [base.create_device(interface=i) for i in names]
                     or [base.create_default_device()]
                 )
-            opts = base._Options()
+            opts = base._Options()  # type: ignore[attr-defined]
             if timeout is not None:
                 opts._timeout = timeout
             opts._devices = devices
             super().__init__(store, rank, size, opts)
 
-    c10d.ProcessGroupGloo = _SharedDeviceGloo
+    c10d.ProcessGroupGloo = _SharedDeviceGloo  # type: ignore[misc]
     try:
         yield
     finally:
-        c10d.ProcessGroupGloo = base
+        c10d.ProcessGroupGloo = base  # type: ignore[misc]
 
 
 @contextmanager
