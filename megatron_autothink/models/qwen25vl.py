@@ -24,7 +24,12 @@ from torch import Tensor
 
 from megatron_autothink.config import ModelConfig, ParallelConfig
 from megatron_autothink.models import rope
-from megatron_autothink.models.specs import language_layer_spec, resolve_backend, vision_layer_spec
+from megatron_autothink.models.specs import (
+    language_layer_spec,
+    resolve_backend,
+    uses_spec_activation,
+    vision_layer_spec,
+)
 from megatron_autothink.models.vision import Qwen25VisionModel
 
 
@@ -71,6 +76,7 @@ def language_config(
         # TorchScript: 3x faster element-wise on CPU once compiled, but compiling took 6 s on
         # the first tiny step and recompiles as vision-token counts change, so it stays off.
         bias_activation_fusion=False,
+        use_te_activation_func=uses_spec_activation(m.transformer_impl),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -108,6 +114,7 @@ def vision_config(
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         bias_activation_fusion=False,
+        use_te_activation_func=True,  # the vision tower always uses the local spec (SwiGLU)
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,

@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_autothink.config import ConfigError, ModelConfig
 from megatron_autothink.models.attention import SDPAAttention
+from megatron_autothink.models.swiglu import SwiGLU
 
 FP8_MIN_CAPABILITY = (8, 9)
 """Transformer Engine runs FP8 GEMMs on compute capability 8.9 (Ada) and newer (Hopper: 9.0)."""
@@ -95,6 +96,11 @@ TE_NORM_KEYS = {
 def local_layer_spec(causal: bool = True, te_checkpoint_keys: bool = True) -> ModuleSpec:
     """Local backend layer: RMSNorm -> SDPA self-attention -> RMSNorm -> gated MLP.
 
+    The MLP's activation is :class:`SwiGLU` on the fused fc1 output. megatron's MLP builds a
+    spec'd ``activation_func`` only when ``TransformerConfig.use_te_activation_func`` is set
+    (named for TE, which supplies one there), and otherwise runs its unfused chunk-and-multiply;
+    configs for this spec must set it (:func:`uses_spec_activation`).
+
     ``te_checkpoint_keys`` saves the norms under TE's names (:data:`TE_NORM_KEYS`); the vision
     tower, local with either backend, keeps its own names.
     """
@@ -118,13 +124,25 @@ def local_layer_spec(causal: bool = True, te_checkpoint_keys: bool = True) -> Mo
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                    linear_fc1=ColumnParallelLinear,
+                    activation_func=SwiGLU,  # used with config.use_te_activation_func (below)
+                    linear_fc2=RowParallelLinear,
                 ),
             ),
             mlp_bda=_bda(),
             sharded_state_dict_keys_map=dict(TE_NORM_KEYS) if te_checkpoint_keys else {},
         ),
     )
+
+
+def uses_spec_activation(impl: str) -> bool:
+    """``TransformerConfig.use_te_activation_func`` for layers built with ``impl``'s spec.
+
+    True for the local spec, whose MLP carries :class:`SwiGLU`. False for the TE spec: it has no
+    activation submodule, and the flag would then make megatron apply plain ``silu`` to the
+    whole fused tensor instead of gating.
+    """
+    return resolve_impl(impl) == "local"
 
 
 def _bda():  # type: ignore[no-untyped-def]
