@@ -2,16 +2,19 @@
 
 Both sides train the same Qwen2.5-VL-architecture model (sizes from a recipe, default tiny_cpu)
 on the same token/image batch (every row: one image + text, full length, causal), fp32 on CPU,
-AdamW (fused kernel on both sides), one optimizer step per batch. Ours runs the real path: megatron DDP + distributed
-optimizer + ``get_forward_backward_func`` schedule. Prints tokens/s of each and the ratio.
+AdamW (fused kernel on both sides), one optimizer step per batch. Ours runs the real path:
+megatron DDP + distributed optimizer + ``get_forward_backward_func`` schedule. Both models live
+in one process and take steps in turn (see ``_interleaved``). Prints tokens/s of each (median
+step time) and the ratio.
 
-    python benchmarks/bench_train.py [--recipe tiny_cpu] [--steps 8] [--rows 4] [--seq 512]
+    python benchmarks/bench_train.py [--recipe tiny_cpu] [--steps 16] [--rows 4] [--seq 512]
         [KEY=VALUE ...]   # dotted config overrides for both sides, e.g. model.hidden_size=512
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -62,7 +65,8 @@ def make_batch(rows: int, seq: int, vocab: int, seed: int = 0):  # type: ignore[
     return b
 
 
-def bench_hf(cfg, batch, steps: int) -> float:  # type: ignore[no-untyped-def]
+def hf_step_fn(cfg, batch):  # type: ignore[no-untyped-def]
+    """One HF training step (forward, backward, fused AdamW, zero_grad) as a closure."""
     model = hf_model(cfg)
     model.train()
     # fused: the HF Trainer's default optimizer (adamw_torch_fused) for torch >= 2.8, as on ours.
@@ -74,22 +78,31 @@ def bench_hf(cfg, batch, steps: int) -> float:  # type: ignore[no-untyped-def]
         "image_grid_thw": batch.image_grid_thw,
         "position_ids": torch.cat([batch.position_ids[:1], batch.position_ids], 0),
     }
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         loss = model(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return batch.tokens.numel() / (sum(times) / len(times))
+
+    return step
 
 
-def _ours(
-    recipe: str, rows: int, seq: int, steps: int, threads: int, overrides: list[str]
-) -> float:
-    torch.set_num_threads(threads)  # the spawn helper pins 1 thread; match the HF side
+def _interleaved(
+    recipe: str, rows: int, seq: int, steps: int, overrides: list[str]
+) -> dict[str, list[float]]:
+    """Both trainers in this process (a one-rank gloo world), stepping in turn; returns each
+    side's step times (s).
+
+    Why one process, in turn: this machine's speed drifts by 10% or more over tens of seconds
+    (shared cores), so timing one side after the other measured the drift as often as the code.
+    Alternating steps (the order flips every pair) exposes both sides to the same conditions.
+    Our CPU shims (``compat.cpu``) are switched off during HF's steps, so HF runs plain torch.
+    Not in a ``multiprocessing`` spawn child: on this machine such a child ran the same HF step
+    ~10% slower than the parent or a ``subprocess`` (measured, cause unknown); the old bench ran
+    ours in one and HF in the parent.
+    """
+    from megatron_autothink.compat import cpu as cpu_compat
     from megatron_autothink.config import load_config
     from megatron_autothink.parallel import init_distributed, seed_everything
     from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
@@ -111,13 +124,31 @@ def _ours(
     )
     opt = build_optimizer(cfg, chunks, ctx, total_steps=steps + 2)
     batch = make_batch(rows, seq, cfg.model.vocab_size)
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
+
+    def ours_step() -> None:
         train_step(chunks, opt, [batch], ctx, seq_length=seq)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return batch.tokens.numel() / (sum(times) / len(times))
+
+    cpu_compat.deactivate()
+    torch.manual_seed(0)
+    hf = hf_step_fn(cfg, batch)
+    cpu_compat.activate()
+
+    def hf_step() -> None:
+        cpu_compat.deactivate()
+        try:
+            hf()
+        finally:
+            cpu_compat.activate()
+
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    sides = [("ours", ours_step), ("hf", hf_step)]
+    for i in range(steps + 2):
+        for name, fn in sides if i % 2 == 0 else sides[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            if i >= 2:  # warm-up: allocator, autograd graph caches, optimizer state
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -125,28 +156,26 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--recipe", default="tiny_cpu")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (both sides)")
     args = ap.parse_args()
-    from megatron_autothink.config import load_config
-    from tests.dist_utils import run_distributed
-
     threads = torch.get_num_threads()
-    cfg = load_config(args.recipe, args.overrides)
-    (ours,) = run_distributed(
-        _ours, 1, args.recipe, args.rows, args.seq, args.steps, threads, args.overrides
-    )
-    torch.manual_seed(0)
-    hf = bench_hf(cfg, make_batch(args.rows, args.seq, cfg.model.vocab_size), args.steps)
+    times = _interleaved(args.recipe, args.rows, args.seq, args.steps, args.overrides)
+    tokens = args.rows * args.seq
+    ours, hf = statistics.median(times["ours"]), statistics.median(times["hf"])
+    pair = sorted(h / o for o, h in zip(times["ours"], times["hf"], strict=True))
     print(
         f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} "
-        f"threads={torch.get_num_threads()} overrides={args.overrides}"
+        f"threads={threads} overrides={args.overrides}"
     )
-    print(f"ours (megatron-core, DDP + distributed optimizer): {ours:10.0f} tokens/s")
-    print(f"Hugging Face transformers (fused AdamW):          {hf:10.0f} tokens/s")
-    print(f"ratio ours/HF: {ours / hf:.2f}")
+    print(f"ours (megatron-core, DDP + distributed optimizer): {tokens / ours:10.0f} tokens/s")
+    print(f"Hugging Face transformers (fused AdamW):          {tokens / hf:10.0f} tokens/s")
+    print(
+        f"ratio ours/HF: {hf / ours:.2f} (median step times; per-step-pair ratios "
+        f"{pair[0]:.2f}-{pair[-1]:.2f})"
+    )
 
 
 if __name__ == "__main__":
