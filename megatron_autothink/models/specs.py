@@ -2,8 +2,10 @@
 
 The model code never branches on the backend; it receives a ``ModuleSpec``. Two backends:
 
-* ``local``: megatron-core's own column/row-parallel linears, ``torch.nn.RMSNorm`` (via
-  megatron's ``WrappedTorchNorm``) and :class:`SDPAAttention`. Runs on CPU and GPU.
+* ``local``: megatron-core's column/row-parallel linears (subclassed to use torch's linear
+  where they communicate nothing, :mod:`~megatron_autothink.models.linear`),
+  ``torch.nn.RMSNorm`` (via megatron's ``WrappedTorchNorm``), :class:`SDPAAttention` and
+  :class:`SwiGLU`. Runs on CPU and GPU.
 * ``transformer_engine``: TE's fused layernorm-linear, TE attention and FP8-capable linears
   (Hopper). Chosen by ``model.transformer_impl`` (``auto`` = TE when importable and CUDA is
   present). Not exercisable on CPU-only machines.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -25,6 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_autothink.config import ConfigError, ModelConfig
 from megatron_autothink.models.attention import SDPAAttention
+from megatron_autothink.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megatron_autothink.models.swiglu import SwiGLU
 
 FP8_MIN_CAPABILITY = (8, 9)
@@ -112,9 +114,9 @@ def local_layer_spec(causal: bool = True, te_checkpoint_keys: bool = True) -> Mo
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.padding},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=LocalColumnParallelLinear,
                     core_attention=SDPAAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=LocalRowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
@@ -124,9 +126,9 @@ def local_layer_spec(causal: bool = True, te_checkpoint_keys: bool = True) -> Mo
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear,
+                    linear_fc1=LocalColumnParallelLinear,
                     activation_func=SwiGLU,  # used with config.use_te_activation_func (below)
-                    linear_fc2=RowParallelLinear,
+                    linear_fc2=LocalRowParallelLinear,
                 ),
             ),
             mlp_bda=_bda(),

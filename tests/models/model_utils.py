@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 
 from megatron_autothink.data.batch import PackedBatch
@@ -41,3 +44,59 @@ def synthetic_batch(
     return PackedBatch(
         tokens, labels, loss_mask, pos, seg, mode_ids, pixels, grid, [[] for _ in range(rows)]
     )
+
+
+def tiny_model_loss_and_grads(
+    toggle: Callable[[torch.nn.Module, bool], None], seed: int, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run in a rank: build the tiny VLM, then for ``toggle(model, True)`` and
+    ``toggle(model, False)`` one forward/backward on the same synthetic batch and weights.
+
+    Returns ``{True: (per_token_loss, grads), False: (...), "model": module summary}`` where
+    ``grads`` maps parameter names to gradients. Used to show that a fast path we switch in
+    computes exactly what megatron's own path computes.
+    """
+    from megatron_autothink.config import load_config
+    from megatron_autothink.models.qwen25vl import Qwen25VLModel
+    from megatron_autothink.parallel import init_distributed, seed_everything
+
+    cfg = load_config("tiny_cpu", list(overrides))
+    ctx = init_distributed(cfg)
+    seed_everything(seed, ctx)
+    model = Qwen25VLModel(
+        cfg.model,
+        cfg.parallel,
+        vocab_size=cfg.model.vocab_size,
+        image_token_id=IMAGE_TOKEN,
+        pg_collection=ctx.pg,
+    )
+    batch = synthetic_batch(2, 64, cfg.model.vocab_size, seed, with_image=True)
+    out: dict[str, Any] = {"modules": [(n, m) for n, m in model.named_modules()]}
+    for flag in (True, False):
+        toggle(model, flag)
+        model.zero_grad()
+        loss = model(
+            batch.tokens,
+            batch.position_ids,
+            None,
+            labels=batch.labels,
+            pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw,
+        )
+        (loss * batch.loss_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[flag] = (loss.detach(), grads)  # type: ignore[index]
+    toggle(model, True)
+    out["modules"] = [(n, type(m).__name__) for n, m in out["modules"]]
+    return out
+
+
+def assert_same_loss_and_grads(got: dict[Any, Any], atol: float = 1e-5) -> None:
+    """Both runs of :func:`tiny_model_loss_and_grads` agree; both towers have gradients."""
+    (loss_a, grads_a), (loss_b, grads_b) = got[True], got[False]
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    assert any("vision" in n and "linear_fc1" in n for n in grads_a)
+    assert any("decoder" in n and "linear_qkv" in n for n in grads_a)
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=atol)
