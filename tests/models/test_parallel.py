@@ -62,6 +62,11 @@ def _worker(overrides: list[str], ckpt: str, save: bool, n_micro: int) -> dict:
     chunks = wrap_ddp(cfg, chunks, ctx)
     # DP=1 skips the distributed optimizer's identity param all-gather (train.setup); DP=2 runs it.
     out["param_gather_skipped"] = chunks[0].start_param_sync is setup._no_param_sync
+    # ... and the grad reduce-scatter over one rank, keeping the rest of megatron's grad sync.
+    out["grad_reduce_skipped"] = [
+        getattr(g.start_grad_sync, "func", None) is setup._local_grad_sync
+        for g in chunks[0].bucket_groups
+    ]
     out["gloo_loops"] = _gloo_loop_threads()
     opt = build_optimizer(cfg, chunks, ctx, total_steps=STEPS)
     out["fused_adam"] = [
@@ -93,6 +98,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     ckpt = str(tmp_path_factory.mktemp("ref_ckpt"))
     (ref,) = run_distributed(_worker, 1, [], ckpt, True, 2)
     assert ref["param_gather_skipped"]
+    assert ref["grad_reduce_skipped"] and all(ref["grad_reduce_skipped"])
     assert ref["fused_adam"] and all(ref["fused_adam"])  # torch's fused AdamW (train.setup)
     # megatron's ~20 gloo groups share one transport device, so one loop thread wakes every
     # 10 ms instead of one per group (parallel.one_gloo_device).
@@ -133,8 +139,22 @@ def test_dp2_matches_dp1_on_doubled_batch(reference: tuple[str, dict]) -> None:
     ckpt, ref = reference
     ranks = run_distributed(_worker, 2, ["data.global_batch_size=4"], ckpt, False, 2)
     for got in ranks:
-        # The reference (DP=1) skipped the identity param all-gather; DP=2 needs it, and the
-        # updates still match: the skip loses nothing.
+        # The reference (DP=1) skipped the identity param all-gather and grad reduce-scatter;
+        # DP=2 needs them, and the updates still match: the skips lose nothing.
         assert not got["param_gather_skipped"]
+        assert not any(got["grad_reduce_skipped"])
         assert got["gloo_loops"] == 1  # two ranks' groups also share one device per process
+        _assert_same_training(ref, got)
+
+
+def test_dp_without_distributed_optimizer_matches(reference: tuple[str, dict]) -> None:
+    """Plain megatron DDP (all-reduce, no optimizer sharding): one rank skips the identity
+    all-reduce, two ranks run it, and both train exactly like the reference."""
+    ckpt, ref = reference
+    off = "parallel.distributed_optimizer=false"
+    (one,) = run_distributed(_worker, 1, [off], ckpt, False, 2)
+    assert one["grad_reduce_skipped"] and all(one["grad_reduce_skipped"])
+    _assert_same_training(ref, one)
+    for got in run_distributed(_worker, 2, [off, "data.global_batch_size=4"], ckpt, False, 2):
+        assert not any(got["grad_reduce_skipped"])
         _assert_same_training(ref, got)
