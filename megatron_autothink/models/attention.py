@@ -12,13 +12,25 @@ boolean mask. We use the mask for two things megatron's local path cannot do:
   non-causal).
 
 Mask convention is megatron's: ``True`` means *masked out*.
+
+:class:`LocalSelfAttention` is megatron's ``SelfAttention`` with one change, in how the fused QKV
+projection is split (:func:`split_qkv`): megatron splits it into strided views, copies the query
+to merge its heads, and autograd concatenates the three gradients back in backward. Here one
+autograd node copies q, k and v out once (batch-major in memory on CPU, the layout the CPU flash
+kernel wants, so RoPE keeps it and :class:`SDPAAttention` copies nothing) and writes their
+gradients straight into one buffer.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
@@ -117,3 +129,107 @@ class SDPAAttention(MegatronModule):
             )
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
+
+
+class _SplitQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, mixed: Tensor, heads_per_group: int, head_dim: int) -> Any:
+        s, b, ng, width = mixed.shape
+        qw = heads_per_group * head_dim
+        if width != qw + 2 * head_dim:
+            raise ValueError(
+                f"QKV width {width} != ({heads_per_group} query + 2) heads x {head_dim}"
+            )
+        # Batch-major storage on CPU (see SDPAAttention.forward), shaped [s, b, heads, d] as
+        # megatron expects; sequence-major elsewhere.
+        bmajor = mixed.device.type == "cpu"
+
+        def new(heads: int) -> Tensor:
+            if bmajor:
+                return mixed.new_empty(b, s, heads, head_dim).transpose(0, 1)
+            return mixed.new_empty(s, b, heads, head_dim)
+
+        q, k, v = new(ng * heads_per_group), new(ng), new(ng)
+        q.view(s, b, ng, qw).copy_(mixed[..., :qw])  # merges each group's query heads
+        k.view(s, b, ng, head_dim).copy_(mixed[..., qw : qw + head_dim])
+        v.view(s, b, ng, head_dim).copy_(mixed[..., qw + head_dim :])
+        ctx.dims = (s, b, ng, qw, head_dim)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx: Any, gq: Tensor | None, gk: Tensor | None, gv: Tensor | None) -> Any:
+        s, b, ng, qw, hd = ctx.dims
+        grad = torch.empty(
+            (s, b, ng, qw + 2 * hd), dtype=_dtype(gq, gk, gv), device=_device(gq, gk, gv)
+        )
+        for g, lo, width in ((gq, 0, qw), (gk, qw, hd), (gv, qw + hd, hd)):
+            part = grad[..., lo : lo + width]
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g.reshape(s, b, ng, width))
+        return grad, None, None
+
+
+def _dtype(*ts: Tensor | None) -> torch.dtype:
+    return next(t.dtype for t in ts if t is not None)
+
+
+def _device(*ts: Tensor | None) -> torch.device:
+    return next(t.device for t in ts if t is not None)
+
+
+def split_qkv(mixed: Tensor, heads_per_group: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split megatron's grouped QKV projection into query, key and value.
+
+    ``mixed`` is ``[s, b, ng, (heads_per_group + 2) * head_dim]``: per query group, its query
+    heads, then its key head, then its value head (megatron's layout, which keeps a group on one
+    TP rank). Returns query ``[s, b, ng * heads_per_group, head_dim]`` and key/value
+    ``[s, b, ng, head_dim]``, exactly megatron's split, as new tensors.
+
+    >>> m = torch.arange(8.0).view(1, 1, 2, 4)  # 2 groups of [q, q, k, v], head_dim 1
+    >>> q, k, v = split_qkv(m, heads_per_group=2, head_dim=1)
+    >>> q.flatten().tolist(), k.flatten().tolist(), v.flatten().tolist()
+    ([0.0, 1.0, 4.0, 5.0], [2.0, 6.0], [3.0, 7.0])
+    """
+    q, k, v = _SplitQKV.apply(mixed, heads_per_group, head_dim)
+    return q, k, v
+
+
+class LocalSelfAttention(SelfAttention):
+    """megatron ``SelfAttention`` whose QKV split is :func:`split_qkv` (one node, no backward
+    ``cat``); cases it does not cover go to megatron's own split."""
+
+    def get_query_key_value_tensors(  # type: ignore[override]
+        self,
+        hidden_states: Tensor,
+        key_value_states: Tensor | None = None,
+        output_gate: bool = False,
+        split_qkv: bool = True,
+    ) -> Any:
+        groups = self.num_query_groups_per_partition
+        assert self.config.num_query_groups is not None
+        if (
+            key_value_states is not None
+            or output_gate
+            or not split_qkv
+            # TP wider than the query groups: megatron gathers and re-slices groups first.
+            or self.config.num_query_groups < self.world_size
+            or self.config.test_mode
+        ):
+            return super().get_query_key_value_tensors(
+                hidden_states, key_value_states, output_gate, split_qkv
+            )
+        mixed, _ = self.linear_qkv(hidden_states)
+        per_group = self.num_attention_heads_per_partition // groups
+        hd = self.hidden_size_per_attention_head
+        mixed = mixed.view(*mixed.shape[:-1], groups, (per_group + 2) * hd)
+        query, key, value = _split(mixed, per_group, hd)
+        if not isinstance(self.q_layernorm, IdentityOp) and self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if not isinstance(self.k_layernorm, IdentityOp) and self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        return query, key, value
+
+
+_split = split_qkv  # the method's parameter named split_qkv (megatron's signature) shadows it

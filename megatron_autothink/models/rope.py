@@ -55,7 +55,8 @@ class _RotateHalf(torch.autograd.Function):
     def forward(ctx: Any, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         h = t.shape[-1] // 2
         x1, x2 = t[..., :h], t[..., h:]
-        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        # empty_like keeps a dense input's memory layout (split_qkv's batch-major q/k on CPU)
+        out = torch.empty_like(t)
         o1, o2 = out[..., :h], out[..., h:]
         torch.mul(x1, cos[..., :h], out=o1)
         o1.addcmul_(x2, sin[..., :h], value=-1.0)  # x1 cos - x2 sin
@@ -69,7 +70,7 @@ class _RotateHalf(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         h = grad.shape[-1] // 2
         g1, g2 = grad[..., :h], grad[..., h:]
-        dt = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        dt = torch.empty_like(grad)
         d1, d2 = dt[..., :h], dt[..., h:]
         # The transpose of the rotation above.
         torch.mul(g1, cos[..., :h], out=d1)

@@ -4,8 +4,8 @@ The model code never branches on the backend; it receives a ``ModuleSpec``. Two 
 
 * ``local``: megatron-core's column/row-parallel linears (subclassed to use torch's linear
   where they communicate nothing, :mod:`~megatron_autothink.models.linear`),
-  ``torch.nn.RMSNorm`` (via megatron's ``WrappedTorchNorm``), :class:`SDPAAttention` and
-  :class:`SwiGLU`. Runs on CPU and GPU.
+  ``torch.nn.RMSNorm`` (via megatron's ``WrappedTorchNorm``), :class:`SDPAAttention` in
+  :class:`LocalSelfAttention` and :class:`SwiGLU`. Runs on CPU and GPU.
 * ``transformer_engine``: TE's fused layernorm-linear, TE attention and FP8-capable linears
   (Hopper). Chosen by ``model.transformer_impl`` (``auto`` = TE when importable and CUDA is
   present). Not exercisable on CPU-only machines.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -25,7 +25,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_autothink.config import ConfigError, ModelConfig
-from megatron_autothink.models.attention import SDPAAttention
+from megatron_autothink.models.attention import LocalSelfAttention, SDPAAttention
 from megatron_autothink.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megatron_autothink.models.swiglu import SwiGLU
 
@@ -111,7 +111,7 @@ def local_layer_spec(causal: bool = True, te_checkpoint_keys: bool = True) -> Mo
         submodules=TransformerLayerSubmodules(
             input_layernorm=WrappedTorchNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=LocalSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.padding},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=LocalColumnParallelLinear,
