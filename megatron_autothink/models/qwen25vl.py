@@ -19,13 +19,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_autothink.config import ModelConfig, ParallelConfig
 from megatron_autothink.models import rope
 from megatron_autothink.models.specs import (
-    language_layer_spec,
+    language_block_spec,
     resolve_backend,
     uses_spec_activation,
     vision_layer_spec,
@@ -153,7 +154,10 @@ class Qwen25VLModel(MegatronModule):
         self.vocab_size = vocab_size
         self.language_model = GPTModel(
             config=lm_cfg,
-            transformer_layer_spec=language_layer_spec(m.transformer_impl),
+            transformer_layer_spec=language_block_spec(
+                m.transformer_impl,
+                get_num_layers_to_build(lm_cfg, vp_stage=vp_stage, pp_rank=pg_collection.pp.rank()),
+            ),
             vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, p.tp),
             max_sequence_length=m.max_position_embeddings,
             pre_process=pre_process,

@@ -4,7 +4,7 @@ The model code never branches on the backend; it receives a ``ModuleSpec``. Two 
 
 * ``local``: megatron-core's column/row-parallel linears (subclassed to use torch's linear
   where they communicate nothing, :mod:`~megatron_autothink.models.linear`),
-  ``torch.nn.RMSNorm`` (via megatron's ``WrappedTorchNorm``), :class:`SDPAAttention` in
+  :class:`RMSNorm` (``torch.nn.RMSNorm`` with a one-node backward), :class:`SDPAAttention` in
   :class:`LocalSelfAttention` and :class:`SwiGLU`. Runs on CPU and GPU.
 * ``transformer_engine``: TE's fused layernorm-linear, TE attention and FP8-capable linears
   (Hopper). Chosen by ``model.transformer_impl`` (``auto`` = TE when importable and CUDA is
@@ -21,12 +21,13 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_autothink.config import ConfigError, ModelConfig
 from megatron_autothink.models.attention import LocalSelfAttention, SDPAAttention
 from megatron_autothink.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
+from megatron_autothink.models.norm import RMSNorm
 from megatron_autothink.models.swiglu import SwiGLU
 
 FP8_MIN_CAPABILITY = (8, 9)
@@ -109,7 +110,7 @@ def local_layer_spec(causal: bool = True, te_checkpoint_keys: bool = True) -> Mo
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
                 module=LocalSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.padding},
@@ -122,7 +123,7 @@ def local_layer_spec(causal: bool = True, te_checkpoint_keys: bool = True) -> Mo
                 ),
             ),
             self_attn_bda=_bda(),
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
@@ -164,6 +165,15 @@ def te_layer_spec() -> ModuleSpec:
 
 def language_layer_spec(impl: str) -> ModuleSpec:
     return te_layer_spec() if resolve_impl(impl) == "transformer_engine" else local_layer_spec()
+
+
+def language_block_spec(impl: str, num_layers: int) -> ModuleSpec | TransformerBlockSubmodules:
+    """The decoder: ``num_layers`` layers (this pipeline stage's) and, with the local backend,
+    :class:`RMSNorm` as the final norm (megatron would pick ``torch.nn.RMSNorm`` itself)."""
+    layer = language_layer_spec(impl)
+    if resolve_impl(impl) == "transformer_engine":
+        return layer
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
 
 
 def vision_layer_spec() -> ModuleSpec:

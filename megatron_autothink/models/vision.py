@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from megatron_autothink.config import VisionConfig
 from megatron_autothink.models.masks import block_diagonal_mask
+from megatron_autothink.models.norm import RMSNorm
 
 
 def vision_rotary_positions(grid_thw: Tensor, merge: int) -> Tensor:
@@ -116,7 +117,7 @@ class PatchMerger(MegatronModule):
         self.tp_group = tp_group  # read by MegatronModule.sharded_state_dict
         self.unit = vision.spatial_merge_size**2
         width = vision.hidden_size * self.unit
-        self.ln_q = nn.RMSNorm(vision.hidden_size, eps=1e-6)
+        self.ln_q = RMSNorm(hidden_size=vision.hidden_size, eps=1e-6)
         self.fc1 = ColumnParallelLinear(
             width,
             width,

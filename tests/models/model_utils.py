@@ -87,7 +87,7 @@ def tiny_model_loss_and_grads(
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         out[flag] = (loss.detach(), grads)  # type: ignore[index]
     toggle(model, True)
-    out["modules"] = [(n, type(m).__name__) for n, m in out["modules"]]
+    out["modules"] = [(n, _qualname(type(m))) for n, m in out["modules"]]
     return out
 
 
@@ -100,3 +100,10 @@ def assert_same_loss_and_grads(got: dict[Any, Any], atol: float = 1e-5) -> None:
     assert any("decoder" in n and "linear_qkv" in n for n in grads_a)
     for name in grads_b:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=atol)
+
+
+def _qualname(cls: type) -> str:
+    """Class name; fully qualified for our own modules (``torch.nn.RMSNorm`` vs ours)."""
+    if cls.__module__.startswith("megatron_autothink."):
+        return f"{cls.__module__}.{cls.__name__}"
+    return cls.__name__

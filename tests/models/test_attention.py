@@ -78,5 +78,7 @@ def _run(seed: int) -> dict:
 def test_model_attention_uses_it_and_matches_megatrons_split() -> None:
     (got,) = run_distributed(_run, 1, 7)
     kinds = [t for _, t in got["modules"]]
-    assert kinds.count("LocalSelfAttention") == 4 + 2  # language and vision layers
+    assert (
+        kinds.count("megatron_autothink.models.attention.LocalSelfAttention") == 4 + 2
+    )  # language and vision layers
     assert_same_loss_and_grads(got)

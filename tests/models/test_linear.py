@@ -23,7 +23,7 @@ def test_model_linears_use_it_and_match_megatrons_function() -> None:
     (got,) = run_distributed(_run, 1, 5)
     names = dict(got["modules"])
     # every layer linear of both towers (4 language + 2 vision layers, 4 linears each)
-    local = [n for n, t in names.items() if t.startswith("Local") and "ParallelLinear" in t]
+    local = [n for n, t in names.items() if t.startswith("megatron_autothink.models.linear.Local")]
     assert len(local) == 6 * 4
     assert_same_loss_and_grads(got)
 

@@ -66,7 +66,7 @@ def _run(seed: int) -> dict:
 def test_local_model_mlps_use_it_and_match_megatrons_unfused_path() -> None:
     (got,) = run_distributed(_run, 1, 3)
     mlps = [n for n, t in got["modules"] if t == "MLP"]
-    swiglus = [n for n, t in got["modules"] if t == "SwiGLU"]
+    swiglus = [n for n, t in got["modules"] if t == "megatron_autothink.models.swiglu.SwiGLU"]
     assert len(mlps) == 4 + 2  # tiny_cpu: 4 language + 2 vision layers
     assert sorted(swiglus) == sorted(f"{n}.activation_func" for n in mlps)
     assert_same_loss_and_grads(got)
