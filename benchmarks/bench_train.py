@@ -3,18 +3,28 @@
 Both sides train the same Qwen2.5-VL-architecture model (sizes from a recipe, default tiny_cpu)
 on the same token/image batch (every row: one image + text, full length, causal), fp32 on CPU,
 AdamW (fused kernel on both sides), one optimizer step per batch. Ours runs the real path:
-megatron DDP + distributed optimizer + ``get_forward_backward_func`` schedule. Both models live
-in one process and take steps in turn (see ``_interleaved``). Prints tokens/s of each (median
-step time) and the ratio.
+megatron DDP + distributed optimizer + ``get_forward_backward_func`` schedule. Prints tokens/s
+of each (median step time) and the ratio.
 
-    python benchmarks/bench_train.py [--recipe tiny_cpu] [--steps 16] [--rows 4] [--seq 512]
+Each side runs alone in a fresh process (``subprocess``), the sides alternating over
+``--rounds`` rounds (order flipped every round): this 2-core machine's speed drifts by 10% or
+more over tens of seconds, so one run per side measured the drift as often as the code, and
+two models stepping in turn in one process disturbed each other (ours ran ~5% slower there at
+hidden 512, HF did not; cause not pinned down). Not ``multiprocessing`` children: one ran the same HF step ~10% slower
+than a parent or a ``subprocess`` (measured; cause unknown).
+
+    python -m benchmarks.bench_train [--recipe tiny_cpu] [--steps 12] [--rounds 3] [--rows 4]
+        [--seq 512]
         [KEY=VALUE ...]   # dotted config overrides for both sides, e.g. model.hidden_size=512
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -88,25 +98,29 @@ def hf_step_fn(cfg, batch):  # type: ignore[no-untyped-def]
     return step
 
 
-def _interleaved(
-    recipe: str, rows: int, seq: int, steps: int, overrides: list[str]
-) -> dict[str, list[float]]:
-    """Both trainers in this process (a one-rank gloo world), stepping in turn; returns each
-    side's step times (s).
-
-    Why one process, in turn: this machine's speed drifts by 10% or more over tens of seconds
-    (shared cores), so timing one side after the other measured the drift as often as the code.
-    Alternating steps (the order flips every pair) exposes both sides to the same conditions.
-    Our CPU shims (``compat.cpu``) are switched off during HF's steps, so HF runs plain torch.
-    Not in a ``multiprocessing`` spawn child: on this machine such a child ran the same HF step
-    ~10% slower than the parent or a ``subprocess`` (measured, cause unknown); the old bench ran
-    ours in one and HF in the parent.
-    """
-    from megatron_autothink.compat import cpu as cpu_compat
-    from megatron_autothink.config import load_config
+def ours_step_fn(cfg, batch, steps: int):  # type: ignore[no-untyped-def]
+    """One step of our trainer (megatron schedule, DDP, distributed optimizer) as a closure."""
     from megatron_autothink.parallel import init_distributed, seed_everything
     from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
     from megatron_autothink.train.step import train_step
+
+    ctx = init_distributed(cfg)  # a one-rank gloo world in this process
+    seed_everything(0, ctx)
+    chunks = wrap_ddp(
+        cfg, build_model_chunks(cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=7), ctx
+    )
+    opt = build_optimizer(cfg, chunks, ctx, total_steps=steps + 2)
+    seq = cfg.data.seq_length
+
+    def step() -> None:
+        train_step(chunks, opt, [batch], ctx, seq_length=seq)
+
+    return step
+
+
+def run_side(side: str, recipe: str, rows: int, seq: int, steps: int, overrides: list[str]):  # type: ignore[no-untyped-def]
+    """Time ``steps`` steps of one side in this process (after 2 warm-up steps)."""
+    from megatron_autothink.config import load_config
 
     cfg = load_config(
         recipe,
@@ -117,37 +131,15 @@ def _interleaved(
             *overrides,
         ],
     )
-    ctx = init_distributed(cfg)
-    seed_everything(0, ctx)
-    chunks = wrap_ddp(
-        cfg, build_model_chunks(cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=7), ctx
-    )
-    opt = build_optimizer(cfg, chunks, ctx, total_steps=steps + 2)
     batch = make_batch(rows, seq, cfg.model.vocab_size)
-
-    def ours_step() -> None:
-        train_step(chunks, opt, [batch], ctx, seq_length=seq)
-
-    cpu_compat.deactivate()
     torch.manual_seed(0)
-    hf = hf_step_fn(cfg, batch)
-    cpu_compat.activate()
-
-    def hf_step() -> None:
-        cpu_compat.deactivate()
-        try:
-            hf()
-        finally:
-            cpu_compat.activate()
-
-    times: dict[str, list[float]] = {"ours": [], "hf": []}
-    sides = [("ours", ours_step), ("hf", hf_step)]
+    step = ours_step_fn(cfg, batch, steps) if side == "ours" else hf_step_fn(cfg, batch)
+    times = []
     for i in range(steps + 2):
-        for name, fn in sides if i % 2 == 0 else sides[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            if i >= 2:  # warm-up: allocator, autograd graph caches, optimizer state
-                times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        step()
+        if i >= 2:  # warm-up: allocator, autograd graph caches, optimizer state
+            times.append(time.perf_counter() - t0)
     return times
 
 
@@ -156,26 +148,43 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--recipe", default="tiny_cpu")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per side per round")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one child's job
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (both sides)")
     args = ap.parse_args()
-    threads = torch.get_num_threads()
-    times = _interleaved(args.recipe, args.rows, args.seq, args.steps, args.overrides)
+    if args.side:
+        times = run_side(args.side, args.recipe, args.rows, args.seq, args.steps, args.overrides)
+        print("TIMES " + json.dumps(times))
+        return
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    round_ratios = []
+    for r in range(args.rounds):
+        med = {}
+        for side in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
+            cmd = [sys.executable, "-m", "benchmarks.bench_train", "--side", side]
+            cmd += [f"--recipe={args.recipe}", f"--rows={args.rows}", f"--seq={args.seq}"]
+            cmd += [f"--steps={args.steps}", *args.overrides]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = [x for x in out.stdout.splitlines() if x.startswith("TIMES ")]
+            if out.returncode != 0 or not line:
+                sys.exit(f"{side} run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            t = json.loads(line[0][6:])
+            times[side] += t
+            med[side] = statistics.median(t)
+        round_ratios.append(med["hf"] / med["ours"])
     tokens = args.rows * args.seq
     ours, hf = statistics.median(times["ours"]), statistics.median(times["hf"])
-    pair = sorted(h / o for o, h in zip(times["ours"], times["hf"], strict=True))
     print(
         f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} "
-        f"threads={threads} overrides={args.overrides}"
+        f"rounds={args.rounds} threads={torch.get_num_threads()} overrides={args.overrides}"
     )
     print(f"ours (megatron-core, DDP + distributed optimizer): {tokens / ours:10.0f} tokens/s")
     print(f"Hugging Face transformers (fused AdamW):          {tokens / hf:10.0f} tokens/s")
-    print(
-        f"ratio ours/HF: {hf / ours:.2f} (median step times; per-step-pair ratios "
-        f"{pair[0]:.2f}-{pair[-1]:.2f})"
-    )
+    rr = " ".join(f"{x:.2f}" for x in round_ratios)
+    print(f"ratio ours/HF: {hf / ours:.2f} (median step times; per round: {rr})")
 
 
 if __name__ == "__main__":
