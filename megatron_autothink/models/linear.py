@@ -12,8 +12,10 @@ step. These subclasses then call ``torch.nn.functional.linear`` (same matmuls, a
 C++); otherwise megatron's function, unchanged. The weight gradient reaches megatron's DDP the
 same way in both cases: through ``param.grad`` and its grad-accumulation hook.
 
-Communication around the matmul (``copy_to``/``reduce_from`` tensor-parallel region, gathers) is
-megatron's ``forward`` and untouched.
+With one TP rank (and no sequence parallelism, expert communication, deferred embedding
+gradients or CPU offloading) the whole ``forward`` is ``F.linear``: megatron's ``copy_to`` /
+``reduce_from`` tensor-parallel regions around the matmul are identities there, but each is a
+Python ``autograd.Function`` too. With more TP ranks, megatron's ``forward`` runs as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +47,19 @@ class _TorchLinearWhenLocal:
     use_torch_linear = True
     """Class switch (the tests compare both paths on one model)."""
 
+    def _one_rank(self) -> bool:
+        """Nothing in megatron's ``forward`` communicates or defers: it reduces to F.linear."""
+        me: Any = self
+        cfg = me.config
+        return bool(
+            self.use_torch_linear
+            and me.tp_group.size() == 1
+            and not me.sequence_parallel
+            and not me.explicit_expert_comm
+            and not cfg.defer_embedding_wgrad_compute
+            and cfg._cpu_offloading_context is None
+        )
+
     def _forward_impl(self, input: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not self.use_torch_linear or args or _needs_megatron(**kwargs):
             out: Tensor = super()._forward_impl(input, weight, *args, **kwargs)  # type: ignore[misc]
@@ -55,7 +70,26 @@ class _TorchLinearWhenLocal:
 class LocalColumnParallelLinear(_TorchLinearWhenLocal, ColumnParallelLinear):
     """``ColumnParallelLinear`` whose matmul is ``F.linear`` when it communicates nothing."""
 
+    def forward(
+        self,
+        input_: Tensor,
+        weight: Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        if weight is not None or not self._one_rank():
+            return super().forward(input_, weight, runtime_gather_output)  # type: ignore[no-any-return]
+        if self.skip_bias_add:
+            return F.linear(input_, self.weight), self.bias
+        return F.linear(input_, self.weight, self.bias), None
+
 
 class LocalRowParallelLinear(_TorchLinearWhenLocal, RowParallelLinear):
     """``RowParallelLinear`` whose matmul is ``F.linear`` when it communicates nothing (the
     reduction of the output across TP ranks stays in megatron's ``forward``)."""
+
+    def forward(self, input_: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self._one_rank():
+            return super().forward(input_)  # type: ignore[no-any-return]
+        if self.skip_bias_add:
+            return F.linear(input_, self.weight), self.bias
+        return F.linear(input_, self.weight, self.bias), None
