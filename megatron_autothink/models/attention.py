@@ -154,14 +154,14 @@ class _SplitQKV(torch.autograd.Function):
         k.view(s, b, ng, head_dim).copy_(mixed[..., qw : qw + head_dim])
         v.view(s, b, ng, head_dim).copy_(mixed[..., qw + head_dim :])
         ctx.dims = (s, b, ng, qw, head_dim)
+        ctx.like = (mixed.dtype, mixed.device)
         return q, k, v
 
     @staticmethod
     def backward(ctx: Any, gq: Tensor | None, gk: Tensor | None, gv: Tensor | None) -> Any:
         s, b, ng, qw, hd = ctx.dims
-        grad = torch.empty(
-            (s, b, ng, qw + 2 * hd), dtype=_dtype(gq, gk, gv), device=_device(gq, gk, gv)
-        )
+        dtype, device = ctx.like
+        grad = torch.empty((s, b, ng, qw + 2 * hd), dtype=dtype, device=device)
         for g, lo, width in ((gq, 0, qw), (gk, qw, hd), (gv, qw + hd, hd)):
             part = grad[..., lo : lo + width]
             if g is None:
@@ -169,14 +169,6 @@ class _SplitQKV(torch.autograd.Function):
             else:
                 part.copy_(g.reshape(s, b, ng, width))
         return grad, None, None
-
-
-def _dtype(*ts: Tensor | None) -> torch.dtype:
-    return next(t.dtype for t in ts if t is not None)
-
-
-def _device(*ts: Tensor | None) -> torch.device:
-    return next(t.device for t in ts if t is not None)
 
 
 def split_qkv(mixed: Tensor, heads_per_group: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
