@@ -143,6 +143,16 @@ def diagnose(slurm: SlurmCluster, run_dir: Path, job_id: str) -> str:
     return f"job {slurm.job(job_id)}\nbatch log:\n{batch_log(run_dir)}\n{logs}"
 
 
+def wait_for_training(run_dir: Path, slurm: SlurmCluster, job_id: str, timeout: float) -> None:
+    """Wait until ``autothink train`` has logged a step (its console line ``step N/M``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(re.search(r"\bstep \d+/\d+", p.read_text()) for p in run_dir.glob("logs/*.log")):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"no training step logged after {timeout} s\n{diagnose(slurm, run_dir, job_id)}")
+
+
 def wait_for_steps(run_dir: Path, n: int, slurm: SlurmCluster, job_id: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     log = run_dir / "steps.log"
@@ -221,7 +231,8 @@ def test_preempted_job_requeues_and_resumes(
     """USR1 as SLURM sends it before the time limit (`scancel --batch --signal=USR1`):
     checkpoint, PREEMPTED marker, requeue, rerun with SLURM_RESTART_COUNT=1, resume."""
     run_dir = tmp_path / "run"
-    steps = 40 if trainer == "standin" else 200
+    # The real trainer must still be running when USR1 comes: ~50 ms a tiny step here.
+    steps = 40 if trainer == "standin" else 600
     job = launch(
         slurm,
         run_dir,
@@ -236,8 +247,7 @@ def test_preempted_job_requeues_and_resumes(
     if trainer == "standin":
         wait_for_steps(run_dir, 4, slurm, job, timeout=120)
     else:
-        slurm.wait_state(job, {"RUNNING"}, 120)
-        time.sleep(30)
+        wait_for_training(run_dir, slurm, job, timeout=180)
     slurm.run("scancel", "--batch", "--signal=USR1", job)
     try:
         info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
