@@ -10,8 +10,8 @@ Each side runs alone in a fresh process (``subprocess``), the sides alternating 
 ``--rounds`` rounds (order flipped every round): this 2-core machine's speed drifts by 10% or
 more over tens of seconds, so one run per side measured the drift as often as the code, and
 two models stepping in turn in one process disturbed each other (ours ran ~5% slower there at
-hidden 512, HF did not; cause not pinned down). Not ``multiprocessing`` children: one ran the same HF step ~10% slower
-than a parent or a ``subprocess`` (measured; cause unknown).
+hidden 512, HF did not; cause not pinned down). Not ``multiprocessing`` children: one ran the
+same HF step ~10% slower than a parent or a ``subprocess`` (measured; cause unknown).
 
     python -m benchmarks.bench_train [--recipe tiny_cpu] [--steps 12] [--rounds 3] [--rows 4]
         [--seq 512]

@@ -130,8 +130,9 @@ def one_gloo_device(enabled: bool = True) -> Iterator[None]:
     embedding, their combinations, gloo copies), so a CPU run carried ~20 threads waking ~2000
     times a second between the trainer's two compute threads: ~9% of a tiny training step on a
     2-core machine (docs/benchmarks.md). gloo devices are made to be shared by many contexts;
-    with one, the process has one loop thread (per interface). Groups are still separate (own store prefix, own
-    pairs, own worker threads), so collectives on different groups stay independent.
+    with one, the process has one loop thread (per interface). Groups are still separate (own
+    store prefix, own pairs, own worker threads), so collectives on different groups stay
+    independent.
 
     torch builds gloo groups inside ``init_process_group``/``new_group`` and takes no device
     for them, so for the duration of the block its ``ProcessGroupGloo`` name points at a

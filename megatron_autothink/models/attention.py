@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
@@ -216,12 +215,10 @@ class LocalSelfAttention(SelfAttention):
         per_group = self.num_attention_heads_per_partition // groups
         hd = self.hidden_size_per_attention_head
         mixed = mixed.view(*mixed.shape[:-1], groups, (per_group + 2) * hd)
-        query, key, value = _split(mixed, per_group, hd)
-        if not isinstance(self.q_layernorm, IdentityOp) and self.q_layernorm is not None:
+        # (the parameter named split_qkv, megatron's signature, hides the function here)
+        query, key, value = _SplitQKV.apply(mixed, per_group, hd)
+        if self.q_layernorm is not None:  # as megatron's split does
             query = self.q_layernorm(query)
-        if not isinstance(self.k_layernorm, IdentityOp) and self.k_layernorm is not None:
+        if self.k_layernorm is not None:
             key = self.k_layernorm(key)
         return query, key, value
-
-
-_split = split_qkv  # the method's parameter named split_qkv (megatron's signature) shadows it

@@ -60,6 +60,13 @@ class _TorchLinearWhenLocal:
             and cfg._cpu_offloading_context is None
         )
 
+    def _one_rank_forward(self, input_: Tensor) -> tuple[Tensor, Tensor | None]:
+        """megatron's ``forward`` on one TP rank: the matmul, bias added or returned apart."""
+        me: Any = self
+        if me.skip_bias_add:
+            return F.linear(input_, me.weight), me.bias
+        return F.linear(input_, me.weight, me.bias), None
+
     def _forward_impl(self, input: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not self.use_torch_linear or args or _needs_megatron(**kwargs):
             out: Tensor = super()._forward_impl(input, weight, *args, **kwargs)  # type: ignore[misc]
@@ -78,9 +85,7 @@ class LocalColumnParallelLinear(_TorchLinearWhenLocal, ColumnParallelLinear):
     ) -> tuple[Tensor, Tensor | None]:
         if weight is not None or not self._one_rank():
             return super().forward(input_, weight, runtime_gather_output)  # type: ignore[no-any-return]
-        if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+        return self._one_rank_forward(input_)
 
 
 class LocalRowParallelLinear(_TorchLinearWhenLocal, RowParallelLinear):
@@ -90,6 +95,4 @@ class LocalRowParallelLinear(_TorchLinearWhenLocal, RowParallelLinear):
     def forward(self, input_: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self._one_rank():
             return super().forward(input_)  # type: ignore[no-any-return]
-        if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+        return self._one_rank_forward(input_)

@@ -104,15 +104,27 @@ def _skip_identity_param_gather(chunk: DistributedDataParallel) -> None:
     worker threads sleep between ops: the tiny CPU step measured 246 ms with it, 169 ms without
     (docs/benchmarks.md). On GPU it saves one NCCL call per step.
     """
-    groups = list(chunk.bucket_groups) + list(chunk.expert_parallel_bucket_groups)
+    groups = _bucket_groups(chunk)
     if not chunk.ddp_config.use_distributed_optimizer or not groups:
         return
-    if all(g.intra_distributed_optimizer_instance_size == 1 for g in groups):
+    if all(_collective_size(chunk, g) == 1 for g in groups):
         chunk.start_param_sync = _no_param_sync  # type: ignore[method-assign]
 
 
 def _no_param_sync(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _bucket_groups(chunk: DistributedDataParallel) -> list[Any]:
+    return list(chunk.bucket_groups) + list(chunk.expert_parallel_bucket_groups)
+
+
+def _collective_size(chunk: DistributedDataParallel, group: Any) -> int:
+    """Ranks a bucket group's grad/param collectives span: the distributed optimizer's
+    intra-instance group, or the data-parallel group without it."""
+    if chunk.ddp_config.use_distributed_optimizer:
+        return int(group.intra_distributed_optimizer_instance_size)
+    return int(group.data_parallel_group.size())
 
 
 def _skip_identity_grad_reduce(chunk: DistributedDataParallel) -> None:
@@ -127,17 +139,14 @@ def _skip_identity_grad_reduce(chunk: DistributedDataParallel) -> None:
     ``overlap_grad_reduce=False`` (ours): with overlap, megatron waits on the handle the
     collective returns.
     """
-    if chunk.ddp_config.overlap_grad_reduce:
+    cfg = chunk.ddp_config
+    # Several distributed-optimizer instances also all-reduce across instances.
+    if cfg.overlap_grad_reduce or (
+        cfg.use_distributed_optimizer and cfg.num_distributed_optimizer_instances != 1
+    ):
         return
-    for group in list(chunk.bucket_groups) + list(chunk.expert_parallel_bucket_groups):
-        if chunk.ddp_config.use_distributed_optimizer:
-            one_rank = (
-                group.intra_distributed_optimizer_instance_size == 1
-                and chunk.ddp_config.num_distributed_optimizer_instances == 1
-            )
-        else:
-            one_rank = group.data_parallel_group.size() == 1
-        if one_rank:
+    for group in _bucket_groups(chunk):
+        if _collective_size(chunk, group) == 1:
             group.start_grad_sync = partial(_local_grad_sync, group)
 
 

@@ -71,12 +71,8 @@ def _toggle(model: torch.nn.Module, flag: bool) -> None:
                 m.get_query_key_value_tensors = SelfAttention.get_query_key_value_tensors.__get__(m)  # type: ignore[method-assign]
 
 
-def _run(seed: int) -> dict:
-    return tiny_model_loss_and_grads(_toggle, seed)
-
-
 def test_model_attention_uses_it_and_matches_megatrons_split() -> None:
-    (got,) = run_distributed(_run, 1, 7)
+    (got,) = run_distributed(tiny_model_loss_and_grads, 1, _toggle, 7)
     kinds = [t for _, t in got["modules"]]
     assert (
         kinds.count("megatron_autothink.models.attention.LocalSelfAttention") == 4 + 2

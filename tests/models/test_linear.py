@@ -15,12 +15,8 @@ def _toggle(model: torch.nn.Module, flag: bool) -> None:
     linear._TorchLinearWhenLocal.use_torch_linear = flag
 
 
-def _run(seed: int) -> dict:
-    return tiny_model_loss_and_grads(_toggle, seed)
-
-
 def test_model_linears_use_it_and_match_megatrons_function() -> None:
-    (got,) = run_distributed(_run, 1, 5)
+    (got,) = run_distributed(tiny_model_loss_and_grads, 1, _toggle, 5)
     names = dict(got["modules"])
     # every layer linear of both towers (4 language + 2 vision layers, 4 linears each)
     local = [n for n, t in names.items() if t.startswith("megatron_autothink.models.linear.Local")]

@@ -56,12 +56,8 @@ def _toggle(model: torch.nn.Module, flag: bool) -> None:
     norm.RMSNorm.one_node_backward = flag
 
 
-def _run(seed: int) -> dict:
-    return tiny_model_loss_and_grads(_toggle, seed)
-
-
 def test_model_norms_use_it_and_match_torch() -> None:
-    (got,) = run_distributed(_run, 1, 11)
+    (got,) = run_distributed(tiny_model_loss_and_grads, 1, _toggle, 11)
     norms = {
         n: t for n, t in got["modules"] if n.endswith(("layernorm", "ln_q")) and t != "IdentityOp"
     }

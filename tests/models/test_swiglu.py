@@ -59,12 +59,8 @@ def _toggle(model: torch.nn.Module, flag: bool) -> None:
             m.config.use_te_activation_func = flag  # language and vision configs
 
 
-def _run(seed: int) -> dict:
-    return tiny_model_loss_and_grads(_toggle, seed)
-
-
 def test_local_model_mlps_use_it_and_match_megatrons_unfused_path() -> None:
-    (got,) = run_distributed(_run, 1, 3)
+    (got,) = run_distributed(tiny_model_loss_and_grads, 1, _toggle, 3)
     mlps = [n for n, t in got["modules"] if t == "MLP"]
     swiglus = [n for n, t in got["modules"] if t == "megatron_autothink.models.swiglu.SwiGLU"]
     assert len(mlps) == 4 + 2  # tiny_cpu: 4 language + 2 vision layers
