@@ -2,7 +2,8 @@
 
 Both sides train the same Qwen2.5-VL-architecture model (sizes from a recipe, default tiny_cpu)
 on the same token/image batch (every row: one image + text, full length, causal), fp32 on CPU,
-AdamW (fused kernel on both sides), one optimizer step per batch. Ours runs the real path:
+gradient clipping at ``optim.clip_grad`` and AdamW (fused kernel) on both sides, one optimizer
+step per batch. Ours runs the real path:
 megatron DDP + distributed optimizer + ``get_forward_backward_func`` schedule. Prints tokens/s
 of each (median step time) and the ratio.
 
@@ -14,14 +15,22 @@ hidden 512, HF did not; cause not pinned down). Not ``multiprocessing`` children
 same HF step ~10% slower than a parent or a ``subprocess`` (measured; cause unknown).
 
     python -m benchmarks.bench_train [--recipe tiny_cpu] [--steps 12] [--rounds 3] [--rows 4]
-        [--seq 512]
+        [--seq 512] [--keep-freed-memory]
         [KEY=VALUE ...]   # dotted config overrides for both sides, e.g. model.hidden_size=512
+
+``--keep-freed-memory`` runs both sides with glibc's allocator keeping freed memory (largest
+mmap threshold, no trimming; environment variables the children inherit). By default glibc
+returns freed blocks to the OS, and every step then page-faults its activations back in: ~8k
+minor faults per step on the HF side, ~1-2k on ours (tiny model), which makes HF's step time
+swing by 10-40 % from run to run. With the flag both sides fault ~100 times per step; it
+measures the code, the default measures what a user gets without allocator tuning.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -76,7 +85,7 @@ def make_batch(rows: int, seq: int, vocab: int, seed: int = 0):  # type: ignore[
 
 
 def hf_step_fn(cfg, batch):  # type: ignore[no-untyped-def]
-    """One HF training step (forward, backward, fused AdamW, zero_grad) as a closure."""
+    """One HF training step (forward, backward, grad clipping, fused AdamW, zero_grad)."""
     model = hf_model(cfg)
     model.train()
     # fused: the HF Trainer's default optimizer (adamw_torch_fused) for torch >= 2.8, as on ours.
@@ -89,9 +98,13 @@ def hf_step_fn(cfg, batch):  # type: ignore[no-untyped-def]
         "position_ids": torch.cat([batch.position_ids[:1], batch.position_ids], 0),
     }
 
+    clip = cfg.optim.clip_grad
+
     def step() -> None:
         loss = model(**inputs).loss
         loss.backward()
+        if clip > 0:  # as ours (optim.clip_grad) and the HF Trainer (max_grad_norm=1.0) do
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
 
@@ -152,6 +165,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory in both children (MALLOC_MMAP_THRESHOLD_=32 MiB, no trim)",
+    )
     ap.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one child's job
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (both sides)")
     args = ap.parse_args()
@@ -159,6 +177,10 @@ def main() -> None:
         times = run_side(args.side, args.recipe, args.rows, args.seq, args.steps, args.overrides)
         print("TIMES " + json.dumps(times))
         return
+    env = dict(os.environ)
+    if args.keep_freed_memory:
+        # 32 MiB is glibc's largest mmap threshold; a fixed one also stops the dynamic raise.
+        env |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
     times: dict[str, list[float]] = {"ours": [], "hf": []}
     round_ratios = []
     for r in range(args.rounds):
@@ -167,7 +189,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "benchmarks.bench_train", "--side", side]
             cmd += [f"--recipe={args.recipe}", f"--rows={args.rows}", f"--seq={args.seq}"]
             cmd += [f"--steps={args.steps}", *args.overrides]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             line = [x for x in out.stdout.splitlines() if x.startswith("TIMES ")]
             if out.returncode != 0 or not line:
                 sys.exit(f"{side} run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -179,7 +201,8 @@ def main() -> None:
     ours, hf = statistics.median(times["ours"]), statistics.median(times["hf"])
     print(
         f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} "
-        f"rounds={args.rounds} threads={torch.get_num_threads()} overrides={args.overrides}"
+        f"rounds={args.rounds} threads={torch.get_num_threads()} overrides={args.overrides} "
+        f"keep_freed_memory={args.keep_freed_memory}"
     )
     print(f"ours (megatron-core, DDP + distributed optimizer): {tokens / ours:10.0f} tokens/s")
     print(f"Hugging Face transformers (fused AdamW):          {tokens / hf:10.0f} tokens/s")
