@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,24 +144,40 @@ def diagnose(slurm: SlurmCluster, run_dir: Path, job_id: str) -> str:
     return f"job {slurm.job(job_id)}\nbatch log:\n{batch_log(run_dir)}\n{logs}"
 
 
-def wait_for_training(run_dir: Path, slurm: SlurmCluster, job_id: str, timeout: float) -> None:
-    """Wait until ``autothink train`` has logged a step (its console line ``step N/M``)."""
+def _wait_until(
+    ready: Callable[[], bool],
+    failure: str,
+    run_dir: Path,
+    slurm: SlurmCluster,
+    job_id: str,
+    timeout: float,
+    poll: float,
+) -> None:
+    """Poll ``ready`` until it holds; else fail with ``failure`` and the job's diagnosis."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(re.search(r"\bstep \d+/\d+", p.read_text()) for p in run_dir.glob("logs/*.log")):
+        if ready():
             return
-        time.sleep(0.5)
-    pytest.fail(f"no training step logged after {timeout} s\n{diagnose(slurm, run_dir, job_id)}")
+        time.sleep(poll)
+    pytest.fail(f"{failure} after {timeout} s\n{diagnose(slurm, run_dir, job_id)}")
+
+
+def wait_for_training(run_dir: Path, slurm: SlurmCluster, job_id: str, timeout: float) -> None:
+    """Wait until ``autothink train`` has logged a step (its console line ``step N/M``)."""
+
+    def logged() -> bool:
+        return any(re.search(r"\bstep \d+/\d+", p.read_text()) for p in run_dir.glob("logs/*.log"))
+
+    _wait_until(logged, "no training step logged", run_dir, slurm, job_id, timeout, poll=0.5)
 
 
 def wait_for_steps(run_dir: Path, n: int, slurm: SlurmCluster, job_id: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
     log = run_dir / "steps.log"
-    while time.monotonic() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.2)
-    pytest.fail(f"fewer than {n} steps after {timeout} s\n{diagnose(slurm, run_dir, job_id)}")
+
+    def done() -> bool:
+        return log.exists() and len(log.read_text().splitlines()) >= n
+
+    _wait_until(done, f"fewer than {n} steps", run_dir, slurm, job_id, timeout, poll=0.2)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
