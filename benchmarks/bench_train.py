@@ -3,7 +3,11 @@
 Both sides train the same Qwen2.5-VL-architecture model (sizes from a recipe, default tiny_cpu)
 on the same token/image batch (every row: one image + text, full length, causal), fp32 on CPU,
 gradient clipping at ``optim.clip_grad`` and AdamW (fused kernel) on both sides, one optimizer
-step per batch. Ours runs the real path:
+step per batch. The loss reads every token by default; ``--loss-share F`` puts it on the last
+F of each row only (an SFT batch: prompt and image tokens carry none; 0.35 is the share measured
+in the demo's packed SFT batches), given to HF as ``-100`` labels, which is how the HF Trainer
+masks. Ours then runs the LM head at the loss positions only (``MaskedHeadGPTModel``); HF computes
+logits everywhere. Ours runs the real path:
 megatron DDP + distributed optimizer + ``get_forward_backward_func`` schedule. Prints tokens/s
 of each (median step time) and the ratio.
 
@@ -15,7 +19,7 @@ hidden 512, HF did not; cause not pinned down). Not ``multiprocessing`` children
 same HF step ~10% slower than a parent or a ``subprocess`` (measured; cause unknown).
 
     python -m benchmarks.bench_train [--recipe tiny_cpu] [--steps 12] [--rounds 3] [--rows 4]
-        [--seq 512] [--keep-freed-memory]
+        [--seq 512] [--keep-freed-memory] [--loss-share 1.0]
         [KEY=VALUE ...]   # dotted config overrides for both sides, e.g. model.hidden_size=512
 
 ``--keep-freed-memory`` runs both sides with glibc's allocator keeping freed memory (largest
@@ -75,13 +79,24 @@ def hf_model(cfg):  # type: ignore[no-untyped-def]
     return Qwen2_5_VLForConditionalGeneration(hf_cfg).float()
 
 
-def make_batch(rows: int, seq: int, vocab: int, seed: int = 0):  # type: ignore[no-untyped-def]
-    from tests.models.model_utils import synthetic_batch
+def make_batch(rows: int, seq: int, vocab: int, loss_share: float = 1.0, seed: int = 0):  # type: ignore[no-untyped-def]
+    from tests.models.model_utils import IMAGE_TOKEN, synthetic_batch
 
     b = synthetic_batch(rows, seq, vocab, seed, with_image=True)
     b.segment_ids = torch.ones_like(b.segment_ids)  # one sample per row: plain causal for both
     b.loss_mask = torch.ones_like(b.loss_mask)
+    if loss_share < 1.0:  # a prompt (with the image) first, the answer's tokens last
+        b.loss_mask[:, : seq - round(seq * loss_share)] = 0
+        b.loss_mask[b.tokens == IMAGE_TOKEN] = 0
     return b
+
+
+def hf_labels(batch):  # type: ignore[no-untyped-def]
+    """HF shifts labels itself: ``labels[j]`` is the target predicted at ``j - 1``, so our
+    ``loss_mask[:, j - 1] == 0`` becomes ``labels[:, j] = -100``."""
+    labels = batch.tokens.clone()
+    labels[:, 1:][batch.loss_mask[:, :-1] == 0] = -100
+    return labels
 
 
 def hf_step_fn(cfg, batch):  # type: ignore[no-untyped-def]
@@ -92,7 +107,7 @@ def hf_step_fn(cfg, batch):  # type: ignore[no-untyped-def]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     inputs = {
         "input_ids": batch.tokens,
-        "labels": batch.tokens,
+        "labels": hf_labels(batch),
         "pixel_values": batch.pixel_values,
         "image_grid_thw": batch.image_grid_thw,
         "position_ids": torch.cat([batch.position_ids[:1], batch.position_ids], 0),
@@ -131,7 +146,9 @@ def ours_step_fn(cfg, batch, steps: int):  # type: ignore[no-untyped-def]
     return step
 
 
-def run_side(side: str, recipe: str, rows: int, seq: int, steps: int, overrides: list[str]):  # type: ignore[no-untyped-def]
+def run_side(
+    side: str, recipe: str, rows: int, seq: int, steps: int, loss_share: float, overrides: list[str]
+):  # type: ignore[no-untyped-def]
     """Time ``steps`` steps of one side in this process (after 2 warm-up steps)."""
     from megatron_autothink.config import load_config
 
@@ -144,7 +161,7 @@ def run_side(side: str, recipe: str, rows: int, seq: int, steps: int, overrides:
             *overrides,
         ],
     )
-    batch = make_batch(rows, seq, cfg.model.vocab_size)
+    batch = make_batch(rows, seq, cfg.model.vocab_size, loss_share)
     torch.manual_seed(0)
     step = ours_step_fn(cfg, batch, steps) if side == "ours" else hf_step_fn(cfg, batch)
     times = []
@@ -170,11 +187,25 @@ def main() -> None:
         action="store_true",
         help="glibc keeps freed memory in both children (MALLOC_MMAP_THRESHOLD_=32 MiB, no trim)",
     )
+    ap.add_argument(
+        "--loss-share",
+        type=float,
+        default=1.0,
+        help="share of each row's tokens that carry the loss (its last tokens; default all)",
+    )
     ap.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one child's job
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (both sides)")
     args = ap.parse_args()
     if args.side:
-        times = run_side(args.side, args.recipe, args.rows, args.seq, args.steps, args.overrides)
+        times = run_side(
+            args.side,
+            args.recipe,
+            args.rows,
+            args.seq,
+            args.steps,
+            args.loss_share,
+            args.overrides,
+        )
         print("TIMES " + json.dumps(times))
         return
     env = dict(os.environ)
@@ -188,7 +219,7 @@ def main() -> None:
         for side in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
             cmd = [sys.executable, "-m", "benchmarks.bench_train", "--side", side]
             cmd += [f"--recipe={args.recipe}", f"--rows={args.rows}", f"--seq={args.seq}"]
-            cmd += [f"--steps={args.steps}", *args.overrides]
+            cmd += [f"--steps={args.steps}", f"--loss-share={args.loss_share}", *args.overrides]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             line = [x for x in out.stdout.splitlines() if x.startswith("TIMES ")]
             if out.returncode != 0 or not line:
@@ -202,7 +233,7 @@ def main() -> None:
     print(
         f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} "
         f"rounds={args.rounds} threads={torch.get_num_threads()} overrides={args.overrides} "
-        f"keep_freed_memory={args.keep_freed_memory}"
+        f"keep_freed_memory={args.keep_freed_memory} loss_share={args.loss_share}"
     )
     print(f"ours (megatron-core, DDP + distributed optimizer): {tokens / ours:10.0f} tokens/s")
     print(f"Hugging Face transformers (fused AdamW):          {tokens / hf:10.0f} tokens/s")

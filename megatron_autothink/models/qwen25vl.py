@@ -6,6 +6,8 @@
   pipeline stage only.
 * Image features replace the ``<|image_pad|>`` token embeddings (one merged 2x2 patch per token),
   before the decoder, so tensor/pipeline/context parallel splits see ordinary hidden states.
+* Given a ``loss_mask``, the LM head and cross entropy run only at the positions the loss reads
+  (:class:`MaskedHeadGPTModel`): image, prompt and padding tokens never get logits.
 
 Parallelism lives in megatron-core: this file builds modules and passes the
 ``ProcessGroupCollection`` it is given; it never reads global parallel state.
@@ -124,10 +126,59 @@ def vision_config(
     )
 
 
+class MaskedHeadGPTModel(GPTModel):
+    """megatron ``GPTModel`` whose LM head and loss run only where ``loss_mask`` is set.
+
+    SFT reads the loss at assistant tokens only and RL at response tokens only; image, prompt
+    and padding positions are often most of a VLM batch. Megatron (like transformers) computes
+    ``[S, B, V]`` logits and cross entropy everywhere and lets the mask discard them; here the
+    hidden states at masked positions are picked first (one ``index_select``), so the head GEMM,
+    the vocab-parallel cross entropy and their backward shrink with the loss share, and so does
+    the logits memory (``S x B x V`` floats: GiBs at Qwen's 152k vocabulary).
+
+    Returns the same ``[B, S]`` per-token loss as ``GPTModel``, exactly 0 where the mask is 0
+    (consumers multiply by the mask anyway). Falls back to megatron's full path without a mask
+    or labels, when every position is kept, with multi-token prediction, and under sequence
+    parallelism (there each TP rank holds a different slice of the sequence, and the head
+    all-gathers it before the GEMM).
+    """
+
+    def _postprocess(self, hidden_states: Tensor, **kw: object) -> Tensor:  # type: ignore[override]
+        labels, loss_mask = kw.get("labels"), kw.get("loss_mask")
+        if (
+            not self.post_process
+            or not isinstance(labels, Tensor)
+            or not isinstance(loss_mask, Tensor)
+            or self.mtp_process
+            or self.config.mtp_num_layers is not None
+            or self.output_layer.sequence_parallel
+        ):
+            return super()._postprocess(hidden_states, **kw)  # type: ignore[arg-type]
+        s, b, h = hidden_states.shape  # [S, B, H]
+        keep = loss_mask.t().reshape(-1) != 0  # [S*B], s-major like hidden_states
+        idx = keep.nonzero().squeeze(1)  # [N]
+        if idx.numel() == keep.numel():
+            return super()._postprocess(hidden_states, **kw)  # type: ignore[arg-type]
+        picked = hidden_states.reshape(s * b, h).index_select(0, idx).unsqueeze(1)  # [N, 1, H]
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else None
+        )
+        logits, _ = self.output_layer(
+            picked, weight=weight, runtime_gather_output=kw.get("runtime_gather_output")
+        )  # [N, 1, V/tp]
+        picked_labels = labels.t().reshape(-1).index_select(0, idx).unsqueeze(0)  # [1, N]
+        loss = self.compute_language_model_loss(picked_labels, logits).reshape(-1)  # [N]
+        full = loss.new_zeros(s * b).index_copy(0, idx, loss)  # [S*B], 0 off the mask
+        return full.view(s, b).t().contiguous()  # [B, S]
+
+
 class Qwen25VLModel(MegatronModule):
     """One pipeline chunk of the VLM. Forward returns per-token loss ``[B, S]`` when ``labels`` are
-    given (last stage), vocab-parallel logits ``[B, S, V/tp]`` otherwise (last stage), or hidden
-    states ``[S, B, H]`` on earlier stages."""
+    given (last stage; only at ``loss_mask`` positions when a mask is given, 0 elsewhere),
+    vocab-parallel logits ``[B, S, V/tp]`` otherwise (last stage), or hidden states ``[S, B, H]``
+    on earlier stages."""
 
     def __init__(
         self,
@@ -152,7 +203,7 @@ class Qwen25VLModel(MegatronModule):
         self.post_process = post_process
         self.image_token_id = image_token_id
         self.vocab_size = vocab_size
-        self.language_model = GPTModel(
+        self.language_model = MaskedHeadGPTModel(
             config=lm_cfg,
             transformer_layer_spec=language_block_spec(
                 m.transformer_impl,
@@ -219,6 +270,7 @@ class Qwen25VLModel(MegatronModule):
         labels: Tensor | None = None,
         pixel_values: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
+        loss_mask: Tensor | None = None,
     ) -> Tensor:
         decoder_input = (
             self.embed(tokens, pixel_values, image_grid_thw) if self.pre_process else None
@@ -229,4 +281,5 @@ class Qwen25VLModel(MegatronModule):
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             labels=labels,
+            loss_mask=loss_mask,
         )

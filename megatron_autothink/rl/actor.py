@@ -37,6 +37,7 @@ def _forward(
         labels=b.labels,
         pixel_values=b.pixel_values,
         image_grid_thw=b.image_grid_thw,
+        loss_mask=b.loss_mask,  # the LM head runs at response tokens only
     )
     return neg_logp, mb
 

@@ -10,22 +10,26 @@ from megatron_autothink.config import ModelConfig
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def train_flops_per_token(m: ModelConfig, seq_length: int) -> float:
+def train_flops_per_token(m: ModelConfig, seq_length: int, head_share: float = 1.0) -> float:
     """Forward+backward FLOPs per token of the language model (3x forward; 2 FLOPs per MAC).
 
     Counts the QKV/output projections, the SwiGLU MLP, the LM head and attention scores
     (causal: half of ``seq x seq``). The vision tower is excluded (image tokens are a small share
-    of the text-dominated batches this figure is used for).
+    of the text-dominated batches this figure is used for). ``head_share`` is the share of
+    tokens the LM head runs on: the trainer computes logits at loss tokens only
+    (``MaskedHeadGPTModel``), so counting the head for every token would overstate MFU.
 
     >>> round(train_flops_per_token(ModelConfig(), 512) / 1e6, 2)
     5.9
+    >>> round(train_flops_per_token(ModelConfig(), 512, head_share=0.5) / 1e6, 2)
+    5.51
     """
     h, f, layers = m.hidden_size, m.ffn_hidden_size, m.num_layers
     kv = m.num_query_groups * m.head_dim
     per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * 3 * h * f
     attention = 2 * 2 * h * seq_length / 2
     head = 2 * h * m.vocab_size
-    return 3.0 * (layers * (per_layer + attention) + head)
+    return 3.0 * (layers * (per_layer + attention) + head * head_share)
 
 
 def peak_flops() -> float | None:

@@ -121,7 +121,6 @@ def run_sft(
 ) -> LoopState:
     """Train ``state.total_steps`` steps from ``state.step``; returns the final state."""
     cfg, ctx = state.cfg, state.ctx
-    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_length)
     for cb in callbacks:
         cb.on_train_start(state)
     while state.step < state.total_steps:
@@ -143,6 +142,8 @@ def run_sft(
             "step_time_s": dt,
         }
         if torch.cuda.is_available():
+            head_share = min(result.tokens / tokens, 1.0) if tokens else 1.0
+            flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_length, head_share)
             metrics["mfu"] = mfu(flops_per_token * tokens / dt / ctx.world_size)
             metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False

@@ -62,6 +62,7 @@ def forward_step(
         labels=batch.labels,
         pixel_values=batch.pixel_values,
         image_grid_thw=batch.image_grid_thw,
+        loss_mask=batch.loss_mask,  # the LM head runs at assistant tokens only
     )
     return output, partial(loss_func, batch.loss_mask, batch.mode_ids)
 
