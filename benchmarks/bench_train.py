@@ -9,7 +9,7 @@ in the demo's packed SFT batches), given to HF as ``-100`` labels, which is how 
 masks. Ours then runs the LM head at the loss positions only (``MaskedHeadGPTModel``); HF computes
 logits everywhere. Ours runs the real path:
 megatron DDP + distributed optimizer + ``get_forward_backward_func`` schedule. Prints tokens/s
-of each (median step time) and the ratio.
+of each (median step time), the ratio, and each side's peak resident memory (process RSS).
 
 Each side runs alone in a fresh process (``subprocess``), the sides alternating over
 ``--rounds`` rounds (order flipped every round): this 2-core machine's speed drifts by 10% or
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -207,12 +208,15 @@ def main() -> None:
             args.overrides,
         )
         print("TIMES " + json.dumps(times))
+        # Peak resident memory of this child (KiB on Linux): model, optimizer and activations.
+        print(f"MAXRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
         return
     env = dict(os.environ)
     if args.keep_freed_memory:
         # 32 MiB is glibc's largest mmap threshold; a fixed one also stops the dynamic raise.
         env |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
     times: dict[str, list[float]] = {"ours": [], "hf": []}
+    peak_kib: dict[str, int] = {"ours": 0, "hf": 0}
     round_ratios = []
     for r in range(args.rounds):
         med = {}
@@ -226,6 +230,8 @@ def main() -> None:
                 sys.exit(f"{side} run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             t = json.loads(line[0][6:])
             times[side] += t
+            rss = [int(x.split()[1]) for x in out.stdout.splitlines() if x.startswith("MAXRSS ")]
+            peak_kib[side] = max(peak_kib[side], *rss)
             med[side] = statistics.median(t)
         round_ratios.append(med["hf"] / med["ours"])
     tokens = args.rows * args.seq
@@ -243,6 +249,8 @@ def main() -> None:
     # Noise on a shared machine only ever adds time: the fastest steps are the steadiest figure.
     fastest = min(times["hf"]) / min(times["ours"])
     print(f"ratio of mean step times: {mean:.2f}; of the fastest steps: {fastest:.2f}")
+    o, h = peak_kib["ours"] / 2**20, peak_kib["hf"] / 2**20
+    print(f"peak resident memory (GiB): ours {o:.2f}, HF {h:.2f}, ratio ours/HF {o / h:.2f}")
 
 
 if __name__ == "__main__":
