@@ -36,6 +36,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -212,6 +214,35 @@ def _check_model_dir(model_dir: str) -> dict[str, Any]:
     return config
 
 
+# A socket path longer than this (sockaddr_un.sun_path) cannot be bound; vLLM appends a uuid4.
+_IPC_PATH_MAX = 107
+_IPC_NAME_LEN = 1 + 36
+
+
+def make_ipc_dir(bases: Sequence[str] | None = None) -> str | None:
+    """A fresh directory for vLLM's IPC sockets, in the first base whose socket paths fit.
+
+    The temp dir first; ``/tmp`` when it is too long: SLURM sites often point ``TMPDIR`` at a
+    deep per-job path, and a socket path over 107 characters makes vLLM's start fail with a
+    ZMQError (vLLM's own default, the temp dir, fails the same way there). None when no base
+    fits; vLLM then keeps its default.
+
+    >>> d = make_ipc_dir(["/" + "x" * 80, "/tmp"])
+    >>> d.startswith("/tmp/at-vllm-") and len(d) + 37 <= 107
+    True
+    >>> os.rmdir(d)
+    >>> make_ipc_dir(["/" + "x" * 80]) is None
+    True
+    """
+    for base in bases if bases is not None else (tempfile.gettempdir(), "/tmp"):
+        # mkdtemp adds 8 random characters to the prefix.
+        if len(base) + len("/at-vllm-") + 8 + _IPC_NAME_LEN <= _IPC_PATH_MAX and os.path.isdir(
+            base
+        ):
+            return tempfile.mkdtemp(prefix="at-vllm-", dir=base)
+    return None
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """:class:`~megatron_autothink.rollout.engine.RolloutEngine` on vLLM.
 
@@ -227,6 +258,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.config = config
         self._llm: Any = None
         self._asleep = False
+        self._ipc_dir: str | None = None
         hf_config = _check_model_dir(config.model_dir)
         self.is_vision_language = hf_config.get("model_type") in _VL_MODEL_TYPES
         self._image_pad_id: int | None = hf_config.get("image_token_id")
@@ -243,13 +275,15 @@ class VLLMRolloutEngine(RolloutEngine):
         kwargs = self._engine_kwargs()
         t0 = time.perf_counter()
         try:
-            with self._engine_process_on_my_gpu():
+            with self._engine_process_on_my_gpu(), self._private_ipc_dir():
                 self._llm = _run_with_timeout(
                     lambda: self._start_llm(kwargs), config.start_timeout_s, "vLLM engine start"
                 )
         except TimeoutError as e:
+            self._remove_ipc_dir()
             raise EngineStartError(f"vLLM did not start from {config.model_dir!r}: {e}") from e
         except Exception as e:
+            self._remove_ipc_dir()
             hint = ""
             if self.is_vision_language and not config.in_process:
                 hint = (
@@ -322,6 +356,36 @@ class VLLMRolloutEngine(RolloutEngine):
             )
         kwargs.update(cfg.engine_kwargs)
         return kwargs
+
+    @contextlib.contextmanager
+    def _private_ipc_dir(self) -> Iterator[None]:
+        """Multiprocess mode: vLLM's ZMQ IPC sockets go to a directory of this engine's own.
+
+        vLLM names them ``$VLLM_RPC_BASE_PATH/<uuid>`` (default: the temp dir) and leaves 7
+        socket files behind per multiprocess engine (measured with vLLM 0.32 on CPU; its
+        processes are terminated rather than closed), so every RL run with DP > 1, and every
+        test session, added files to /tmp for good. The variable is set while vLLM starts (its
+        processes are spawned then and inherit it) and restored after; :meth:`shutdown` removes
+        the directory. A ``VLLM_RPC_BASE_PATH`` the user set is left alone. See
+        :func:`make_ipc_dir` for where the directory goes.
+        """
+        if self.config.in_process or "VLLM_RPC_BASE_PATH" in os.environ:
+            yield
+            return
+        self._ipc_dir = make_ipc_dir()
+        if self._ipc_dir is None:
+            yield
+            return
+        os.environ["VLLM_RPC_BASE_PATH"] = self._ipc_dir
+        try:
+            yield
+        finally:
+            os.environ.pop("VLLM_RPC_BASE_PATH", None)
+
+    def _remove_ipc_dir(self) -> None:
+        ipc_dir, self._ipc_dir = self._ipc_dir, None
+        if ipc_dir is not None:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
 
     @contextlib.contextmanager
     def _engine_process_on_my_gpu(self) -> Iterator[None]:
@@ -575,3 +639,4 @@ class VLLMRolloutEngine(RolloutEngine):
         finally:
             del llm
             gc.collect()
+            self._remove_ipc_dir()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -56,10 +58,11 @@ SCRIPT = textwrap.dedent(
             changed = engine.generate(request, greedy)[0][0]
             engine.update_weights(iter(weights.items()), 2)
             after = engine.generate(request, greedy)[0][0]
+            ipc_dir = engine._ipc_dir
         print("RESULT " + json.dumps({
             "before": before.token_ids, "before_lp": before.logprobs,
             "changed": changed.token_ids, "after": after.token_ids, "after_lp": after.logprobs,
-            "buckets": update.num_buckets,
+            "buckets": update.num_buckets, "ipc_dir": ipc_dir,
         }))
     """
 )
@@ -71,21 +74,36 @@ def test_multiprocess_engine_generates_and_updates_weights(
     prompt = chat_prompt(engine.tokenizer, "multiprocess", num_images=1)
     script = tmp_path / "mp_rollout.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_vl_dir), json.dumps(prompt)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
-        cwd=tmp_path,
-    )
+    # The child's temp dir, where vLLM would put its IPC sockets (short: socket paths are
+    # limited to 107 characters, and pytest's tmp_path is longer than that allows).
+    tmp = Path(tempfile.mkdtemp(prefix="at-test-", dir="/tmp"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "TMPDIR": str(tmp),
+    }
+    env.pop("VLLM_RPC_BASE_PATH", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tiny_vl_dir), json.dumps(prompt)],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env=env,
+            cwd=tmp_path,
+        )
+        sockets = [p for p in tmp.rglob("*") if p.is_socket()]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT ") :])
     assert result["buckets"] > 1
     assert result["changed"] != result["before"]
     assert result["after"] == result["before"] and result["after_lp"] == result["before_lp"]
+    # vLLM's IPC sockets lived in the engine's own directory, and nothing is left behind.
+    assert not sockets, sockets
+    assert Path(result["ipc_dir"]).parent == tmp and not Path(result["ipc_dir"]).exists()
 
     # Same greedy tokens as the in-process engine of this session (same weights, both fp32).
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (84, 112, 3), dtype=np.uint8))
