@@ -46,16 +46,9 @@ def synthetic_batch(
     )
 
 
-def tiny_model_loss_and_grads(
-    toggle: Callable[[torch.nn.Module, bool], None], seed: int, overrides: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Run in a rank: build the tiny VLM, then for ``toggle(model, True)`` and
-    ``toggle(model, False)`` one forward/backward on the same synthetic batch and weights.
-
-    Returns ``{True: (per_token_loss, grads), False: (...), "model": module summary}`` where
-    ``grads`` maps parameter names to gradients. Used to show that a fast path we switch in
-    computes exactly what megatron's own path computes.
-    """
+def build_tiny_model(seed: int, overrides: Sequence[str] = ()) -> tuple[Any, torch.nn.Module]:
+    """Run in a rank: ``(cfg, model)``, the tiny VLM (recipe ``tiny_cpu`` + ``overrides``) on a
+    fresh parallel context, with seeded weights."""
     from megatron_autothink.config import load_config
     from megatron_autothink.models.qwen25vl import Qwen25VLModel
     from megatron_autothink.parallel import init_distributed, seed_everything
@@ -70,22 +63,45 @@ def tiny_model_loss_and_grads(
         image_token_id=IMAGE_TOKEN,
         pg_collection=ctx.pg,
     )
+    return cfg, model
+
+
+def loss_and_grads(
+    model: torch.nn.Module, batch: PackedBatch, **forward_kwargs: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward/backward of ``sum(per_token_loss * loss_mask)`` on ``batch``: the per-token
+    loss ``[B, S]`` and every parameter's gradient by name."""
+    model.zero_grad()
+    loss = model(
+        batch.tokens,
+        batch.position_ids,
+        None,
+        labels=batch.labels,
+        pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw,
+        **forward_kwargs,
+    )
+    (loss * batch.loss_mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def tiny_model_loss_and_grads(
+    toggle: Callable[[torch.nn.Module, bool], None], seed: int, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run in a rank: build the tiny VLM, then for ``toggle(model, True)`` and
+    ``toggle(model, False)`` one forward/backward on the same synthetic batch and weights.
+
+    Returns ``{True: (per_token_loss, grads), False: (...), "model": module summary}`` where
+    ``grads`` maps parameter names to gradients. Used to show that a fast path we switch in
+    computes exactly what megatron's own path computes.
+    """
+    cfg, model = build_tiny_model(seed, overrides)
     batch = synthetic_batch(2, 64, cfg.model.vocab_size, seed, with_image=True)
     out: dict[str, Any] = {"modules": [(n, m) for n, m in model.named_modules()]}
     for flag in (True, False):
         toggle(model, flag)
-        model.zero_grad()
-        loss = model(
-            batch.tokens,
-            batch.position_ids,
-            None,
-            labels=batch.labels,
-            pixel_values=batch.pixel_values,
-            image_grid_thw=batch.image_grid_thw,
-        )
-        (loss * batch.loss_mask).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        out[flag] = (loss.detach(), grads)  # type: ignore[index]
+        out[flag] = loss_and_grads(model, batch)  # type: ignore[index]
     toggle(model, True)
     out["modules"] = [(n, _qualname(type(m))) for n, m in out["modules"]]
     return out

@@ -7,53 +7,18 @@ from typing import Any
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.models.model_utils import IMAGE_TOKEN, synthetic_batch
-
-
-def _loss_and_grads(model: torch.nn.Module, batch: Any, **kw: Any) -> tuple[torch.Tensor, dict]:
-    model.zero_grad()
-    loss = model(
-        batch.tokens,
-        batch.position_ids,
-        None,
-        labels=batch.labels,
-        pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw,
-        **kw,
-    )
-    (loss * batch.loss_mask).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def _build(cfg: Any, ctx: Any, seed: int, parallel: Any = None) -> torch.nn.Module:
-    from megatron_autothink.models.qwen25vl import Qwen25VLModel
-    from megatron_autothink.parallel import seed_everything
-
-    seed_everything(seed, ctx)
-    return Qwen25VLModel(
-        cfg.model,
-        parallel or cfg.parallel,
-        vocab_size=cfg.model.vocab_size,
-        image_token_id=IMAGE_TOKEN,
-        pg_collection=ctx.pg,
-    )
+from tests.models.model_utils import build_tiny_model, loss_and_grads, synthetic_batch
 
 
 def _one_rank() -> dict[str, Any]:
-    from megatron_autothink.config import load_config
-    from megatron_autothink.parallel import init_distributed
-
-    cfg = load_config("tiny_cpu", [])
-    ctx = init_distributed(cfg)
-    model = _build(cfg, ctx, seed=3)
+    cfg, model = build_tiny_model(seed=3)
     batch = synthetic_batch(2, 64, cfg.model.vocab_size, seed=3)
     out: dict[str, Any] = {"mask": batch.loss_mask}
-    out["full"] = _loss_and_grads(model, batch)
-    out["masked"] = _loss_and_grads(model, batch, loss_mask=batch.loss_mask)
+    out["full"] = loss_and_grads(model, batch)
+    out["masked"] = loss_and_grads(model, batch, loss_mask=batch.loss_mask)
     ones = torch.ones_like(batch.loss_mask)
-    out["ones"] = _loss_and_grads(model, batch, loss_mask=ones)[0]
-    out["zeros"] = _loss_and_grads(model, batch, loss_mask=torch.zeros_like(batch.loss_mask))
+    out["ones"] = loss_and_grads(model, batch, loss_mask=ones)[0]
+    out["zeros"] = loss_and_grads(model, batch, loss_mask=torch.zeros_like(batch.loss_mask))
     return out
 
 
@@ -78,17 +43,12 @@ def test_masked_head_matches_full_head_and_its_gradients() -> None:
 
 
 def _two_ranks() -> dict[str, Any]:
-    from megatron_autothink.config import load_config
-    from megatron_autothink.parallel import init_distributed
-
-    cfg = load_config("tiny_cpu", ["parallel.tp=2"])
-    ctx = init_distributed(cfg)
-    model = _build(cfg, ctx, seed=4)
+    cfg, model = build_tiny_model(seed=4, overrides=["parallel.tp=2"])
     batch = synthetic_batch(2, 64, cfg.model.vocab_size, seed=4)
     return {
         "mask": batch.loss_mask,
-        "full": _loss_and_grads(model, batch),
-        "masked": _loss_and_grads(model, batch, loss_mask=batch.loss_mask),
+        "full": loss_and_grads(model, batch),
+        "masked": loss_and_grads(model, batch, loss_mask=batch.loss_mask),
     }
 
 
