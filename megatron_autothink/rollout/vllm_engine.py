@@ -362,9 +362,9 @@ class VLLMRolloutEngine(RolloutEngine):
         """Multiprocess mode: vLLM's ZMQ IPC sockets go to a directory of this engine's own.
 
         vLLM names them ``$VLLM_RPC_BASE_PATH/<uuid>`` (default: the temp dir) and leaves 7
-        socket files behind per multiprocess engine (measured with vLLM 0.32 on CPU; its
-        processes are terminated rather than closed), so every RL run with DP > 1, and every
-        test session, added files to /tmp for good. The variable is set while vLLM starts (its
+        socket files behind per multiprocess engine (measured with vLLM 0.32 on CPU, after a
+        clean ``shutdown()``), so every RL run with DP > 1, and every test session, added files
+        to /tmp for good. The variable is set while vLLM starts (its
         processes are spawned then and inherit it) and restored after; :meth:`shutdown` removes
         the directory. A ``VLLM_RPC_BASE_PATH`` the user set is left alone. See
         :func:`make_ipc_dir` for where the directory goes.
