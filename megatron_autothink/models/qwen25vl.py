@@ -137,7 +137,8 @@ class MaskedHeadGPTModel(GPTModel):
     the logits memory (``S x B x V`` floats: GiBs at Qwen's 152k vocabulary).
 
     Returns the same ``[B, S]`` per-token loss as ``GPTModel``, exactly 0 where the mask is 0
-    (consumers multiply by the mask anyway). Falls back to megatron's full path without a mask
+    (consumers multiply by the mask anyway). Cost: one host sync per micro-batch on the last
+    pipeline stage (the number of loss tokens sizes the picked rows); unmeasured on GPU. Falls back to megatron's full path without a mask
     or labels, when every position is kept, when the mask's ``[B, S]`` does not match the hidden
     states, with multi-token prediction, and under sequence parallelism (there each TP rank
     holds a different slice of the sequence, and the head all-gathers it before the GEMM).
