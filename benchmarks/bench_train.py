@@ -80,7 +80,9 @@ def hf_model(cfg):  # type: ignore[no-untyped-def]
     return Qwen2_5_VLForConditionalGeneration(hf_cfg).float()
 
 
-def make_batch(rows: int, seq: int, vocab: int, loss_share: float = 1.0, seed: int = 0):  # type: ignore[no-untyped-def]
+def make_batch(  # type: ignore[no-untyped-def]
+    rows: int, seq: int, vocab: int, loss_share: float = 1.0, seed: int = 0
+):
     from tests.models.model_utils import IMAGE_TOKEN, synthetic_batch
 
     b = synthetic_batch(rows, seq, vocab, seed, with_image=True)

@@ -138,25 +138,26 @@ class MaskedHeadGPTModel(GPTModel):
 
     Returns the same ``[B, S]`` per-token loss as ``GPTModel``, exactly 0 where the mask is 0
     (consumers multiply by the mask anyway). Cost: one host sync per micro-batch on the last
-    pipeline stage (the number of loss tokens sizes the picked rows); unmeasured on GPU. Falls back to megatron's full path without a mask
-    or labels, when every position is kept, when the mask's ``[B, S]`` does not match the hidden
-    states, with multi-token prediction, and under sequence parallelism (there each TP rank
-    holds a different slice of the sequence, and the head all-gathers it before the GEMM).
+    pipeline stage (the number of loss tokens sizes the picked rows); unmeasured on GPU.
+
+    Falls back to megatron's full path without a mask or labels, when every position is kept,
+    when the mask's ``[B, S]`` does not match the hidden states (e.g. a context-parallel shard),
+    with multi-token prediction, and under sequence parallelism (there each TP rank holds a
+    different slice of the sequence, and the head all-gathers it before the GEMM).
     """
 
     def _postprocess(self, hidden_states: Tensor, **kw: object) -> Tensor:  # type: ignore[override]
         labels, loss_mask = kw.get("labels"), kw.get("loss_mask")
+        s, b, h = hidden_states.shape  # [S, B, H]
         if (
             not self.post_process
             or not isinstance(labels, Tensor)
             or not isinstance(loss_mask, Tensor)
+            or loss_mask.shape != (b, s)
             or self.mtp_process
             or self.config.mtp_num_layers is not None
             or self.output_layer.sequence_parallel
         ):
-            return super()._postprocess(hidden_states, **kw)  # type: ignore[arg-type]
-        s, b, h = hidden_states.shape  # [S, B, H]
-        if loss_mask.shape != (b, s):  # e.g. a context-parallel shard: megatron's path decides
             return super()._postprocess(hidden_states, **kw)  # type: ignore[arg-type]
         keep = loss_mask.t().reshape(-1) != 0  # [S*B], s-major like hidden_states
         idx = keep.nonzero().squeeze(1)  # [N]

@@ -236,9 +236,8 @@ def make_ipc_dir(bases: Sequence[str] | None = None) -> str | None:
     """
     for base in bases if bases is not None else (tempfile.gettempdir(), "/tmp"):
         # mkdtemp adds 8 random characters to the prefix.
-        if len(base) + len("/at-vllm-") + 8 + _IPC_NAME_LEN <= _IPC_PATH_MAX and os.path.isdir(
-            base
-        ):
+        fits = len(base) + len("/at-vllm-") + 8 + _IPC_NAME_LEN <= _IPC_PATH_MAX
+        if fits and os.path.isdir(base):
             return tempfile.mkdtemp(prefix="at-vllm-", dir=base)
     return None
 
@@ -280,10 +279,8 @@ class VLLMRolloutEngine(RolloutEngine):
                     lambda: self._start_llm(kwargs), config.start_timeout_s, "vLLM engine start"
                 )
         except TimeoutError as e:
-            self._remove_ipc_dir()
             raise EngineStartError(f"vLLM did not start from {config.model_dir!r}: {e}") from e
         except Exception as e:
-            self._remove_ipc_dir()
             hint = ""
             if self.is_vision_language and not config.in_process:
                 hint = (
@@ -364,21 +361,22 @@ class VLLMRolloutEngine(RolloutEngine):
         vLLM names them ``$VLLM_RPC_BASE_PATH/<uuid>`` (default: the temp dir) and leaves 7
         socket files behind per multiprocess engine (measured with vLLM 0.32 on CPU, after a
         clean ``shutdown()``), so every RL run with DP > 1, and every test session, added files
-        to /tmp for good. The variable is set while vLLM starts (its
-        processes are spawned then and inherit it) and restored after; :meth:`shutdown` removes
-        the directory. A ``VLLM_RPC_BASE_PATH`` the user set is left alone. See
+        to /tmp for good. The variable is set while vLLM starts (its processes are spawned then
+        and inherit it) and restored after; the directory is removed by :meth:`shutdown`, or
+        here when the start fails. A ``VLLM_RPC_BASE_PATH`` the user set is left alone. See
         :func:`make_ipc_dir` for where the directory goes.
         """
-        if self.config.in_process or "VLLM_RPC_BASE_PATH" in os.environ:
-            yield
-            return
-        self._ipc_dir = make_ipc_dir()
+        private = not self.config.in_process and "VLLM_RPC_BASE_PATH" not in os.environ
+        self._ipc_dir = make_ipc_dir() if private else None
         if self._ipc_dir is None:
             yield
             return
         os.environ["VLLM_RPC_BASE_PATH"] = self._ipc_dir
         try:
             yield
+        except BaseException:
+            self._remove_ipc_dir()
+            raise
         finally:
             os.environ.pop("VLLM_RPC_BASE_PATH", None)
 
