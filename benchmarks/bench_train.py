@@ -19,7 +19,7 @@ hidden 512, HF did not; cause not pinned down). Not ``multiprocessing`` children
 same HF step ~10% slower than a parent or a ``subprocess`` (measured; cause unknown).
 
     python -m benchmarks.bench_train [--recipe tiny_cpu] [--steps 12] [--rounds 3] [--rows 4]
-        [--seq 512] [--keep-freed-memory] [--loss-share 1.0]
+        [--seq 512] [--keep-freed-memory] [--loss-share 1.0] [--image-side 0]
         [KEY=VALUE ...]   # dotted config overrides for both sides, e.g. model.hidden_size=512
 
 ``--keep-freed-memory`` runs both sides with glibc's allocator keeping freed memory (largest
@@ -81,12 +81,34 @@ def hf_model(cfg):  # type: ignore[no-untyped-def]
 
 
 def make_batch(  # type: ignore[no-untyped-def]
-    rows: int, seq: int, vocab: int, loss_share: float = 1.0, seed: int = 0
+    rows: int, seq: int, vocab: int, loss_share: float = 1.0, seed: int = 0, image_side: int = 0
 ):
+    """One sample per row, full length. ``image_side=0``: row 0 holds one 4x4-patch image (the
+    text-heavy batch of earlier sessions); ``image_side=N``: every row starts with an N x N-patch
+    image (N*N/4 image tokens; N=16 is the demo's largest image, 224 x 224 pixels)."""
     from tests.models.model_utils import IMAGE_TOKEN, synthetic_batch
 
-    b = synthetic_batch(rows, seq, vocab, seed, with_image=True)
+    b = synthetic_batch(rows, seq, vocab, seed, with_image=image_side == 0)
     b.segment_ids = torch.ones_like(b.segment_ids)  # one sample per row: plain causal for both
+    if image_side:
+        merged, start = image_side // 2, 3
+        n_img = merged * merged
+        if image_side % 2 or start + n_img >= seq:
+            raise SystemExit(f"--image-side {image_side}: must be even and fit in --seq {seq}")
+        pos = torch.zeros(3, rows, seq, dtype=torch.long)
+        pos[:, :, :start] = torch.arange(start)
+        hh, ww = torch.meshgrid(torch.arange(merged), torch.arange(merged), indexing="ij")
+        pos[0, :, start : start + n_img] = start
+        pos[1, :, start : start + n_img] = start + hh.flatten()
+        pos[2, :, start : start + n_img] = start + ww.flatten()
+        rest = seq - start - n_img
+        pos[:, :, start + n_img :] = torch.arange(start + merged, start + merged + rest)
+        b.position_ids = pos
+        b.tokens[:, start : start + n_img] = IMAGE_TOKEN
+        b.labels = torch.roll(b.tokens, -1, dims=1)
+        g = torch.Generator().manual_seed(seed)
+        b.pixel_values = torch.randn(rows * image_side * image_side, 1176, generator=g)
+        b.image_grid_thw = torch.tensor([[1, image_side, image_side]] * rows)
     b.loss_mask = torch.ones_like(b.loss_mask)
     if loss_share < 1.0:  # a prompt (with the image) first, the answer's tokens last
         b.loss_mask[:, : seq - round(seq * loss_share)] = 0
@@ -150,7 +172,14 @@ def ours_step_fn(cfg, batch, steps: int):  # type: ignore[no-untyped-def]
 
 
 def run_side(
-    side: str, recipe: str, rows: int, seq: int, steps: int, loss_share: float, overrides: list[str]
+    side: str,
+    recipe: str,
+    rows: int,
+    seq: int,
+    steps: int,
+    loss_share: float,
+    image_side: int,
+    overrides: list[str],
 ):  # type: ignore[no-untyped-def]
     """Time ``steps`` steps of one side in this process (after 2 warm-up steps)."""
     from megatron_autothink.config import load_config
@@ -164,7 +193,7 @@ def run_side(
             *overrides,
         ],
     )
-    batch = make_batch(rows, seq, cfg.model.vocab_size, loss_share)
+    batch = make_batch(rows, seq, cfg.model.vocab_size, loss_share, image_side=image_side)
     torch.manual_seed(0)
     step = ours_step_fn(cfg, batch, steps) if side == "ours" else hf_step_fn(cfg, batch)
     times = []
@@ -196,6 +225,13 @@ def main() -> None:
         default=1.0,
         help="share of each row's tokens that carry the loss (its last tokens; default all)",
     )
+    ap.add_argument(
+        "--image-side",
+        type=int,
+        default=0,
+        help="every row starts with an N x N-patch image (16: the demo's largest); "
+        "default 0: one 4x4-patch image in row 0 only",
+    )
     ap.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one child's job
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (both sides)")
     args = ap.parse_args()
@@ -207,6 +243,7 @@ def main() -> None:
             args.seq,
             args.steps,
             args.loss_share,
+            args.image_side,
             args.overrides,
         )
         print("TIMES " + json.dumps(times))
@@ -225,7 +262,8 @@ def main() -> None:
         for side in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
             cmd = [sys.executable, "-m", "benchmarks.bench_train", "--side", side]
             cmd += [f"--recipe={args.recipe}", f"--rows={args.rows}", f"--seq={args.seq}"]
-            cmd += [f"--steps={args.steps}", f"--loss-share={args.loss_share}", *args.overrides]
+            cmd += [f"--steps={args.steps}", f"--loss-share={args.loss_share}"]
+            cmd += [f"--image-side={args.image_side}", *args.overrides]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             line = [x for x in out.stdout.splitlines() if x.startswith("TIMES ")]
             if out.returncode != 0 or not line:
@@ -241,7 +279,8 @@ def main() -> None:
     print(
         f"recipe={args.recipe} rows={args.rows} seq={args.seq} steps={args.steps} "
         f"rounds={args.rounds} threads={torch.get_num_threads()} overrides={args.overrides} "
-        f"keep_freed_memory={args.keep_freed_memory} loss_share={args.loss_share}"
+        f"keep_freed_memory={args.keep_freed_memory} loss_share={args.loss_share} "
+        f"image_side={args.image_side}"
     )
     print(f"ours (megatron-core, DDP + distributed optimizer): {tokens / ours:10.0f} tokens/s")
     print(f"Hugging Face transformers (fused AdamW):          {tokens / hf:10.0f} tokens/s")

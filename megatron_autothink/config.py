@@ -104,7 +104,8 @@ class ParallelConfig(_Section):
     vpp: int | None = Field(None, ge=1)
     """Virtual pipeline stages per rank (interleaved 1F1B); ``None`` disables."""
     cp: int = Field(1, ge=1)
-    """Context-parallel size (GPU + TE only)."""
+    """Context-parallel size. Only 1 for now: splitting packed rows across CP ranks is not
+    implemented (refused with an error, not run wrongly)."""
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
     backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -351,6 +352,14 @@ def check_static(cfg: AutothinkConfig) -> None:
         )
     if p.vpp is not None and p.pp < 2:
         _fail("parallel.vpp", "interleaved schedules need parallel.pp >= 2")
+    if p.cp > 1:
+        # megatron's attention would treat each rank's full row as its shard: the loader does not
+        # split sequences across CP ranks, and packed samples need per-sample attention there.
+        _fail(
+            "parallel.cp",
+            f"{p.cp}: context parallelism is not implemented yet; use parallel.cp=1 with "
+            "tp / pp / dp (and model.recompute for long sequences)",
+        )
     if p.sequence_parallel and p.tp == 1:
         _fail("parallel.sequence_parallel", "needs parallel.tp > 1")
     if any(i >= v.depth or i < 0 for i in v.fullatt_block_indexes):

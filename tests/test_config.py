@@ -63,6 +63,8 @@ def test_unknown_key_and_wrong_type() -> None:
         load_config("tiny_cpu", ["model.transformer_impl=cuda"])
     with pytest.raises(ConfigError, match="must look like"):
         load_config("tiny_cpu", ["parallel.tp"])
+    with pytest.raises(ConfigError, match=r"parallel\.cp: 2: context parallelism is not"):
+        load_config("tiny_cpu", ["parallel.cp=2"])
 
 
 def test_world_size_checks() -> None:

@@ -39,8 +39,6 @@ def check_layout(cfg: AutothinkConfig, opts: SlurmOptions) -> None:
     if not opts.gpus_per_node:
         if p.backend == "nccl":
             raise LaunchError("parallel.backend=nccl needs GPUs; set --gpus-per-node or gloo")
-        if p.cp > 1:
-            raise LaunchError("parallel.cp > 1 needs GPUs (context parallelism is GPU + TE only)")
         if cfg.model.fp8 != "none":
             raise LaunchError("model.fp8 needs GPUs (Transformer Engine on Hopper)")
 

@@ -35,6 +35,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
+from megatron_autothink.models.varlen import SegmentBuckets, bucketed_attention
+
 
 class SDPAAttention(MegatronModule):
     """``core_attention`` for megatron's ``SelfAttention``: q/k/v in, context out.
@@ -78,16 +80,13 @@ class SDPAAttention(MegatronModule):
         attention_bias: Tensor | None = None,
         packed_seq_params: object | None = None,
     ) -> Tensor:
-        if packed_seq_params is not None:
-            raise ValueError(
-                "SDPAAttention takes packed samples as a block-diagonal attention_mask "
-                "(see models.masks), not PackedSeqParams"
-            )
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported")
         mask_type = attn_mask_type or self.attn_mask_type
         sq, b = query.shape[0], query.shape[1]
         on_cpu = query.device.type == "cpu"
+        if packed_seq_params is not None:
+            return self._segments(query, key, value, packed_seq_params, mask_type, on_cpu)
         if on_cpu:
             # [s, b, h, d] -> [b, s, h, d] in memory, viewed as [b, h, s, d]: the CPU flash
             # kernel walks s; with megatron's s-major layout each step jumps b*h*d floats. The
@@ -128,6 +127,44 @@ class SDPAAttention(MegatronModule):
             )
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
+
+    def _segments(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        segments: object,
+        mask_type: AttnMaskType,
+        on_cpu: bool,
+    ) -> Tensor:
+        """Attention inside the segments of :class:`SegmentBuckets` (no mask; see
+        :mod:`~megatron_autothink.models.varlen`). Tokens are flattened batch-major."""
+        if not isinstance(segments, SegmentBuckets):
+            raise ValueError(
+                "SDPAAttention takes packed segments as models.varlen.SegmentBuckets (or a "
+                f"block-diagonal attention_mask), not {type(segments).__name__}"
+            )
+        sq, b = query.shape[0], query.shape[1]
+        total = sum(length * count for length, count in segments.buckets)
+        if total != sq * b:
+            raise ValueError(f"segments cover {total} tokens, the batch holds {b} x {sq}")
+        # [s, b, h, d] -> [b*s, h, d]: a view for b == 1 and for the CPU batch-major layout.
+        q, k, v = (t.transpose(0, 1).reshape(b * sq, *t.shape[2:]) for t in (query, key, value))
+        gqa = self.num_heads != self.num_groups
+        if gqa and not on_cpu:  # as in forward: CUDA's kernels get repeated heads
+            rep = self.num_heads // self.num_groups
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = bucketed_attention(
+            q,
+            k,
+            v,
+            segments,
+            causal=mask_type == AttnMaskType.causal,
+            scale=self.softmax_scale,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            enable_gqa=gqa and on_cpu,
+        )
+        return out.view(b, sq, self.num_heads * self.head_dim).transpose(0, 1).contiguous()
 
 
 class _SplitQKV(torch.autograd.Function):

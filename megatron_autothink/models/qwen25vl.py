@@ -33,6 +33,7 @@ from megatron_autothink.models.specs import (
     uses_spec_activation,
     vision_layer_spec,
 )
+from megatron_autothink.models.varlen import SegmentBuckets
 from megatron_autothink.models.vision import Qwen25VisionModel
 
 
@@ -275,7 +276,12 @@ class Qwen25VLModel(MegatronModule):
         pixel_values: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
         loss_mask: Tensor | None = None,
+        packed_seq_params: SegmentBuckets | None = None,
     ) -> Tensor:
+        """Per-token loss ``[B, S]`` (with ``labels``) or logits. Packed rows attend within their
+        samples through ``attention_mask`` (``[B, 1, S, S]``, True = masked) or, without a
+        mask, ``packed_seq_params`` (:func:`~megatron_autothink.models.varlen.packed_row_segments`;
+        the training paths use it: no ``S x S`` work or mask per layer)."""
         decoder_input = (
             self.embed(tokens, pixel_values, image_grid_thw) if self.pre_process else None
         )
@@ -286,4 +292,5 @@ class Qwen25VLModel(MegatronModule):
             decoder_input=decoder_input,
             labels=labels,
             loss_mask=loss_mask,
+            packed_seq_params=packed_seq_params,
         )

@@ -6,8 +6,8 @@ The model code never branches on the backend; it receives a ``ModuleSpec``. Two 
   where they communicate nothing, :mod:`~megatron_autothink.models.linear`),
   :class:`RMSNorm` (``torch.nn.RMSNorm`` with a one-node backward), :class:`SDPAAttention` in
   :class:`LocalSelfAttention` and :class:`SwiGLU`. Runs on CPU and GPU.
-* ``transformer_engine``: TE's fused layernorm-linear, TE attention and FP8-capable linears
-  (Hopper). Chosen by ``model.transformer_impl`` (``auto`` = TE when importable and CUDA is
+* ``transformer_engine``: TE's fused layernorm-linear and FP8-capable linears (Hopper), with
+  :class:`SDPAAttention` for packed rows (see :func:`te_layer_spec`). Chosen by ``model.transformer_impl`` (``auto`` = TE when importable and CUDA is
   present). Not exercisable on CPU-only machines.
 """
 
@@ -155,12 +155,25 @@ def _bda():  # type: ignore[no-untyped-def]
 
 
 def te_layer_spec() -> ModuleSpec:
-    """Transformer Engine layer (GPU): fused norm+linear, TE attention, FP8-capable GEMMs."""
+    """Transformer Engine layer (GPU): fused norm+linear and FP8-capable GEMMs, with
+    :class:`SDPAAttention` as the core attention.
+
+    Why not TE's ``DotProductAttention``: our rows pack several samples, and megatron's TE spec
+    builds it with ``attn_mask_type=causal``, under which TE ignores the ``attention_mask``
+    argument (TE's docs: the mask "is only used when attn_mask_type includes padding or is
+    arbitrary"), so packed samples would attend to each other. ``arbitrary`` masks run TE's
+    unfused path (``S x S`` scores), and its ``thd`` packing restarts rotary positions per
+    sample, which breaks mRoPE. SDPAAttention takes the packed samples as length-grouped
+    segments (:mod:`~megatron_autothink.models.varlen`) and runs each group through torch's
+    flash kernel on CUDA, exactly as tested on CPU.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAAttention
+    return spec
 
 
 def language_layer_spec(impl: str) -> ModuleSpec:

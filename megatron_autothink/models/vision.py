@@ -8,7 +8,10 @@ window attention on most blocks and full per-image attention on ``fullatt_block_
 language-model token.
 
 Why the blocks are called one by one instead of through a ``TransformerBlock``: window and full
-attention blocks need different masks, and a ``TransformerBlock`` passes one mask to all layers.
+attention blocks attend within different segments (windows vs. whole images), and a
+``TransformerBlock`` passes one mask or ``PackedSeqParams`` to all layers. The segments go to
+attention as :class:`~megatron_autothink.models.varlen.SegmentBuckets`, not as a block-diagonal
+mask over all patches of the micro-batch (see that module for why).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import Tensor, nn
 
 from megatron_autothink.config import VisionConfig
-from megatron_autothink.models.masks import block_diagonal_mask
 from megatron_autothink.models.norm import RMSNorm
+from megatron_autothink.models.varlen import segment_buckets
 
 
 def vision_rotary_positions(grid_thw: Tensor, merge: int) -> Tensor:
@@ -218,11 +221,12 @@ class Qwen25VisionModel(MegatronModule):
         x = x.view(n // unit, unit, -1)[order].reshape(n, -1)
         rope = self.rotary(grid_thw.cpu()).to(x.device)
         rope = rope.view(n // unit, unit, -1)[order].reshape(n, 1, 1, -1)
-        win_mask = block_diagonal_mask(cu_win.to(x.device), n)
-        full_mask = block_diagonal_mask(image_cu_lengths(grid_thw).to(x.device), n)
+        # Windows and whole images as length-grouped segments, built once for all layers.
+        windows = segment_buckets(cu_win, x.device)
+        images = segment_buckets(image_cu_lengths(grid_thw.cpu()), x.device)
         h = x[:, None, :]  # [s, b=1, hidden]
         for i, layer in enumerate(self.layers):
-            mask = full_mask if i in v.fullatt_block_indexes else win_mask
-            h, _ = layer(h, attention_mask=mask, rotary_pos_emb=rope)
+            segments = images if i in v.fullatt_block_indexes else windows
+            h, _ = layer(h, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=segments)
         merged = self.merger(h[:, 0, :])
         return merged[torch.argsort(order)]

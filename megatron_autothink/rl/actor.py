@@ -18,7 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from megatron_autothink.config import RLConfig
-from megatron_autothink.models.masks import language_attention_mask
+from megatron_autothink.models.varlen import packed_row_segments
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.batching import RLMicroBatch
 from megatron_autothink.rl.losses import policy_loss
@@ -33,7 +33,8 @@ def _forward(
     neg_logp = model(
         b.tokens,
         b.position_ids,
-        language_attention_mask(b.segment_ids),
+        None,  # packed samples attend within themselves through the segments instead
+        packed_seq_params=packed_row_segments(b.segment_ids),
         labels=b.labels,
         pixel_values=b.pixel_values,
         image_grid_thw=b.image_grid_thw,

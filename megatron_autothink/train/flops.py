@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from megatron_autothink.config import ModelConfig
 
@@ -10,11 +11,29 @@ from megatron_autothink.config import ModelConfig
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def train_flops_per_token(m: ModelConfig, seq_length: int, head_share: float = 1.0) -> float:
+def attended_length(segment_ids: Tensor) -> float:
+    """Mean causal context length per token: ``sum(L**2) / sum(L)`` over the packed samples.
+
+    A packed sample of ``L`` tokens costs attention ``~L**2 / 2`` score pairs, and attention
+    runs within samples only (:mod:`~megatron_autothink.models.varlen`); counting the whole row
+    length for every token would overstate MFU for packed rows.
+
+    >>> attended_length(torch.tensor([[1, 1, 1, 1], [1, 1, 2, 0]]))  # lengths 4, 2, 1
+    3.0
+    """
+    ids = segment_ids.detach().to("cpu")
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
+    keys = (rows * (int(ids.max()) + 1) + ids)[ids > 0]
+    lengths = torch.unique(keys, return_counts=True)[1].double()
+    return float((lengths**2).sum() / lengths.sum()) if len(lengths) else 0.0
+
+
+def train_flops_per_token(m: ModelConfig, seq_length: float, head_share: float = 1.0) -> float:
     """Forward+backward FLOPs per token of the language model (3x forward; 2 FLOPs per MAC).
 
     Counts the QKV/output projections, the SwiGLU MLP, the LM head and attention scores
-    (causal: half of ``seq x seq``). The vision tower is excluded (image tokens are a small share
+    (causal: half of ``seq x seq``; for packed rows pass :func:`attended_length` as
+    ``seq_length``). The vision tower is excluded (image tokens are a small share
     of the text-dominated batches this figure is used for). ``head_share`` is the share of
     tokens the LM head runs on: the trainer computes logits at loss tokens only
     (``MaskedHeadGPTModel``), so counting the head for every token would overstate MFU.

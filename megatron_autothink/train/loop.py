@@ -22,7 +22,7 @@ from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.callbacks import Callback
 from megatron_autothink.train.checkpoint import CheckpointManager
-from megatron_autothink.train.flops import mfu, train_flops_per_token
+from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
 from megatron_autothink.train.setup import OptimizerBundle
 from megatron_autothink.train.step import train_step
 
@@ -143,7 +143,9 @@ def run_sft(
         }
         if torch.cuda.is_available():
             head_share = min(result.tokens / tokens, 1.0) if tokens else 1.0
-            flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_length, head_share)
+            # attention FLOPs at the packed samples' lengths, not the row's (see attended_length)
+            context = attended_length(torch.cat([b.segment_ids for b in batches]))
+            flops_per_token = train_flops_per_token(cfg.model, context, head_share)
             metrics["mfu"] = mfu(flops_per_token * tokens / dt / ctx.world_size)
             metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False

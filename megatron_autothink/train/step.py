@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from megatron_autothink.data.batch import PackedBatch
-from megatron_autothink.models.masks import language_attention_mask
+from megatron_autothink.models.varlen import packed_row_segments
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.setup import OptimizerBundle
 
@@ -54,11 +54,11 @@ def forward_step(
     """Megatron ``forward_step_func``: every pipeline stage gets the same micro-batch (tokens,
     positions and masks are needed on every stage; pixels only on the first)."""
     batch = next(data_iterator).to(device)
-    mask = language_attention_mask(batch.segment_ids)
     output = model(
         batch.tokens,
         batch.position_ids,
-        mask,
+        None,  # packed samples attend within themselves through the segments instead
+        packed_seq_params=packed_row_segments(batch.segment_ids),
         labels=batch.labels,
         pixel_values=batch.pixel_values,
         image_grid_thw=batch.image_grid_thw,

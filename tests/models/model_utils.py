@@ -67,7 +67,10 @@ def build_tiny_model(seed: int, overrides: Sequence[str] = ()) -> tuple[Any, tor
 
 
 def loss_and_grads(
-    model: torch.nn.Module, batch: PackedBatch, **forward_kwargs: Any
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    attention_mask: torch.Tensor | None = None,
+    **forward_kwargs: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward/backward of ``sum(per_token_loss * loss_mask)`` on ``batch``: the per-token
     loss ``[B, S]`` and every parameter's gradient by name."""
@@ -75,7 +78,7 @@ def loss_and_grads(
     loss = model(
         batch.tokens,
         batch.position_ids,
-        None,
+        attention_mask,
         labels=batch.labels,
         pixel_values=batch.pixel_values,
         image_grid_thw=batch.image_grid_thw,
