@@ -1,7 +1,7 @@
 """Training throughput: our megatron-core VLM vs. Hugging Face transformers, same model, same batch.
 
 Both sides train the same Qwen2.5-VL-architecture model (sizes from a recipe, default tiny_cpu)
-on the same token/image batch (every row: one image + text, full length, causal), fp32 on CPU,
+on the same token/image batch (one sample per row, full length, causal; images: see --image-side), fp32 on CPU,
 gradient clipping at ``optim.clip_grad`` and AdamW (fused kernel) on both sides, one optimizer
 step per batch. The loss reads every token by default; ``--loss-share F`` puts it on the last
 F of each row only (an SFT batch: prompt and image tokens carry none; 0.35 is the share measured
