@@ -1,15 +1,15 @@
 """Training throughput: our megatron-core VLM vs. Hugging Face transformers, same model, same batch.
 
-Both sides train the same Qwen2.5-VL-architecture model (sizes from a recipe, default tiny_cpu)
-on the same token/image batch (one sample per row, full length, causal; images: see
-``--image-side``), fp32 on CPU, gradient clipping at ``optim.clip_grad`` and AdamW (fused
-kernel) on both sides, one optimizer step per batch. The loss reads every token by default; ``--loss-share F`` puts it on the last
-F of each row only (an SFT batch: prompt and image tokens carry none; 0.35 is the share measured
-in the demo's packed SFT batches), given to HF as ``-100`` labels, which is how the HF Trainer
-masks. Ours then runs the LM head at the loss positions only (``MaskedHeadGPTModel``); HF computes
-logits everywhere. Ours runs the real path:
-megatron DDP + distributed optimizer + ``get_forward_backward_func`` schedule. Prints tokens/s
-of each (median step time), the ratio, and each side's peak resident memory (process RSS).
+Both sides train the same Qwen2.5-VL-architecture model (sizes from a recipe, default tiny_cpu) on
+the same token/image batch (one sample per row, full length, causal; images: see ``--image-side``),
+fp32 on CPU, gradient clipping at ``optim.clip_grad`` and AdamW (fused kernel) on both sides, one
+optimizer step per batch. The loss reads every token by default; ``--loss-share F`` puts it on the
+last F of each row only (an SFT batch: prompt and image tokens carry none; 0.35 is the share
+measured in the demo's packed SFT batches), given to HF as ``-100`` labels, which is how the HF
+Trainer masks. Ours then runs the LM head at the loss positions only (``MaskedHeadGPTModel``); HF
+computes logits everywhere. Ours runs the real path: megatron DDP + distributed optimizer +
+``get_forward_backward_func`` schedule. Prints tokens/s of each (median step time), the ratio, and
+each side's peak resident memory (process RSS).
 
 Each side runs alone in a fresh process (``subprocess``), the sides alternating over
 ``--rounds`` rounds (order flipped every round): this 2-core machine's speed drifts by 10% or
