@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -196,12 +197,19 @@ def run_side(
     batch = make_batch(rows, seq, cfg.model.vocab_size, loss_share, image_side=image_side)
     torch.manual_seed(0)
     step = ours_step_fn(cfg, batch, steps) if side == "ours" else hf_step_fn(cfg, batch)
+    return time_steps(step, steps)
+
+
+def time_steps(step: Callable[[], None], steps: int) -> list[float]:
+    """Seconds per call of ``step`` over ``steps`` calls, after 2 untimed warm-up calls
+    (allocator, autograd graph caches, optimizer state)."""
+    for _ in range(2):
+        step()
     times = []
-    for i in range(steps + 2):
+    for _ in range(steps):
         t0 = time.perf_counter()
         step()
-        if i >= 2:  # warm-up: allocator, autograd graph caches, optimizer state
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     return times
 
 

@@ -15,21 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
-
-
-def _time(fn: Callable[[], None], steps: int) -> list[float]:
-    for _ in range(2):  # warm-up: allocator, autograd caches
-        fn()
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def main() -> None:
@@ -44,7 +31,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from benchmarks.bench_train import hf_model
+    from benchmarks.bench_train import hf_model, time_steps
     from megatron_autothink.config import load_config
     from megatron_autothink.models.qwen25vl import Qwen25VLModel
     from megatron_autothink.parallel import init_distributed, seed_everything
@@ -77,7 +64,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"ours": [], "hf": []}
     for r in range(args.rounds):
         for side in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
-            times[side] += _time(ours_step if side == "ours" else hf_step, args.steps)
+            times[side] += time_steps(ours_step if side == "ours" else hf_step, args.steps)
     o, h = statistics.median(times["ours"]), statistics.median(times["hf"])
     patches = args.images * args.side**2
     print(
