@@ -1,17 +1,17 @@
-"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for the local spec.
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``, for both specs.
 
 megatron-core's local ``DotProductAttention`` refuses packed sequences and builds a dense
-[b*np, s, s] score buffer; this module is a drop-in ``core_attention`` submodule (same
-constructor and forward signature) that calls PyTorch SDPA, so it runs on CPU and GPU, handles
-GQA without materialising repeated keys where SDPA supports it, and accepts an arbitrary
-boolean mask. We use the mask for two things megatron's local path cannot do:
+[b*np, s, s] score buffer, and TE's ignores a packing mask under megatron's causal TE spec; this
+module is a drop-in ``core_attention`` submodule (same constructor and forward signature) that
+calls PyTorch SDPA, so it runs on CPU and GPU and handles GQA without materialising repeated keys
+where SDPA supports it. Attention stays inside each packed sample or window in one of two ways:
 
-* packed language-model sequences: attention stays inside each packed sample (block-diagonal
-  causal mask built from ``segment_ids``), and
-* Qwen2.5-VL's vision tower: window attention and per-image full attention (block-diagonal,
-  non-causal).
-
-Mask convention is megatron's: ``True`` means *masked out*.
+* ``packed_seq_params`` as :class:`~megatron_autothink.models.varlen.SegmentBuckets` (what the
+  training paths and the vision tower pass): one unmasked SDPA call per segment length, no
+  ``S x S`` work outside the segments;
+* an arbitrary boolean ``attention_mask`` (convention megatron's: ``True`` means *masked out*),
+  e.g. :func:`~megatron_autothink.models.masks.packed_causal_mask`: the reference the segments
+  are tested against.
 
 :class:`LocalSelfAttention` is megatron's ``SelfAttention`` with one change, in how the fused QKV
 projection is split (:func:`split_qkv`): megatron splits it into strided views, copies the query

@@ -1,4 +1,9 @@
-"""Attention masks from packing metadata. Convention: ``True`` = masked out (megatron's)."""
+"""Attention masks from packing metadata. Convention: ``True`` = masked out (megatron's).
+
+The model's training paths do not build these: they pass packed samples and vision windows as
+length-grouped segments (:mod:`~megatron_autothink.models.varlen`). The masks are the reference
+those segments are tested against, and a mask argument for callers that want one.
+"""
 
 from __future__ import annotations
 
@@ -26,23 +31,6 @@ def packed_causal_mask(segment_ids: Tensor) -> Tensor:
     eye = torch.eye(s, dtype=torch.bool, device=segment_ids.device)
     allowed = allowed | (eye & (segment_ids[:, :, None] == 0))
     return ~allowed[:, None]
-
-
-def language_attention_mask(segment_ids: Tensor) -> Tensor | None:
-    """The decoder's attention mask for a packed batch, or None when it is plain causal.
-
-    When every row holds one sample and no padding, the block-diagonal mask equals the causal
-    one; None then lets attention take the fused ``is_causal`` kernels (SDPA's or Transformer
-    Engine's) instead of reading a ``[B, 1, S, S]`` mask in every layer.
-
-    >>> language_attention_mask(torch.tensor([[1, 1, 1]])) is None
-    True
-    >>> language_attention_mask(torch.tensor([[1, 1, 0]])).shape
-    torch.Size([1, 1, 3, 3])
-    """
-    if bool((segment_ids == 1).all()):
-        return None
-    return packed_causal_mask(segment_ids)
 
 
 def block_diagonal_mask(cu_seqlens: Tensor, total: int) -> Tensor:

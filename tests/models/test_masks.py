@@ -1,5 +1,5 @@
-"""Decoder attention masks: packed rows get the block-diagonal mask, unpacked rows none (the
-fused causal kernel), and both give the same logits where they mean the same thing."""
+"""Decoder attention masks: the block-diagonal mask of one-sample rows gives the logits of SDPA's
+fused causal kernel (no mask)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,6 @@ def test_doctests() -> None:
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_mask_only_when_rows_are_packed_or_padded() -> None:
-    assert masks.language_attention_mask(torch.ones(2, 8, dtype=torch.long)) is None
-    packed = torch.tensor([[1, 1, 2, 2], [1, 1, 1, 1]])
-    assert torch.equal(masks.language_attention_mask(packed), masks.packed_causal_mask(packed))
-    padded = torch.tensor([[1, 1, 1, 0]])
-    assert masks.language_attention_mask(padded) is not None
-
-
 def _logits_both_ways() -> tuple[torch.Tensor, torch.Tensor]:
     from megatron_autothink.config import load_config
     from megatron_autothink.parallel import init_distributed, seed_everything
@@ -40,7 +32,7 @@ def _logits_both_ways() -> tuple[torch.Tensor, torch.Tensor]:
     seg = torch.ones(2, 64, dtype=torch.long)
     with torch.no_grad():
         explicit = model(tokens, pos, masks.packed_causal_mask(seg))
-        fused = model(tokens, pos, masks.language_attention_mask(seg))
+        fused = model(tokens, pos, None)  # SDPA's is_causal kernel
     return explicit, fused
 
 

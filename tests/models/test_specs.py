@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_autothink.cli import main
 from megatron_autothink.config import ConfigError, load_config
@@ -114,3 +115,23 @@ def test_local_layers_checkpoint_under_transformer_engine_names() -> None:
     assert set(keys) == stacked
     assert "language_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
     assert "vision.layers.0.input_layernorm.weight" in keys
+
+
+def test_te_spec_takes_sdpa_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TE spec keeps megatron's layer but swaps its core attention for SDPAAttention (TE's
+    ignores the packing mask under the causal mask type). TE is not installed here, so megatron's
+    local GPT spec, built the same way, stands in for the TE one."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_autothink.models.attention import SDPAAttention
+
+    stand_in = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    assert stand_in.submodules.self_attention.submodules.core_attention is DotProductAttention
+    monkeypatch.setattr(
+        gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", lambda **kw: stand_in
+    )
+    spec = specs.te_layer_spec()
+    attention = spec.submodules.self_attention
+    assert attention.submodules.core_attention is SDPAAttention
+    assert attention.params["attn_mask_type"] == AttnMaskType.causal  # the rest is megatron's
