@@ -95,16 +95,7 @@ class SDPAAttention(MegatronModule):
         else:
             # [s, b, h, d] -> [b, h, s, d]; the CUDA kernels take strided inputs as they are.
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        gqa = self.num_heads != self.num_groups
-        # CPU: SDPA's flash kernel reads the shared key/value heads itself (enable_gqa), which
-        # saves two copies forward and two reductions backward per layer (~8% of attention's
-        # time at the tiny config). CUDA: the memory-efficient kernel that masked attention
-        # needs does not take enable_gqa, so repeat the heads (exact either way).
-        native_gqa = gqa and on_cpu
-        if gqa and not native_gqa:
-            rep = self.num_heads // self.num_groups
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        k, v, native_gqa = self._kv_heads(k, v, on_cpu)
         if attention_mask is not None:
             out = F.scaled_dot_product_attention(
                 q,
@@ -128,6 +119,22 @@ class SDPAAttention(MegatronModule):
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
 
+    def _kv_heads(self, k: Tensor, v: Tensor, on_cpu: bool) -> tuple[Tensor, Tensor, bool]:
+        """Key/value heads (dim 1) as SDPA gets them, and whether SDPA shares them itself
+        (``enable_gqa``).
+
+        CPU: SDPA's flash kernel reads the shared key/value heads itself, which saves two copies
+        forward and two reductions backward per layer (~8% of attention's time at the tiny
+        config). CUDA: the memory-efficient kernel that masked attention needs does not take
+        ``enable_gqa``, so the heads are repeated (exact either way).
+        """
+        if self.num_heads == self.num_groups:
+            return k, v, False
+        if on_cpu:
+            return k, v, True
+        rep = self.num_heads // self.num_groups
+        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+
     def _segments(
         self,
         query: Tensor,
@@ -150,10 +157,7 @@ class SDPAAttention(MegatronModule):
             raise ValueError(f"segments cover {total} tokens, the batch holds {b} x {sq}")
         # [s, b, h, d] -> [b*s, h, d]: a view for b == 1 and for the CPU batch-major layout.
         q, k, v = (t.transpose(0, 1).reshape(b * sq, *t.shape[2:]) for t in (query, key, value))
-        gqa = self.num_heads != self.num_groups
-        if gqa and not on_cpu:  # as in forward: CUDA's kernels get repeated heads
-            rep = self.num_heads // self.num_groups
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v, native_gqa = self._kv_heads(k, v, on_cpu)
         out = bucketed_attention(
             q,
             k,
@@ -162,7 +166,7 @@ class SDPAAttention(MegatronModule):
             causal=mask_type == AttnMaskType.causal,
             scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
-            enable_gqa=gqa and on_cpu,
+            enable_gqa=native_gqa,
         )
         return out.view(b, sq, self.num_heads * self.head_dim).transpose(0, 1).contiguous()
 

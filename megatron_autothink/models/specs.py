@@ -7,8 +7,9 @@ The model code never branches on the backend; it receives a ``ModuleSpec``. Two 
   :class:`RMSNorm` (``torch.nn.RMSNorm`` with a one-node backward), :class:`SDPAAttention` in
   :class:`LocalSelfAttention` and :class:`SwiGLU`. Runs on CPU and GPU.
 * ``transformer_engine``: TE's fused layernorm-linear and FP8-capable linears (Hopper), with
-  :class:`SDPAAttention` for packed rows (see :func:`te_layer_spec`). Chosen by ``model.transformer_impl`` (``auto`` = TE when importable and CUDA is
-  present). Not exercisable on CPU-only machines.
+  :class:`SDPAAttention` for packed rows (see :func:`te_layer_spec`). Chosen by
+  ``model.transformer_impl`` (``auto`` = TE when importable and CUDA is present). Not
+  exercisable on CPU-only machines.
 """
 
 from __future__ import annotations

@@ -215,15 +215,16 @@ class Qwen25VisionModel(MegatronModule):
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
         n = x.shape[0]
         window_merged = v.window_size // v.spatial_merge_size // v.patch_size
-        order, cu_win = window_partition(grid_thw.cpu(), v.spatial_merge_size, window_merged)
+        grid = grid_thw.cpu()  # read on the host by the grouping below (one device sync)
+        order, cu_win = window_partition(grid, v.spatial_merge_size, window_merged)
         order = order.to(x.device)
         # Reorder whole merge units so each window is contiguous; rotary angles follow.
         x = x.view(n // unit, unit, -1)[order].reshape(n, -1)
-        rope = self.rotary(grid_thw.cpu()).to(x.device)
+        rope = self.rotary(grid).to(x.device)
         rope = rope.view(n // unit, unit, -1)[order].reshape(n, 1, 1, -1)
         # Windows and whole images as length-grouped segments, built once for all layers.
         windows = segment_buckets(cu_win, x.device)
-        images = segment_buckets(image_cu_lengths(grid_thw.cpu()), x.device)
+        images = segment_buckets(image_cu_lengths(grid), x.device)
         h = x[:, None, :]  # [s, b=1, hidden]
         for i, layer in enumerate(self.layers):
             segments = images if i in v.fullatt_block_indexes else windows
