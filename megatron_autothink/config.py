@@ -237,7 +237,10 @@ class RethinkConfig(_Section):
 
 
 class RewardWeights(_Section):
-    """Rule-based rewards combined by weight (``rl/trainer.make_score_fn``)."""
+    """Rule-based rewards combined by weight, and the recipe's grading options
+    (``rl/rewards/rubric.Rubric``; RL rollouts and ``autothink eval`` both score with it).
+
+    Every recipe: a response that did not end with EOS earns no accuracy."""
 
     accuracy: float = 1.0
     """math-verify on the extracted answer (multiple choice: the letter)."""
@@ -248,6 +251,14 @@ class RewardWeights(_Section):
     invalid_penalty: float = 0.0
     """VL-Rethinker: an invalid response (no EOS, no box, > 5 "wait") scores -invalid_penalty;
     0 disables the rule."""
+    parse_whole_text: bool = False
+    """With no \\boxed{} / <answer> / Answer: marker, hand the whole response to math-verify
+    (LMM-R1 and VL-Rethinker released code: true). Off: no marker, no accuracy, so numbers in
+    the reasoning cannot score."""
+    unparseable_gold_accuracy: float | None = None
+    """Accuracy reward when math-verify cannot parse the ground truth (LMM-R1: 1.0, skipping a
+    broken example); None grades with math-verify's string comparison. ``correct`` is not
+    changed."""
 
 
 class RLConfig(_Section):

@@ -2,8 +2,9 @@
 
 Every test prompt is answered once per mode at temperature 0 by the vLLM rollout engine (the same
 engine and prefills RL uses: ``auto`` adds nothing, ``long`` prefills ``<think>\\n``, ``short``
-the empty think block), scored with the RL reward code (``make_score_fn(RewardWeights())``:
-math-verify on the boxed answer, multiple choice by letter), and aggregated per difficulty.
+the empty think block), scored by the same ``rl.rewards.Rubric`` RL trains with, built from the
+evaluated run's ``rl.rewards`` (defaults for a bare HF directory: math-verify on the extracted
+answer, multiple choice by letter, no accuracy without EOS), and aggregated per difficulty.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from megatron_autothink.config import RewardWeights
 from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.eval.model import resolve_model
 from megatron_autothink.eval.summary import EvalRecord, format_markdown, goal_checks, summarize
-from megatron_autothink.rl.rewards import is_thinking
+from megatron_autothink.rl.rewards import Rubric, is_thinking
 from megatron_autothink.rl.rollout import cut_at_vision_tokens, vision_token_ids
-from megatron_autothink.rl.trainer import make_score_fn
 from megatron_autothink.rollout.types import (
     GenerationRequest,
     PreprocessedImages,
@@ -95,9 +95,11 @@ def generate_records(
     tokenizer: Any,
     *,
     max_new_tokens: int,
+    rewards: RewardWeights | None = None,
 ) -> list[EvalRecord]:
-    """Answer every prompt greedily in every mode and score the answers."""
-    score = make_score_fn(RewardWeights())
+    """Answer every prompt greedily in every mode and score the answers with ``Rubric(rewards)``
+    (default weights when None)."""
+    score = Rubric(rewards or RewardWeights())
     banned = vision_token_ids(tokenizer)
     reqs = []
     for i, p in enumerate(prompts):
@@ -158,6 +160,7 @@ def evaluate(
     out: str | Path = "eval_out",
     max_new_tokens: int = 96,
     max_model_len: int = 1024,
+    rewards: RewardWeights | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (HF dir or training checkpoint) on ``data``'s ``split``.
 
@@ -170,6 +173,8 @@ def evaluate(
         out: Output folder (samples.jsonl, summary.json, summary.md; ``hf/`` for exports).
         max_new_tokens: Generation budget per answer (prefill not counted).
         max_model_len: vLLM context length (prompt + image tokens + answer).
+        rewards: Reward weights and grading options to score with; None: the training run's
+            ``rl.rewards`` when ``model`` is a training checkpoint, else the defaults.
 
     Returns:
         The summary dict (``summarize`` output plus ``model``, ``split``, ``goals``, timing).
@@ -201,7 +206,11 @@ def evaluate(
     )
     try:
         t_gen = time.perf_counter()
-        records = generate_records(engine, prompts, modes, tokenizer, max_new_tokens=max_new_tokens)
+        if rewards is None and resolved.run_cfg is not None:
+            rewards = resolved.run_cfg.rl.rewards
+        records = generate_records(
+            engine, prompts, modes, tokenizer, max_new_tokens=max_new_tokens, rewards=rewards
+        )
         t_gen = time.perf_counter() - t_gen
     finally:
         engine.shutdown()

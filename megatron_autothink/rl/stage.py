@@ -26,8 +26,9 @@ from megatron_autothink.data.image_processing import write_preprocessor_config
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.comm import RLComm, engine_owner
+from megatron_autothink.rl.rewards import Rubric
 from megatron_autothink.rl.ssr import ReplayBuffer
-from megatron_autothink.rl.trainer import ReplayStore, RLContext, make_score_fn, rl_step
+from megatron_autothink.rl.trainer import ReplayStore, RLContext, rl_step
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointManager
 from megatron_autothink.train.loop import LoopState
@@ -233,7 +234,7 @@ def run_stage(
         opt=opt,
         engine=engine,
         tokenizer=tokenizer,
-        score=make_score_fn(rl.rewards),
+        score=Rubric(rl.rewards),
         replay=replay,
         rng=rng,
         gen=gen,

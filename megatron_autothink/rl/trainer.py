@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, RewardWeights, RLConfig
+from megatron_autothink.config import AutothinkConfig, RLConfig
 from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.actor import compute_logprobs, policy_update
@@ -32,13 +32,6 @@ from megatron_autothink.rl.advantages import group_advantages
 from megatron_autothink.rl.batching import TrainSequence, pack_sequences
 from megatron_autothink.rl.bpo import bpo_advantages
 from megatron_autothink.rl.comm import RLComm, engine_owner
-from megatron_autothink.rl.rewards import (
-    lmm_r1_format_ok,
-    math_accuracy_reward,
-    multiple_choice_reward,
-    think_format_reward,
-    vl_rethinker_validity,
-)
 from megatron_autothink.rl.rollout import (
     MODE_ID,
     ScoredResponse,
@@ -51,45 +44,6 @@ from megatron_autothink.rollout.parity import logprob_parity
 from megatron_autothink.rollout.types import SamplingConfig
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewards
-# ---------------------------------------------------------------------------------------------
-
-
-def make_score_fn(w: RewardWeights) -> ScoreFn:
-    """Weighted sum of the configured rule-based rewards. ``correct`` is the accuracy check.
-
-    Multiple-choice ground truths are graded by letter, everything else by math-verify (in a
-    worker process with a time limit). VL-Rethinker's invalid-response rule, when weighted,
-    replaces the reward of an invalid response by ``-invalid_penalty``.
-    """
-
-    def score(
-        text: str, prompt: PromptSample, finished: bool
-    ) -> tuple[float, bool, dict[str, float]]:
-        gt = prompt.answer or ""
-        if prompt.answer_type == "choice":
-            acc = multiple_choice_reward(text, gt)
-        else:
-            acc = math_accuracy_reward(text, gt)
-        comps = {"accuracy": acc}
-        total = w.accuracy * acc
-        if w.think_format:
-            comps["think_format"] = think_format_reward(text)
-            total += w.think_format * comps["think_format"]
-        if w.lmm_r1_format:
-            comps["lmm_r1_format"] = float(lmm_r1_format_ok(text))
-            total += w.lmm_r1_format * comps["lmm_r1_format"]
-        if w.invalid_penalty:
-            valid = vl_rethinker_validity(text, finished=finished).valid
-            comps["valid"] = float(valid)
-            if not valid:
-                total = -w.invalid_penalty
-        return total, acc > 0.5, comps
-
-    return score
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,19 @@ import importlib
 
 import pytest
 
-MODULES = ["types", "rewards", "advantages", "bpo", "losses", "ssr", "rethinking", "comm"]
+MODULES = [
+    "types",
+    "rewards.extract",
+    "rewards.verifier",
+    "rewards.graders",
+    "rewards.rubric",
+    "advantages",
+    "bpo",
+    "losses",
+    "ssr",
+    "rethinking",
+    "comm",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
