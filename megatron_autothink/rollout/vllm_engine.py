@@ -296,6 +296,11 @@ class VLLMRolloutEngine(RolloutEngine):
         self.start_seconds = time.perf_counter() - t0
         self.tokenizer = self._llm.get_tokenizer()
         self.max_model_len: int = int(self._llm.model_config.max_model_len)
+        # The scheduler's prefill budget per step: prompts beyond it are prefilled in chunks
+        # (seeded sampling then relies on vllm_cpu_seeds on CPU).
+        self.max_num_batched_tokens: int = int(
+            self._llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        )
         self._prefill_ids = {
             mode: list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
             for mode, text in THINKING_PREFILLS.items()
