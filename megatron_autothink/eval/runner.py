@@ -1,9 +1,12 @@
-"""Greedy evaluation of one model in several thinking modes on a held-out split.
+"""Evaluation of one model in several thinking modes on a held-out split.
 
-Every test prompt is answered once per mode at temperature 0 by the vLLM rollout engine (the same
-engine and prefills RL uses: ``auto`` adds nothing, ``long`` prefills ``<think>\\n``, ``short``
-the empty think block), scored with the RL reward code (``make_score_fn(RewardWeights())``:
-math-verify on the boxed answer, multiple choice by letter), and aggregated per difficulty.
+Every test prompt is answered once per mode by the vLLM rollout engine (the same engine and
+prefills RL uses: ``auto`` adds nothing, ``long`` prefills ``<think>\\n``, ``short`` the empty
+think block), at the run's ``rollout.eval_temperature`` (greedy, 0, unless the recipe says
+otherwise; seeded per request when above 0), scored with the RL reward code
+(``make_score_fn(RewardWeights())``: math-verify on the boxed answer, multiple choice by letter),
+and aggregated per difficulty. Token counts are whole assistant turns, prefill included, so that
+auto mode's self-written empty think block and short mode's prefilled one count alike.
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ def _image_config(hf_dir: Path, run_cfg: Any) -> Any:
     )
 
 
+def eval_temperature(requested: float | None, run_cfg: Any) -> float:
+    """The temperature to answer with: the one asked for, else the run's
+    ``rollout.eval_temperature``, else 0 (greedy; a bare HF directory has no run config)."""
+    if requested is not None:
+        return requested
+    return float(run_cfg.rollout.eval_temperature) if run_cfg is not None else 0.0
+
+
 def generate_records(
     engine: Any,
     prompts: Sequence[PromptSample],
@@ -95,8 +106,9 @@ def generate_records(
     tokenizer: Any,
     *,
     max_new_tokens: int,
+    temperature: float = 0.0,
 ) -> list[EvalRecord]:
-    """Answer every prompt greedily in every mode and score the answers."""
+    """Answer every prompt once in every mode (greedy at ``temperature`` 0) and score it."""
     score = make_score_fn(RewardWeights())
     banned = vision_token_ids(tokenizer)
     reqs = []
@@ -109,7 +121,7 @@ def generate_records(
         for mode in modes:
             reqs.append(GenerationRequest(f"eval-{i}-{mode}", list(p.prompt_ids), images, mode, 1))
     sampling = SamplingConfig(
-        temperature=0.0, max_new_tokens=max_new_tokens, seed=0, logprobs=False
+        temperature=temperature, max_new_tokens=max_new_tokens, seed=0, logprobs=False
     )
     outs = engine.generate(reqs, sampling)
     records = []
@@ -128,7 +140,7 @@ def generate_records(
                 response=text,
                 correct=bool(correct),
                 thinking=is_thinking(text),
-                num_tokens=len(c.token_ids),
+                num_tokens=len(c.prefill_token_ids) + len(c.token_ids),  # the whole turn
             )
         )
     return records
@@ -158,6 +170,7 @@ def evaluate(
     out: str | Path = "eval_out",
     max_new_tokens: int = 96,
     max_model_len: int = 1024,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (HF dir or training checkpoint) on ``data``'s ``split``.
 
@@ -170,6 +183,8 @@ def evaluate(
         out: Output folder (samples.jsonl, summary.json, summary.md; ``hf/`` for exports).
         max_new_tokens: Generation budget per answer (prefill not counted).
         max_model_len: vLLM context length (prompt + image tokens + answer).
+        temperature: Sampling temperature; ``None`` takes ``rollout.eval_temperature`` of the
+            training run the model comes from, 0 (greedy) when there is none.
 
     Returns:
         The summary dict (``summarize`` output plus ``model``, ``split``, ``goals``, timing).
@@ -190,6 +205,7 @@ def evaluate(
     )
     if not prompts:
         raise ValueError(f"{data}: split {split!r} has no prompts with an answer")
+    temperature = eval_temperature(temperature, resolved.run_cfg)
     engine = VLLMRolloutEngine(
         VLLMEngineConfig(
             model_dir=str(resolved.hf_dir),
@@ -201,7 +217,14 @@ def evaluate(
     )
     try:
         t_gen = time.perf_counter()
-        records = generate_records(engine, prompts, modes, tokenizer, max_new_tokens=max_new_tokens)
+        records = generate_records(
+            engine,
+            prompts,
+            modes,
+            tokenizer,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
         t_gen = time.perf_counter() - t_gen
     finally:
         engine.shutdown()
@@ -212,6 +235,7 @@ def evaluate(
             "data": data,
             "split": split,
             "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
             "goals": goal_checks(summary),
             "time_s": {"total": time.perf_counter() - t0, "generate": t_gen},
         }

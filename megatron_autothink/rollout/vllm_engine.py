@@ -466,13 +466,13 @@ class VLLMRolloutEngine(RolloutEngine):
             )
         prefill = self._prefill_ids[request.mode]
         prompt_len = len(prompt) - runs + image_tokens + len(prefill)
-        total = prompt_len + sampling.max_new_tokens
+        budget = request.budget(sampling)
+        total = prompt_len + budget
         if total > self.max_model_len:
             raise RequestTooLongError(
                 f"request {request.request_id!r} needs {total} tokens (prompt {prompt_len}, of "
                 f"which {image_tokens} image and {len(prefill)} prefill tokens, + "
-                f"max_new_tokens {sampling.max_new_tokens}) but max_model_len is "
-                f"{self.max_model_len}"
+                f"max_new_tokens {budget}) but max_model_len is {self.max_model_len}"
             )
         out: dict[str, Any] = {"prompt_token_ids": prompt + prefill}
         if mm_data is not None:
@@ -487,7 +487,7 @@ class VLLMRolloutEngine(RolloutEngine):
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens,
+            max_tokens=request.budget(sampling),
             seed=None if sampling.seed is None else request_seed(sampling.seed, request.request_id),
             stop_token_ids=list(sampling.stop_token_ids),
             logprobs=0 if sampling.logprobs else None,
