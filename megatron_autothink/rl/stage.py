@@ -12,6 +12,7 @@ over TP/PP and streamed in buckets, tagged with the step as the policy version.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -28,6 +29,7 @@ from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.ssr import ReplayBuffer
 from megatron_autothink.rl.trainer import ReplayStore, RLContext, make_score_fn, rl_step
+from megatron_autothink.rollout.engine import colocated_weight_sync
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointManager
 from megatron_autothink.train.loop import LoopState
@@ -218,8 +220,10 @@ def run_stage(
         t = time.perf_counter()
         stream = iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint")
         if engine is not None:
-            engine.wake_up()  # weights first; vLLM frees the KV cache again at the next sleep
-            engine.update_weights(stream, version=version)
+            # Weights, push, trainer caches freed, KV cache last (rollout.engine docstring).
+            colocated_weight_sync(
+                engine, stream, version, release_trainer_memory=release_trainer_memory
+            )
         else:
             for _ in stream:  # take part in the collectives
                 pass
@@ -273,6 +277,14 @@ class EngineSlot:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
+
+
+def release_trainer_memory() -> None:
+    """Give the trainer's cached, now unused accelerator memory back before the engine's KV
+    cache wakes (gathered weight buckets, the step's activations); nothing to do on CPU."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _image_id(tokenizer: Any) -> int:

@@ -414,6 +414,19 @@ def test_sleep_is_a_tracked_noop_on_cpu(engine: Any) -> None:
     finally:
         engine.wake_up()
     assert tokens_and_logprobs(engine.generate([request], GREEDY)) == tokens_and_logprobs(before)
+    # Woken part by part (a colocated sync): weights alone allow a weight update, not generation.
+    engine.sleep()
+    try:
+        with pytest.raises(RolloutError, match="before update_weights"):
+            engine.update_weights(iter([]), version=engine.policy_version + 1)
+        engine.wake_up(["weights"])
+        with pytest.raises(RolloutError, match=r"asleep \(kv_cache\)"):
+            engine.generate([request], GREEDY)
+        with pytest.raises(ValueError, match="unknown memory part"):
+            engine.wake_up(["activations"])
+    finally:
+        engine.wake_up(["kv_cache"])
+    assert tokens_and_logprobs(engine.generate([request], GREEDY)) == tokens_and_logprobs(before)
 
 
 @pytest.mark.parametrize("problem", ["missing", "no_config", "bad_json", "bad_model_type"])
