@@ -86,7 +86,24 @@ def engine_in_process(cfg: AutothinkConfig, ctx: ParallelContext) -> bool:
     return mode == "in_process" or (mode == "auto" and ctx.world_size == 1)
 
 
-def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int, *, in_process: bool) -> Any:
+def engine_context_length(run: AutothinkConfig) -> int:
+    """``max_model_len`` of the run's one rollout engine: the largest ``data.seq_length`` of
+    its RL stages (their overrides applied).
+
+    The engine is built once, in the first RL stage, and serves every later one (an in-process
+    vLLM cannot be shut down and rebuilt mid-run: its shutdown tears down torch's default
+    process group), so it is sized for the longest stage, e.g. LMM-R1's MGT stage (16384
+    after FRE's 8192). Each stage's packing still refuses sequences over its own
+    ``seq_length``, and ``config.check_static`` refuses a stage whose ``max_new_tokens``
+    cannot fit in it.
+    """
+    lengths = [stage_config(run, s).data.seq_length for s in run.stages if s.kind == "rl"]
+    return max(lengths, default=run.data.seq_length)
+
+
+def build_engine(
+    cfg: AutothinkConfig, model_dir: Path, version: int, *, in_process: bool, max_model_len: int
+) -> Any:
     from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
     ro = cfg.rollout
@@ -94,7 +111,7 @@ def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int, *, in_proc
         VLLMEngineConfig(
             model_dir=str(model_dir),
             dtype="float32" if not torch.cuda.is_available() else "bfloat16",
-            max_model_len=cfg.data.seq_length,
+            max_model_len=max_model_len,
             seed=cfg.train.seed,
             weight_bucket_mb=ro.weight_bucket_mb,
             enforce_eager=ro.enforce_eager,
@@ -125,7 +142,7 @@ def run_stage(
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
     from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
 
-    cfg = stage_config(cfg, stage)
+    run_cfg, cfg = cfg, stage_config(cfg, stage)
     rl = cfg.rl
     path = stage.train_path or cfg.data.train_path
     tokenizer_dir = resolve_tokenizer_dir(cfg, path)
@@ -206,7 +223,13 @@ def run_stage(
         export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
         in_process = engine_in_process(cfg, ctx)
         engine = (
-            build_engine(cfg, engine_dir, version=0, in_process=in_process)
+            build_engine(
+                cfg,
+                engine_dir,
+                version=0,
+                in_process=in_process,
+                max_model_len=engine_context_length(run_cfg),
+            )
             if engine_owner(ctx)
             else None
         )
