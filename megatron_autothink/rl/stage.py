@@ -8,6 +8,11 @@ With more than one rank, vLLM's engine core runs in its own process
 group, which the trainer owns, and destroy it on shutdown. Weights reach the engine through the
 HF name map shared with checkpoint conversion (``convert.gather.iter_hf_weights``), gathered
 over TP/PP and streamed in buckets, tagged with the step as the policy version.
+
+The engine is built once, in the run's first RL stage, and sized for its longest RL stage
+(:func:`engine_context_length`). A weight sync wakes the engine's weights, pushes them, frees
+the trainer's cached memory and wakes the KV cache last
+(:func:`~megatron_autothink.rollout.engine.colocated_weight_sync`).
 """
 
 from __future__ import annotations
