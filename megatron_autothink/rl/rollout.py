@@ -160,7 +160,14 @@ def force_rethinking(
     score: ScoreFn,
     rng: random.Random,
 ) -> dict[str, float]:
-    """VL-Rethinker's forced rethinking, in place on ``groups``; returns acceptance metrics."""
+    """VL-Rethinker's forced rethinking, in place on ``groups``; returns acceptance metrics.
+
+    Each continuation asks for the plan's budget (what its original response left of
+    ``max_new_tokens``), capped so that prefix + trigger + continuation stay within
+    ``max_new_tokens``: the request then fits the context wherever the original did, and the
+    swapped-in response fits the trainer's ``seq_length``. A response whose prefix and trigger
+    leave no room is marked ``rejected:low_budget`` and not continued.
+    """
     rt = rl.rethink
     plans = []
     for gi, group in enumerate(groups):
