@@ -169,8 +169,16 @@ def test_vl_rethinker_resume_after_sigkill(data: dict[str, Path], tmp_path: Path
 
     assert step3(run) == step3(ref) and step3(ref)
     m_ref, m_run = _metrics(ref, "grpo_ssr")[-1], _metrics(run, "grpo_ssr")[-1]
-    assert "ssr/buffer_size" in m_ref and "rethink/attempted" in m_ref
     assert m_run["ssr/buffer_size"] == m_ref["ssr/buffer_size"]
+    # The logged metrics are the rollouts log's counts: continuations issued (every verdict
+    # but "low_budget", which is decided before any request), accepted, SSR's selection.
+    rows = [json.loads(x) for x in (ref / "rollouts" / "grpo_ssr.jsonl").read_text().splitlines()]
+    for m in _metrics(ref, "grpo_ssr"):
+        verdicts = [x["rethink"] for x in rows if x["step"] == m["step"]]
+        issued = [v for v in verdicts if v and v != "rejected:low_budget"]
+        assert m["rethink/attempted"] == len(issued), (m, verdicts)
+        assert m["rethink/accepted"] == verdicts.count("accepted"), (m, verdicts)
+        assert m["samples_trained"] == m["ssr/selected"] <= len(verdicts), m
 
     def buffer(r: Path) -> dict:
         st = torch.load(
