@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 _FLAG = "_autothink_cpu_seed_rewind"
 
 
-def saved_generator_states(runner: Any) -> dict[int, torch.Tensor]:
+def saved_generator_states(runner: Any) -> dict[int, tuple[torch.Generator, torch.Tensor]]:
     """States of the CPU generators of the requests whose sampled token this step discards.
 
     ``runner.discard_request_mask`` is filled while the step's inputs are prepared, before the
@@ -63,7 +63,7 @@ def saved_generator_states(runner: Any) -> dict[int, torch.Tensor]:
     for i in np.nonzero(mask)[0]:
         gen = batch.generators.get(int(i))
         if gen is not None and gen.device.type == "cpu":
-            states[int(i)] = gen.get_state()
+            states[int(i)] = (gen, gen.get_state())
     return states
 
 
@@ -92,12 +92,15 @@ def install() -> bool:
         return original_sample(self, *args, **kwargs)
 
     def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
-        saved: dict[int, torch.Tensor] = getattr(self, "_autothink_saved_states", {})
-        self._autothink_saved_states = {}
+        saved: dict[int, tuple[torch.Generator, torch.Tensor]]
+        saved = getattr(self, "_autothink_saved_states", {})
+        self._autothink_saved_states = {}  # one step's states serve that step only
         generators = self.input_batch.generators
         hidden = {}
-        for i, state in saved.items():
-            generators[i].set_state(state)  # the discarded draw never happened
+        for i, (gen, state) in saved.items():
+            if generators.get(i) is not gen:  # the batch changed since the sampler ran
+                continue
+            gen.set_state(state)  # the discarded draw never happened
             hidden[i] = generators.pop(i)  # so vLLM's offset rewind does not see it
         try:
             return original_bookkeeping(self, *args, **kwargs)
