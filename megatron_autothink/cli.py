@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     p.add_argument("--out", default="eval_out", help="output folder (default: eval_out)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer budget (default 96)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default: the run's rollout.eval_temperature, else 0)",
+    )
     p.set_defaults(func=_entry("megatron_autothink.eval.cli:main", "eval", "issue #9: eval"))
 
     p = sub.add_parser(

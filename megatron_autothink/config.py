@@ -385,6 +385,34 @@ def check_static(cfg: AutothinkConfig) -> None:
         _fail("model.fp8", "FP8 needs model.transformer_impl=transformer_engine (or auto on GPU)")
     if cfg.rl.algorithm == "bpo" and cfg.rl.bpo.g_think + cfg.rl.bpo.g_nothink < 2:
         _fail("rl.bpo", "g_think + g_nothink must be >= 2 for group advantages")
+    for i, stage in enumerate(cfg.stages):
+        if stage.kind != "rl":
+            continue
+        # The stage's own values; its overrides are applied (and validated) when it runs.
+        seq = int(_stage_value(cfg, stage, "data.seq_length"))
+        new = int(_stage_value(cfg, stage, "rollout.max_new_tokens"))
+        if new >= seq:
+            _fail(
+                f"stages[{i}] ({stage.name})",
+                f"rollout.max_new_tokens={new} leaves no room for the prompt in "
+                f"data.seq_length={seq} (prompt + prefill + response must fit); lower "
+                "rollout.max_new_tokens or raise data.seq_length for this stage",
+            )
+
+
+def _stage_value(cfg: AutothinkConfig, stage: StageConfig, dotted: str) -> Any:
+    """``dotted``'s value in ``stage``: its override (dotted key, or nested under a section
+    key), else the run's."""
+    if dotted in stage.overrides:
+        return stage.overrides[dotted]
+    section, key = dotted.split(".", 1)
+    nested = stage.overrides.get(section)
+    if isinstance(nested, dict) and key in nested:
+        return nested[key]
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def check_world_size(cfg: AutothinkConfig, world_size: int) -> dict[str, int]:

@@ -5,7 +5,8 @@ Plots (R-4B analogues, with digits difficulty levels in place of benchmarks):
 * ``accuracy.png``       accuracy per difficulty per mode, before and after RL;
 * ``think_rate.png``     thinking trigger rate in auto mode per difficulty, before vs after BPO
   (Fig. 5 analogue);
-* ``tokens.png``         mean output tokens per mode per difficulty (Fig. 7 analogue);
+* ``tokens.png``         mean output tokens per mode per difficulty (Fig. 7 analogue): the whole
+  assistant turn, prefill included, so every mode counts the same tokens;
 * ``training.png``       training curves (SFT loss; RL reward/accuracy per forced mode).
 """
 
@@ -106,7 +107,13 @@ def write_report(out: Path) -> Path:
     lines = ["# autothink demo report", ""]
     if summaries:
         _bar_plot(out / "accuracy.png", summaries, "accuracy", "accuracy", "accuracy")
-        _bar_plot(out / "tokens.png", summaries, "mean_tokens", "output tokens", "mean tokens")
+        _bar_plot(
+            out / "tokens.png",
+            summaries,
+            "mean_tokens",
+            "output tokens",
+            "mean tokens (whole turn)",
+        )
         _think_rate_plot(out / "think_rate.png", summaries)
         lines += ["![accuracy](accuracy.png)", "", "![think rate](think_rate.png)", ""]
         lines += ["![tokens](tokens.png)", ""]

@@ -80,3 +80,25 @@ def test_world_size_checks() -> None:
 def test_unknown_recipe_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="tiny_cpu"):
         load_config("nope")
+
+
+def test_rl_stage_whose_generation_cannot_fit_is_refused_by_name() -> None:
+    """Issue #18 defect 1: a stage's max_new_tokens must leave room for the prompt in its own
+    seq_length (the stage's overrides, dotted or nested, count; SFT stages are not checked)."""
+    stages = (
+        "[{name: anneal, kind: sft, steps: 1}, {name: fre, kind: rl, steps: 1}, "
+        "{name: mgt, kind: rl, steps: 1, overrides: {data.seq_length: 512, "
+        "rollout.max_new_tokens: 512}}]"
+    )
+    with pytest.raises(ConfigError, match=r"stages\[2\] \(mgt\): rollout.max_new_tokens=512 "):
+        load_config("lmm_r1_tiny", [f"stages={stages}"])
+    nested = stages.replace(
+        "data.seq_length: 512, rollout.max_new_tokens: 512",
+        "rollout: {max_new_tokens: 600}",
+    )  # 600 >= the run's seq_length 512
+    with pytest.raises(ConfigError, match=r"stages\[2\] \(mgt\): rollout.max_new_tokens=600 "):
+        load_config("lmm_r1_tiny", [f"stages={nested}"])
+    fits = stages.replace("rollout.max_new_tokens: 512", "rollout.max_new_tokens: 511")
+    assert load_config("lmm_r1_tiny", [f"stages={fits}"]).stages[2].name == "mgt"
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(fre\)"):
+        load_config("lmm_r1_tiny", [f"stages={fits}", "rollout.max_new_tokens=512"])

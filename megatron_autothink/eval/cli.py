@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
             limit=getattr(args, "limit", None),
             out=out,
             max_new_tokens=getattr(args, "max_new_tokens", 96),
+            temperature=getattr(args, "temperature", None),
         )
     except FileNotFoundError as e:
         print(f"autothink eval: {e}", file=sys.stderr)

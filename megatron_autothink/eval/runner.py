@@ -1,10 +1,13 @@
-"""Greedy evaluation of one model in several thinking modes on a held-out split.
+"""Evaluation of one model in several thinking modes on a held-out split.
 
-Every test prompt is answered once per mode at temperature 0 by the vLLM rollout engine (the same
-engine and prefills RL uses: ``auto`` adds nothing, ``long`` prefills ``<think>\\n``, ``short``
-the empty think block), scored by the same ``rl.rewards.Rubric`` RL trains with, built from the
-evaluated run's ``rl.rewards`` (defaults for a bare HF directory: math-verify on the extracted
-answer, multiple choice by letter, no accuracy without EOS), and aggregated per difficulty.
+Every test prompt is answered once per mode by the vLLM rollout engine (the same engine and
+prefills RL uses: ``auto`` adds nothing, ``long`` prefills ``<think>\\n``, ``short`` the empty
+think block), at the run's ``rollout.eval_temperature`` (greedy, 0, unless the recipe says
+otherwise; seeded per request when above 0), scored by the same ``rl.rewards.Rubric`` RL trains
+with, built from the evaluated run's ``rl.rewards`` (defaults for a bare HF directory:
+math-verify on the extracted answer, multiple choice by letter, no accuracy without EOS), and
+aggregated per difficulty. Token counts are whole assistant turns, prefill included, so that
+auto mode's self-written empty think block and short mode's prefilled one count alike.
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ def _image_config(hf_dir: Path, run_cfg: Any) -> Any:
     )
 
 
+def eval_temperature(requested: float | None, run_cfg: Any) -> float:
+    """The temperature to answer with: the one asked for, else the run's
+    ``rollout.eval_temperature``, else 0 (greedy; a bare HF directory has no run config)."""
+    if requested is not None:
+        return requested
+    return float(run_cfg.rollout.eval_temperature) if run_cfg is not None else 0.0
+
+
 def generate_records(
     engine: Any,
     prompts: Sequence[PromptSample],
@@ -96,9 +107,10 @@ def generate_records(
     *,
     max_new_tokens: int,
     rewards: RewardWeights | None = None,
+    temperature: float = 0.0,
 ) -> list[EvalRecord]:
-    """Answer every prompt greedily in every mode and score the answers with ``Rubric(rewards)``
-    (default weights when None)."""
+    """Answer every prompt once in every mode (greedy at ``temperature`` 0) and score the answers
+    with ``Rubric(rewards)`` (default weights when None)."""
     score = Rubric(rewards or RewardWeights())
     banned = vision_token_ids(tokenizer)
     reqs = []
@@ -111,7 +123,7 @@ def generate_records(
         for mode in modes:
             reqs.append(GenerationRequest(f"eval-{i}-{mode}", list(p.prompt_ids), images, mode, 1))
     sampling = SamplingConfig(
-        temperature=0.0, max_new_tokens=max_new_tokens, seed=0, logprobs=False
+        temperature=temperature, max_new_tokens=max_new_tokens, seed=0, logprobs=False
     )
     outs = engine.generate(reqs, sampling)
     records = []
@@ -130,7 +142,7 @@ def generate_records(
                 response=text,
                 correct=bool(correct),
                 thinking=is_thinking(text),
-                num_tokens=len(c.token_ids),
+                num_tokens=len(c.prefill_token_ids) + len(c.token_ids),  # the whole turn
             )
         )
     return records
@@ -161,6 +173,7 @@ def evaluate(
     max_new_tokens: int = 96,
     max_model_len: int = 1024,
     rewards: RewardWeights | None = None,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (HF dir or training checkpoint) on ``data``'s ``split``.
 
@@ -175,6 +188,8 @@ def evaluate(
         max_model_len: vLLM context length (prompt + image tokens + answer).
         rewards: Reward weights and grading options to score with; None: the training run's
             ``rl.rewards`` when ``model`` is a training checkpoint, else the defaults.
+        temperature: Sampling temperature; ``None`` takes ``rollout.eval_temperature`` of the
+            training run the model comes from, 0 (greedy) when there is none.
 
     Returns:
         The summary dict (``summarize`` output plus ``model``, ``split``, ``goals``, timing).
@@ -195,6 +210,7 @@ def evaluate(
     )
     if not prompts:
         raise ValueError(f"{data}: split {split!r} has no prompts with an answer")
+    temperature = eval_temperature(temperature, resolved.run_cfg)
     engine = VLLMRolloutEngine(
         VLLMEngineConfig(
             model_dir=str(resolved.hf_dir),
@@ -209,7 +225,13 @@ def evaluate(
         if rewards is None and resolved.run_cfg is not None:
             rewards = resolved.run_cfg.rl.rewards
         records = generate_records(
-            engine, prompts, modes, tokenizer, max_new_tokens=max_new_tokens, rewards=rewards
+            engine,
+            prompts,
+            modes,
+            tokenizer,
+            max_new_tokens=max_new_tokens,
+            rewards=rewards,
+            temperature=temperature,
         )
         t_gen = time.perf_counter() - t_gen
     finally:
@@ -221,6 +243,7 @@ def evaluate(
             "data": data,
             "split": split,
             "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
             "goals": goal_checks(summary),
             "time_s": {"total": time.perf_counter() - t0, "generate": t_gen},
         }

@@ -3,6 +3,8 @@
 The table is what R-4B reports per benchmark (its Fig. 5 and Fig. 7), with our difficulty levels
 standing in for benchmarks: accuracy, thinking trigger rate (share of answers with a non-empty
 think block) and mean output tokens, per thinking mode and per difficulty, plus an ``all`` row.
+Output tokens are whole assistant turns, the mode's prefill included: R-4B compares auto mode's
+length with the forced modes', and auto mode writes the think block short mode gets prefilled.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class EvalRecord:
     response: str  # prefill + generated text (what the reward saw)
     correct: bool
     thinking: bool  # non-empty think block (rl.rewards.is_thinking)
-    num_tokens: int  # generated tokens, prefill excluded
+    num_tokens: int  # the whole assistant turn: prefill + generated tokens (modes compare)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,6 +48,12 @@ class ScoredResponse:
     components: dict[str, float] = field(default_factory=dict)
     vision_cut: bool = False  # response cut before a sampled image placeholder token
 
+    @property
+    def num_tokens(self) -> int:
+        """Length of the whole assistant turn, prefill included: every mode counts the same
+        tokens (auto mode's self-written empty think block as short mode's prefilled one)."""
+        return len(self.prefill_ids) + len(self.response_ids)
+
 
 ScoreFn = Callable[[str, PromptSample, bool], tuple[float, bool, dict[str, float]]]
 """(full response text, prompt, finished) -> (reward, correct, per-component scores)."""
@@ -154,7 +160,14 @@ def force_rethinking(
     score: ScoreFn,
     rng: random.Random,
 ) -> dict[str, float]:
-    """VL-Rethinker's forced rethinking, in place on ``groups``; returns acceptance metrics."""
+    """VL-Rethinker's forced rethinking, in place on ``groups``; returns acceptance metrics.
+
+    Each continuation asks for the plan's budget (what its original response left of
+    ``max_new_tokens``), capped so that prefix + trigger + continuation stay within
+    ``max_new_tokens``: the request then fits the context wherever the original did, and the
+    swapped-in response fits the trainer's ``seq_length``. A response whose prefix and trigger
+    leave no room is marked ``rejected:low_budget`` and not continued.
+    """
     rt = rl.rethink
     plans = []
     for gi, group in enumerate(groups):
@@ -179,10 +192,17 @@ def force_rethinking(
                 plans.append((gi, ri, plan))
     if not plans:
         return {"rethink/attempted": 0.0, "rethink/accepted": 0.0, "rethink/acceptance": 0.0}
-    reqs, prefixes = [], []
+    reqs, prefixes, kept_plans = [], [], []
     for gi, ri, plan in plans:
         r = groups[gi][ri]
         prefix_ids = tokenizer.encode(plan.continuation_prompt, add_special_tokens=False)
+        # The plan's budget (what the original response left), and never more than keeps
+        # prefix + trigger + continuation within max_new_tokens: the trigger's own tokens
+        # count, so a continuation fits the context wherever its original response did.
+        budget = min(plan.max_new_tokens, sampling.max_new_tokens - len(prefix_ids))
+        if budget < 1:
+            r.rethink = "rejected:low_budget"
+            continue
         prompt_ids = list(prompts[gi].prompt_ids) + r.prefill_ids + prefix_ids
         p = prompts[gi]
         images = (
@@ -190,21 +210,23 @@ def force_rethinking(
             if p.pixel_values is not None and p.image_grid_thw is not None
             else None
         )
-        reqs.append(GenerationRequest(f"rethink-{gi}-{ri}", prompt_ids, images, "auto", 1))
+        reqs.append(GenerationRequest(f"rethink-{gi}-{ri}", prompt_ids, images, "auto", 1, budget))
         prefixes.append(prefix_ids)
+        kept_plans.append((gi, ri, plan))
     cont_sampling = SamplingConfig(
         temperature=rt.temperature,
         top_p=sampling.top_p,
-        max_new_tokens=max(1, sampling.max_new_tokens),
+        max_new_tokens=sampling.max_new_tokens,  # each request carries its own budget
         seed=None if sampling.seed is None else sampling.seed + 7919,
         stop_token_ids=sampling.stop_token_ids,
     )
-    outs = engine.generate(reqs, cont_sampling)
+    outs = engine.generate(reqs, cont_sampling) if reqs else []
     kept_per_prompt: dict[int, int] = {}
     accepted = 0
-    for (gi, ri, plan), prefix_ids, comps in zip(plans, prefixes, outs, strict=True):
+    for (gi, ri, plan), prefix_ids, comps in zip(kept_plans, prefixes, outs, strict=True):
         c = comps[0]
-        cut_at_vision_tokens(c, vision_token_ids(tokenizer))
+        if cut_at_vision_tokens(c, vision_token_ids(tokenizer)):
+            c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
         r = groups[gi][ri]
         full_text = tokenizer.decode(r.prefill_ids) + plan.continuation_prompt + c.text
         reward, correct, compscores = score(full_text, prompts[gi], c.finish_reason == "stop")
@@ -230,7 +252,7 @@ def force_rethinking(
             components=compscores,
         )
     return {
-        "rethink/attempted": float(len(plans)),
+        "rethink/attempted": float(len(kept_plans)),
         "rethink/accepted": float(accepted),
-        "rethink/acceptance": accepted / len(plans),
+        "rethink/acceptance": accepted / max(len(kept_plans), 1),
     }

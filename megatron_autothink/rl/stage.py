@@ -8,10 +8,16 @@ With more than one rank, vLLM's engine core runs in its own process
 group, which the trainer owns, and destroy it on shutdown. Weights reach the engine through the
 HF name map shared with checkpoint conversion (``convert.gather.iter_hf_weights``), gathered
 over TP/PP and streamed in buckets, tagged with the step as the policy version.
+
+The engine is built once, in the run's first RL stage, and sized for its longest RL stage
+(:func:`engine_context_length`). A weight sync wakes the engine's weights, pushes them, frees
+the trainer's cached memory and wakes the KV cache last
+(:func:`~megatron_autothink.rollout.engine.colocated_weight_sync`).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -29,6 +35,7 @@ from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rewards import Rubric
 from megatron_autothink.rl.ssr import ReplayBuffer
 from megatron_autothink.rl.trainer import ReplayStore, RLContext, rl_step
+from megatron_autothink.rollout.engine import colocated_weight_sync
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointManager
 from megatron_autothink.train.loop import LoopState
@@ -85,7 +92,24 @@ def engine_in_process(cfg: AutothinkConfig, ctx: ParallelContext) -> bool:
     return mode == "in_process" or (mode == "auto" and ctx.world_size == 1)
 
 
-def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int, *, in_process: bool) -> Any:
+def engine_context_length(run: AutothinkConfig) -> int:
+    """``max_model_len`` of the run's one rollout engine: the largest ``data.seq_length`` of
+    its RL stages (their overrides applied).
+
+    The engine is built once, in the first RL stage, and serves every later one (an in-process
+    vLLM cannot be shut down and rebuilt mid-run: its shutdown tears down torch's default
+    process group), so it is sized for the longest stage, e.g. LMM-R1's MGT stage (16384
+    after FRE's 8192). Each stage's packing still refuses sequences over its own
+    ``seq_length``, and ``config.check_static`` refuses a stage whose ``max_new_tokens``
+    cannot fit in it.
+    """
+    lengths = [stage_config(run, s).data.seq_length for s in run.stages if s.kind == "rl"]
+    return max(lengths, default=run.data.seq_length)
+
+
+def build_engine(
+    cfg: AutothinkConfig, model_dir: Path, version: int, *, in_process: bool, max_model_len: int
+) -> Any:
     from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
     ro = cfg.rollout
@@ -93,7 +117,7 @@ def build_engine(cfg: AutothinkConfig, model_dir: Path, version: int, *, in_proc
         VLLMEngineConfig(
             model_dir=str(model_dir),
             dtype="float32" if not torch.cuda.is_available() else "bfloat16",
-            max_model_len=cfg.data.seq_length,
+            max_model_len=max_model_len,
             seed=cfg.train.seed,
             weight_bucket_mb=ro.weight_bucket_mb,
             enforce_eager=ro.enforce_eager,
@@ -124,7 +148,7 @@ def run_stage(
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
     from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
 
-    cfg = stage_config(cfg, stage)
+    run_cfg, cfg = cfg, stage_config(cfg, stage)
     rl = cfg.rl
     path = stage.train_path or cfg.data.train_path
     tokenizer_dir = resolve_tokenizer_dir(cfg, path)
@@ -205,7 +229,13 @@ def run_stage(
         export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
         in_process = engine_in_process(cfg, ctx)
         engine = (
-            build_engine(cfg, engine_dir, version=0, in_process=in_process)
+            build_engine(
+                cfg,
+                engine_dir,
+                version=0,
+                in_process=in_process,
+                max_model_len=engine_context_length(run_cfg),
+            )
             if engine_owner(ctx)
             else None
         )
@@ -219,8 +249,10 @@ def run_stage(
         t = time.perf_counter()
         stream = iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint")
         if engine is not None:
-            engine.wake_up()  # weights first; vLLM frees the KV cache again at the next sleep
-            engine.update_weights(stream, version=version)
+            # Weights, push, trainer caches freed, KV cache last (rollout.engine docstring).
+            colocated_weight_sync(
+                engine, stream, version, release_trainer_memory=release_trainer_memory
+            )
         else:
             for _ in stream:  # take part in the collectives
                 pass
@@ -274,6 +306,14 @@ class EngineSlot:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
+
+
+def release_trainer_memory() -> None:
+    """Give the trainer's cached, now unused accelerator memory back before the engine's KV
+    cache wakes (gathered weight buckets, the step's activations); nothing to do on CPU."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _image_id(tokenizer: Any) -> int:

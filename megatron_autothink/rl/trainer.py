@@ -179,14 +179,18 @@ def select_training_set(
 def rollout_metrics(
     prompts: list[PromptSample], groups: list[list[ScoredResponse]]
 ) -> dict[str, float]:
-    """Reward/accuracy/length per forced mode, thinking trigger rate (auto), per difficulty."""
+    """Reward/accuracy/length per forced mode, thinking trigger rate (auto), per difficulty.
+
+    Lengths are whole assistant turns (prefill + sampled tokens,
+    :attr:`~megatron_autothink.rl.rollout.ScoredResponse.num_tokens`), so the modes compare.
+    """
     m: dict[str, float] = {}
     flat = [(prompts[r.prompt_index], r) for g in groups for r in g]
     for mode in sorted({r.forced_mode for _, r in flat}):
         rs = [r for _, r in flat if r.forced_mode == mode]
         m[f"rollout/{mode}/reward"] = sum(r.reward for r in rs) / len(rs)
         m[f"rollout/{mode}/accuracy"] = sum(r.correct for r in rs) / len(rs)
-        m[f"rollout/{mode}/length"] = sum(len(r.response_ids) for r in rs) / len(rs)
+        m[f"rollout/{mode}/length"] = sum(r.num_tokens for r in rs) / len(rs)
         m[f"rollout/{mode}/think_rate"] = sum(r.thinking for r in rs) / len(rs)
     m["rollout/vision_token_cuts"] = float(sum(r.vision_cut for _, r in flat))
     # Actual mode used (auto decides by itself): accuracy of thinking vs direct answers.
@@ -194,7 +198,7 @@ def rollout_metrics(
         rs = [r for _, r in flat if r.thinking == flag]
         if rs:
             m[f"rollout/used_{name}/accuracy"] = sum(r.correct for r in rs) / len(rs)
-            m[f"rollout/used_{name}/length"] = sum(len(r.response_ids) for r in rs) / len(rs)
+            m[f"rollout/used_{name}/length"] = sum(r.num_tokens for r in rs) / len(rs)
     return m
 
 
@@ -244,7 +248,7 @@ def rollout_records(
                     "reward": r.reward,
                     "correct": r.correct,
                     "finished": r.finished,
-                    "tokens": len(r.response_ids),
+                    "tokens": r.num_tokens,
                     "rethink": r.rethink,
                     "text": r.text,
                 }

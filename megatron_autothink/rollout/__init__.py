@@ -11,6 +11,7 @@ from megatron_autothink.rollout.engine import (
     RolloutError,
     StaleWeightsError,
     WeightUpdateError,
+    colocated_weight_sync,
     iter_weight_buckets,
 )
 from megatron_autothink.rollout.parity import format_parity, logprob_parity
@@ -41,6 +42,7 @@ __all__ = [
     "VLLMRolloutEngine",
     "WeightUpdate",
     "WeightUpdateError",
+    "colocated_weight_sync",
     "format_parity",
     "iter_weight_buckets",
     "logprob_parity",

@@ -14,14 +14,22 @@ Typical RL step (colocated trainer and rollout)::
             groups = engine.generate(requests, sampling)
             engine.sleep()                      # give the GPU memory to the trainer
             ... train ...
-            engine.wake_up()
-            engine.update_weights(trainer.export_hf_weights(), version=step + 1)
+            colocated_weight_sync(engine, trainer.export_hf_weights(), step + 1,
+                                  release_trainer_memory=torch.cuda.empty_cache)
+
+**Wake-up order of a colocated sync** (issue #18, defect 10): the trainer's parameters,
+gradients and optimizer states are still resident when the new weights are pushed, so waking
+the whole engine then (weights *and* the KV cache, which takes most of vLLM's memory share) is
+where colocated runs run out of memory. :func:`colocated_weight_sync` wakes the weights only,
+pushes them, lets the trainer release its cached blocks, and only then wakes the KV cache, the
+order verl and OpenRLHF use. CPU has no sleep mode, so only the order of calls is tested; the
+GPU memory effect is unverified (no GPU machine with CUDA vLLM).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -33,6 +41,25 @@ from megatron_autothink.rollout.types import (
     SamplingConfig,
     WeightUpdate,
 )
+
+MEMORY_PARTS: tuple[str, ...] = ("weights", "kv_cache")
+"""What :meth:`RolloutEngine.sleep` releases and :meth:`RolloutEngine.wake_up` can wake one by
+one (vLLM's sleep-mode tags)."""
+
+
+def check_memory_parts(tags: Sequence[str] | None) -> set[str]:
+    """``tags`` as a set, all of :data:`MEMORY_PARTS` for ``None``; unknown tags raise.
+
+    Example:
+        >>> sorted(check_memory_parts(None)), check_memory_parts(["weights"])
+        (['kv_cache', 'weights'], {'weights'})
+    """
+    if tags is None:
+        return set(MEMORY_PARTS)
+    unknown = set(tags) - set(MEMORY_PARTS)
+    if unknown:
+        raise ValueError(f"unknown memory part(s) {sorted(unknown)}; known: {list(MEMORY_PARTS)}")
+    return set(tags)
 
 
 class RolloutError(RuntimeError):
@@ -205,8 +232,10 @@ class RolloutEngine(ABC):
         """Release accelerator memory (weights offloaded, KV cache dropped) for training."""
 
     @abstractmethod
-    def wake_up(self) -> None:
-        """Re-acquire the memory released by :meth:`sleep`."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-acquire the memory released by :meth:`sleep`: all of it (``None``) or only the
+        :data:`MEMORY_PARTS` named in ``tags``. ``generate`` needs every part awake,
+        ``update_weights`` only ``"weights"``."""
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -223,3 +252,32 @@ class RolloutEngine(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.shutdown()
+
+
+def colocated_weight_sync(
+    engine: RolloutEngine,
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    version: int,
+    *,
+    release_trainer_memory: Callable[[], None],
+) -> WeightUpdate:
+    """Push new weights into a sleeping colocated engine, waking its memory in the safe order.
+
+    Weights first (the update needs them), then the push, then ``release_trainer_memory``
+    (e.g. ``torch.cuda.empty_cache``: the gathered weight buckets are freed by now), and the KV
+    cache last, once that memory has been given back. See the module docstring.
+
+    Example:
+        >>> from megatron_autothink.rollout.testing import ScriptedEngine
+        >>> engine = ScriptedEngine({})
+        >>> engine.sleep()
+        >>> _ = colocated_weight_sync(engine, [("w", torch.zeros(1))], 1,
+        ...     release_trainer_memory=lambda: engine.events.append("release"))
+        >>> engine.events
+        ['sleep', 'wake_up:weights', 'update_weights', 'release', 'wake_up:kv_cache']
+    """
+    engine.wake_up(["weights"])
+    update = engine.update_weights(named_tensors, version=version)
+    release_trainer_memory()
+    engine.wake_up(["kv_cache"])
+    return update

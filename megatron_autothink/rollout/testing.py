@@ -1,4 +1,5 @@
-"""Tiny random Qwen2.5-VL checkpoints and a transformers reference, for tests and benchmarks.
+"""Tiny random Qwen2.5-VL checkpoints and a transformers reference, for tests and benchmarks;
+fakes for unit tests of the code around the engine.
 
 Everything is built offline: a byte-level BPE tokenizer trained on generated text with the Qwen
 special tokens, a random ``Qwen2_5_VLForConditionalGeneration`` saved with ``save_pretrained``,
@@ -10,13 +11,17 @@ and a PIL image-processor config. Two "trainer sides" for log-prob parity checks
   the same tokens through the RL trainer's own path (``rl.batching.pack_sequences`` ->
   ``rl.actor.compute_logprobs``), which is what the importance ratios of an RL step use.
 
+For unit tests that need no model: :class:`CharTokenizer` (one token per character, so token
+counts are string lengths) and :class:`ScriptedEngine` (a :class:`RolloutEngine` answering each
+request id with a canned text and recording every call).
+
 The megatron imports are local to those functions: the rest of this module needs no megatron.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +30,16 @@ import torch
 
 # One definition of the Qwen special / think tokens, shared with the data tokenizer.
 from megatron_autothink.data.tokenizer import SPECIAL_TOKENS, THINK_TOKENS
+from megatron_autothink.rollout.engine import RolloutEngine
 from megatron_autothink.rollout.images import expand_image_pads
-from megatron_autothink.rollout.types import Completion, GenerationRequest, PreprocessedImages
+from megatron_autothink.rollout.types import (
+    THINKING_PREFILLS,
+    Completion,
+    GenerationRequest,
+    PreprocessedImages,
+    SamplingConfig,
+    WeightUpdate,
+)
 
 if TYPE_CHECKING:
     from megatron_autothink.config import AutothinkConfig
@@ -382,3 +395,78 @@ def megatron_token_logprobs(
     )
     logp = compute_logprobs(list(chunks), batches, ctx, seq_length=seq_length)
     return per_sample_values(batches, logp, len(seqs))
+
+
+class CharTokenizer:
+    """Token id = code point: ``len(text)`` tokens, and decode inverts encode exactly.
+
+    >>> tok = CharTokenizer()
+    >>> tok.encode("<think>"), tok.decode(tok.encode("ab"))
+    ([60, 116, 104, 105, 110, 107, 62], 'ab')
+    """
+
+    unk_token_id = -1
+    pad_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.unk_token_id  # no vision tokens in this vocabulary
+
+
+class ScriptedEngine(RolloutEngine):
+    """A :class:`RolloutEngine` answering each request id with a canned text (``n`` copies).
+
+    Completions carry the mode's prefill (tokenised by ``tokenizer``), log-prob -0.25 per token
+    and ``finish_reason="stop"``. ``calls`` records ``(requests, sampling)`` of every
+    ``generate``; ``events`` every call of the interface in order (``"generate"``,
+    ``"update_weights"``, ``"sleep"``, ``"wake_up:<tags>"``), for tests of call order.
+    """
+
+    def __init__(self, answers: dict[str, str], tokenizer: Any = None) -> None:
+        super().__init__()
+        self.answers = answers
+        self.tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
+        self.calls: list[tuple[list[GenerationRequest], SamplingConfig]] = []
+        self.events: list[str] = []
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingConfig
+    ) -> list[list[Completion]]:
+        self._check_can_generate()
+        self.events.append("generate")
+        self.calls.append((list(requests), sampling))
+        out = []
+        for r in requests:
+            text = self.answers[r.request_id]
+            ids = list(self.tokenizer.encode(text))
+            prefill = list(self.tokenizer.encode(THINKING_PREFILLS[r.mode]))
+            out.append(
+                [
+                    Completion(ids, [-0.25] * len(ids), text, "stop", prefill, r.mode)
+                    for _ in range(r.n)
+                ]
+            )
+        return out
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> WeightUpdate:
+        self._check_new_version(version)
+        n = sum(1 for _ in named_tensors)
+        self.events.append("update_weights")
+        self._set_version(version)
+        return WeightUpdate(version, n, 0, 1, 0.0)
+
+    def sleep(self) -> None:
+        self.events.append("sleep")
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        self.events.append("wake_up:" + ",".join(tags or ("all",)))
+
+    def shutdown(self) -> None:
+        self.events.append("shutdown")

@@ -106,6 +106,9 @@ class GenerationRequest:
             directory's image processor). Image ``i`` fills the ``i``-th pad run.
         mode: Thinking mode whose prefill is appended to the prompt.
         n: Number of completions to sample for this prompt.
+        max_new_tokens: This request's budget of generated tokens; ``None`` takes
+            :attr:`SamplingConfig.max_new_tokens`. Forced-rethinking continuations each have
+            their own (what is left of the original response's budget).
     """
 
     request_id: str
@@ -113,6 +116,7 @@ class GenerationRequest:
     images: PreprocessedImages | Sequence[Image] | None = None
     mode: ThinkingMode = "auto"
     n: int = 1
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in THINKING_PREFILLS:
@@ -121,6 +125,22 @@ class GenerationRequest:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id!r} has an empty prompt")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(
+                f"request {self.request_id!r}: max_new_tokens must be >= 1, got "
+                f"{self.max_new_tokens}"
+            )
+
+    def budget(self, sampling: SamplingConfig) -> int:
+        """Generated-token budget of this request under ``sampling``.
+
+        Example:
+            >>> r = GenerationRequest("r", [1], max_new_tokens=5)
+            >>> r.budget(SamplingConfig(max_new_tokens=64)), GenerationRequest("q", [1]).budget(
+            ...     SamplingConfig(max_new_tokens=64))
+            (5, 64)
+        """
+        return sampling.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens
 
 
 @dataclass(frozen=True, slots=True)

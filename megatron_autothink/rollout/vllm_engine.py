@@ -48,11 +48,13 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from megatron_autothink.rollout.engine import (
+    MEMORY_PARTS,
     EngineStartError,
     RequestTooLongError,
     RolloutEngine,
     RolloutError,
     WeightUpdateError,
+    check_memory_parts,
     iter_weight_buckets,
 )
 from megatron_autothink.rollout.images import collapse_image_pads, preprocess_images
@@ -256,7 +258,8 @@ class VLLMRolloutEngine(RolloutEngine):
         super().__init__(initial_version=config.initial_version)
         self.config = config
         self._llm: Any = None
-        self._asleep = False
+        # Memory parts released by sleep() and not woken yet (engine.MEMORY_PARTS).
+        self._asleep: set[str] = set()
         self._ipc_dir: str | None = None
         hf_config = _check_model_dir(config.model_dir)
         self.is_vision_language = hf_config.get("model_type") in _VL_MODEL_TYPES
@@ -296,6 +299,11 @@ class VLLMRolloutEngine(RolloutEngine):
         self.start_seconds = time.perf_counter() - t0
         self.tokenizer = self._llm.get_tokenizer()
         self.max_model_len: int = int(self._llm.model_config.max_model_len)
+        # The scheduler's prefill budget per step: prompts beyond it are prefilled in chunks
+        # (seeded sampling then relies on vllm_cpu_seeds on CPU).
+        self.max_num_batched_tokens: int = int(
+            self._llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        )
         self._prefill_ids = {
             mode: list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
             for mode, text in THINKING_PREFILLS.items()
@@ -461,13 +469,13 @@ class VLLMRolloutEngine(RolloutEngine):
             )
         prefill = self._prefill_ids[request.mode]
         prompt_len = len(prompt) - runs + image_tokens + len(prefill)
-        total = prompt_len + sampling.max_new_tokens
+        budget = request.budget(sampling)
+        total = prompt_len + budget
         if total > self.max_model_len:
             raise RequestTooLongError(
                 f"request {request.request_id!r} needs {total} tokens (prompt {prompt_len}, of "
                 f"which {image_tokens} image and {len(prefill)} prefill tokens, + "
-                f"max_new_tokens {sampling.max_new_tokens}) but max_model_len is "
-                f"{self.max_model_len}"
+                f"max_new_tokens {budget}) but max_model_len is {self.max_model_len}"
             )
         out: dict[str, Any] = {"prompt_token_ids": prompt + prefill}
         if mm_data is not None:
@@ -482,7 +490,7 @@ class VLLMRolloutEngine(RolloutEngine):
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens,
+            max_tokens=request.budget(sampling),
             seed=None if sampling.seed is None else request_seed(sampling.seed, request.request_id),
             stop_token_ids=list(sampling.stop_token_ids),
             logprobs=0 if sampling.logprobs else None,
@@ -543,8 +551,10 @@ class VLLMRolloutEngine(RolloutEngine):
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> WeightUpdate:
         self._check_open()
-        if self._asleep:
-            raise RolloutError("engine is asleep: call wake_up() before update_weights()")
+        if "weights" in self._asleep:
+            raise RolloutError(
+                "engine is asleep: call wake_up() (or wake_up(['weights'])) before update_weights()"
+            )
         self._check_new_version(version)
         from megatron_autothink.rollout.vllm_worker import encode_bucket
 
@@ -601,22 +611,30 @@ class VLLMRolloutEngine(RolloutEngine):
         mode and host memory is not the constraint there; the asleep state is still tracked so
         that a missing :meth:`wake_up` fails on CPU CI too."""
         self._check_open()
-        if self._asleep:
+        if self._asleep == set(MEMORY_PARTS):
             return
         if self.device != "cpu":
             self._llm.sleep(level=self.config.sleep_level)
             if self.config.sleep_level >= 2:
                 self._invalidate_weights("sleep level 2 discarded the weights")
-        self._asleep = True
+        self._asleep = set(MEMORY_PARTS)
 
-    def wake_up(self) -> None:
-        """Re-acquire the memory released by :meth:`sleep` (no-op on CPU)."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-acquire the memory released by :meth:`sleep` (no-op on CPU, tracked).
+
+        ``tags`` wakes only some parts (vLLM's tags, ``engine.MEMORY_PARTS``); a colocated
+        weight sync wakes ``["weights"]`` first and ``["kv_cache"]`` once the trainer has freed
+        its caches (:func:`~megatron_autothink.rollout.engine.colocated_weight_sync`). The GPU
+        side (vLLM's ``wake_up(tags=...)``) is unverified: no GPU machine with CUDA vLLM.
+        """
         self._check_open()
-        if not self._asleep:
+        wanted = check_memory_parts(tags)
+        parts = [p for p in MEMORY_PARTS if p in wanted and p in self._asleep]
+        if not parts:
             return
         if self.device != "cpu":
-            self._llm.wake_up()
-        self._asleep = False
+            self._llm.wake_up(tags=parts)
+        self._asleep.difference_update(parts)
 
     def _check_open(self) -> None:
         if self._llm is None:
@@ -624,7 +642,10 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def _check_can_generate(self) -> None:
         if self._asleep:
-            raise RolloutError("engine is asleep: call wake_up() before generate()")
+            raise RolloutError(
+                f"engine is asleep ({', '.join(sorted(self._asleep))}): call wake_up() before "
+                "generate()"
+            )
         super()._check_can_generate()
 
     def shutdown(self) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megatron_autothink.rollout import vllm_qwen2_5_vl
+from megatron_autothink.rollout import vllm_cpu_seeds, vllm_qwen2_5_vl
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 # vLLM imports the worker extension in every worker process before it builds the model, so
 # registering here makes our Qwen2.5-VL architecture known in spawned workers too.
 vllm_qwen2_5_vl.register()
+# Same place, same reason: seeded sampling of partially prefilled requests on CPU.
+vllm_cpu_seeds.install()
 
 WorkerPayload = list[tuple[str, torch.Tensor]] | bytes
 """A bucket as the worker receives it: tensors (in-process) or safetensors bytes."""

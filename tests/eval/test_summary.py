@@ -97,3 +97,33 @@ def test_parse_modes() -> None:
         parse_modes("auto,medium")
     with pytest.raises(ValueError):
         parse_modes(",")
+
+
+def test_records_count_the_whole_turn_and_use_the_eval_temperature() -> None:
+    """Issue #18 defects 7 and 9: short mode's prefilled empty think block counts exactly as
+    auto mode's self-written one, and eval samples at the temperature it is given."""
+    from megatron_autothink.data.batch import PromptSample
+    from megatron_autothink.eval.runner import generate_records
+    from megatron_autothink.rollout.testing import CharTokenizer, ScriptedEngine
+
+    block = "<think>\n\n</think>\n\n"  # 19 tokens (one per character)
+    engine = ScriptedEngine({"eval-0-auto": block + "\\boxed{4}", "eval-0-short": "\\boxed{4}"})
+    prompt = PromptSample(id="q", prompt="2+2?", prompt_ids=[1, 2], vllm_prompt="2+2?", answer="4")
+    records = generate_records(
+        engine, [prompt], ["auto", "short"], CharTokenizer(), max_new_tokens=32, temperature=0.6
+    )
+    assert [(r.mode, r.num_tokens) for r in records] == [("auto", 28), ("short", 28)]  # 19 + 9
+    assert [r.response for r in records] == [block + "\\boxed{4}"] * 2
+    ((_, sampling),) = engine.calls
+    assert sampling.temperature == 0.6 and sampling.seed == 0
+
+
+def test_eval_temperature_comes_from_the_run() -> None:
+    from megatron_autothink.config import load_config
+    from megatron_autothink.eval.runner import eval_temperature
+
+    run = load_config("vl_rethinker_7b")
+    assert run.rollout.eval_temperature == 0.6  # the recipe's value, not the default 0
+    assert eval_temperature(None, run) == 0.6
+    assert eval_temperature(0.3, run) == 0.3
+    assert eval_temperature(None, None) == 0.0

@@ -145,7 +145,7 @@ class _FakeEngine(RolloutEngine):
     def sleep(self) -> None:
         pass
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
         pass
 
     def shutdown(self) -> None:
@@ -180,3 +180,26 @@ def test_engine_process_gpu_follows_visible_devices() -> None:
     assert child_visible_devices(3, " 2, 7 ,1,0") == "0"
     with pytest.raises(EngineStartError, match="not among CUDA_VISIBLE_DEVICES"):
         child_visible_devices(2, "4,5")
+
+
+def test_colocated_sync_wakes_weights_then_frees_trainer_memory_then_kv_cache() -> None:
+    """Issue #18 defect 10 (call order only: CPU has no sleep mode; GPU memory unverified)."""
+    from megatron_autothink.rollout import colocated_weight_sync
+    from megatron_autothink.rollout.testing import ScriptedEngine
+
+    engine = ScriptedEngine({})
+    engine.sleep()
+    update = colocated_weight_sync(
+        engine,
+        [("w", torch.zeros(2))],
+        version=1,
+        release_trainer_memory=lambda: engine.events.append("trainer frees its caches"),
+    )
+    assert engine.events == [
+        "sleep",
+        "wake_up:weights",
+        "update_weights",
+        "trainer frees its caches",
+        "wake_up:kv_cache",
+    ]
+    assert update.version == engine.policy_version == 1 and update.num_tensors == 1

@@ -103,6 +103,38 @@ def test_n_samples_and_seed_reproducibility(engine: Any) -> None:
     assert tokens_and_logprobs(reseeded) != tokens_and_logprobs(first)
 
 
+def test_seeded_sampling_survives_chunked_prefill(engine: Any) -> None:
+    """Issue #18 defect 0: a batch whose prefills exceed the scheduler's token budget.
+
+    The last request straddles the budget, so its first step is a partial prefill whose sampled
+    token vLLM discards and whose generator it rewinds; on CPU that rewind raised "CPU Generator
+    does not use offset". Its samples must equal those it gets alone (the discarded draw left no
+    trace in its random stream), and the whole batch must be reproducible.
+    """
+    tok = engine.tokenizer
+    budget = engine.max_num_batched_tokens
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=5)
+
+    def prompt(i: int, reps: int = 95) -> list[int]:
+        return chat_prompt(tok, f"chunk {i} " + "ka ri to mu " * reps)
+
+    length = len(prompt(0))
+    assert 300 < length < engine.max_model_len - 8
+    fillers = budget // length
+    checked = GenerationRequest("straddles", prompt(999), n=2)
+    # The checked request starts inside the budget and ends beyond it: a partial prefill.
+    assert fillers * length < budget < fillers * length + len(checked.prompt_token_ids)
+    batch = [GenerationRequest(f"fill-{i}", prompt(i)) for i in range(fillers)] + [checked]
+    first = engine.generate(batch, sampling)
+    assert len(first) == fillers + 1 and all(c.token_ids for g in first for c in g)
+    again = engine.generate(batch, sampling)
+    assert [c.token_ids for g in again for c in g] == [c.token_ids for g in first for c in g]
+    (alone,) = engine.generate([checked], sampling)
+    assert [c.token_ids for c in alone] == [c.token_ids for c in first[-1]]
+    for a, b in zip(alone, first[-1], strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
 def test_stop_token_is_kept_and_reported(engine: Any) -> None:
     prompt = chat_prompt(engine.tokenizer, "stop early")
     (greedy,) = engine.generate([GenerationRequest("s", prompt)], GREEDY)[0]
@@ -381,6 +413,19 @@ def test_sleep_is_a_tracked_noop_on_cpu(engine: Any) -> None:
             engine.generate([request], GREEDY)
     finally:
         engine.wake_up()
+    assert tokens_and_logprobs(engine.generate([request], GREEDY)) == tokens_and_logprobs(before)
+    # Woken part by part (a colocated sync): weights alone allow a weight update, not generation.
+    engine.sleep()
+    try:
+        with pytest.raises(RolloutError, match="before update_weights"):
+            engine.update_weights(iter([]), version=engine.policy_version + 1)
+        engine.wake_up(["weights"])
+        with pytest.raises(RolloutError, match=r"asleep \(kv_cache\)"):
+            engine.generate([request], GREEDY)
+        with pytest.raises(ValueError, match="unknown memory part"):
+            engine.wake_up(["activations"])
+    finally:
+        engine.wake_up(["kv_cache"])
     assert tokens_and_logprobs(engine.generate([request], GREEDY)) == tokens_and_logprobs(before)
 
 
