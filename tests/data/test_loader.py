@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 import tarfile
 from pathlib import Path
@@ -144,6 +145,45 @@ def test_determinism_and_resume(digits_dir: str, tokenizer: Any, workers: int) -
         _cfg(digits_dir, seed=4), tokenizer, dp_rank=0, dp_world_size=1
     )
     assert _sig(next(other_seed)) != ref[0]
+
+
+class _Payload:
+    """Unpickling this creates ``path``: stands for any code a crafted checkpoint would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({str(self.path)!r}, 'w').close()",))
+
+
+def test_crafted_loader_state_cannot_run_code(
+    digits_dir: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    """The loader state travels in rank_*.pt, which anyone can hand to ``autothink train``:
+    restoring it must never unpickle, and a state that is not ours must be refused by name."""
+    cfg = _cfg(digits_dir)
+    saved = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    next(saved)
+    genuine = saved.state_dict()
+    marker = tmp_path / "pwned"
+    crafted = [
+        ({**genuine, "energon": pickle.dumps(_Payload(marker))}, "not a SavableDataLoaderState"),
+        (
+            {**genuine, "energon": {"__dataclass__": "os:system", "fields": {}}},
+            "energon: os is not part of megatron.energon",
+        ),
+        ({**genuine, "version": 1, "energon": pickle.dumps(_Payload(marker))}, "version 1"),
+    ]
+    for state, message in crafted:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+        with pytest.raises(ValueError, match=message):
+            loader.load_state_dict(torch.load(buf, weights_only=True))
+        loader.close()
+    assert not marker.exists()
 
 
 def test_ranks_partition_the_data(digits_dir: str, tokenizer: Any) -> None:
