@@ -87,7 +87,9 @@ def decode(obj: Any, where: str = "state") -> Any:
     if not isinstance(obj, dict) or len(obj) not in (1, 2):
         raise LoaderStateError(f"{where}: not a loader-state encoding ({type(obj).__qualname__})")
     if _DICT in obj or _FLEX in obj:
-        pairs = obj.get(_DICT, obj.get(_FLEX))
+        pairs = obj[_DICT] if _DICT in obj else obj[_FLEX]
+        if not isinstance(pairs, list):
+            raise LoaderStateError(f"{where}: a dict encoding holds a {type(pairs).__qualname__}")
         out = {decode(k, f"{where} key"): decode(v, f"{where}[{k!r}]") for k, v in pairs}
         return FlexState(out) if _FLEX in obj else out
     if _NDARRAY in obj or _NPSCALAR in obj:
