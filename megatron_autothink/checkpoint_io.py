@@ -36,16 +36,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
     "crc32",
+    "describe_load_error",
     "install_restricted_reader",
     "load_dist",
     "manifest",
     "read_dist_metadata",
+    "read_json",
     "verify_dist_dir",
     "verify_manifest",
 ]
@@ -188,7 +191,9 @@ def _weights_only_load_bytes(self: Any, read_item: Any, value: io.BytesIO) -> No
     try:
         obj = torch.load(value, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"item {fqn}: refused to unpickle ({e})") from None
+        # torch's message is a page of advice; its "WeightsUnpickler error:" line says what.
+        why = next((ln for ln in str(e).splitlines() if "WeightsUnpickler" in ln), str(e))
+        raise CheckpointError(f"item {fqn}: refused to unpickle ({why.strip()})") from None
     if self.flatten_state_dict:
         set_element(self.original_state_dict, self.mappings[fqn], obj)
     else:
@@ -228,8 +233,19 @@ def load_dist(
     install_restricted_reader()
     try:
         return dict(dist_checkpointing.load(sharded_state_dict, str(dist_dir)))
-    except CheckpointError:
-        raise
-    except Exception as e:
-        # torch wraps a rank's error (ours included) in a CheckpointException; keep its text.
-        raise CheckpointError(f"{dist_dir}: failed to load ({type(e).__name__}: {e})") from e
+    except CheckpointError as e:
+        raise CheckpointError(f"{dist_dir}: {e}") from e
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{dist_dir}: failed to load ({describe_load_error(e)})") from e
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line for a failed dist-checkpoint load. torch wraps each rank's error (ours included)
+    in a ``CheckpointException`` (a BaseException: ``except Exception`` misses it) whose text is
+    every rank's traceback; keep the first underlying error."""
+    if isinstance(e, CheckpointException) and e.failures:
+        inner = next(iter(e.failures.values()))[0]
+        return describe_load_error(inner)
+    if isinstance(e, CheckpointError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"

@@ -34,9 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_autothink.checkpoint_io import (
     CheckpointError,
+    describe_load_error,
     install_restricted_reader,
     manifest,
     read_json,
@@ -292,8 +294,10 @@ class CheckpointManager:
             with torch.no_grad(), serial_gloo_workers():
                 loaded = dist_checkpointing.load(state, str(path / "dist"))
             rank_state = torch.load(rank_file, weights_only=True) if same_world else {}
-        except Exception as e:  # any reader error means this checkpoint is unusable
-            raise CheckpointError(f"{path}: failed to load ({type(e).__name__}: {e})") from e
+        # Any reader error means this checkpoint is unusable; torch's CheckpointException (a
+        # BaseException) carries the reader's, e.g. a refused unpickle.
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"{path}: failed to load ({describe_load_error(e)})") from e
         mods = [getattr(c, "module", c) for c in chunks]
         # no_grad: the distributed optimizer copies into views of leaf parameters.
         with torch.no_grad():
