@@ -64,6 +64,7 @@ from megatron.energon.metadataset import load_dataset
 from megatron.energon.savable_loader import SavableDataLoaderState
 from megatron.energon.source_info import SourceInfo
 from PIL import Image
+from pydantic import ValidationError
 
 from megatron_autothink.data import loader_state
 from megatron_autothink.data.batch import PackedBatch, PromptSample
@@ -180,10 +181,27 @@ def _take_worker_stats() -> dict[str, int]:
     return out
 
 
+def _where(sources: Any) -> str:
+    """``shard[index]`` of a sample, as energon's source info records it."""
+    return ", ".join(f"{s.shard_name}[{s.index}]" for s in sources or []) or "?"
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        # Without the input: pydantic's default text repeats the offending value, which for an
+        # image field is kilobytes of raw PNG bytes on the terminal.
+        return "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+            for err in e.errors(include_url=False, include_input=False)
+        )
+    return str(e)
+
+
 def _error_handler(e: Exception, sample: Any, sources: list[SourceInfo] | None = None) -> None:
     """Energon's per-sample error hook: one log line with the shard + index, then skip."""
-    where = ", ".join(f"{s.shard_name}[{s.index}]" for s in sources or []) or "?"
-    logger.warning("skipping bad sample %s: %s: %s", where, type(e).__name__, e)
+    logger.warning(
+        "skipping bad sample %s: %s: %s", _where(sources), type(e).__name__, _describe(e)
+    )
     _WORKER_STATS["bad_sample"] += 1
 
 
@@ -346,8 +364,9 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
         if len(seq) > self.config.seq_length:
             _WORKER_STATS["too_long"] += 1
             logger.warning(
-                "skipping %s: %d tokens > seq_length %d",
+                "skipping %s (%s): %d tokens > seq_length %d",
                 parsed.id,
+                _where(getattr(sample, "__sources__", None)),
                 len(seq),
                 self.config.seq_length,
             )

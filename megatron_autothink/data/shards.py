@@ -49,6 +49,7 @@ from megatron_autothink.data.image_processing import (
 )
 from megatron_autothink.data.schema import IMAGE_PLACEHOLDER, Sample
 from megatron_autothink.data.storage import energon_path, filesystem
+from megatron_autothink.fileio import current_umask
 
 logger = logging.getLogger(__name__)
 
@@ -570,6 +571,9 @@ class _Output:
         target = self.path(rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+        # mkstemp creates 0600; the manifest is read by whoever reads the shards (other users,
+        # the training job's account), so give it the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,11 @@ def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path
         assert img.width * img.height <= 10_000
     manifest = read_manifest(str(out))
     assert manifest is not None and manifest["splits"]["train"]["status"] == "complete"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # Readable like the shards (mkstemp's 0600 hid it from the training job's account).
+    manifest_mode = (out / ".autothink" / "manifest.json").stat().st_mode & 0o777
+    assert manifest_mode == 0o666 & ~umask == (out / "train-000000.tar").stat().st_mode & 0o777
     assert (out / ".nv-meta" / "dataset.yaml").read_text().count("CrudeWebdataset") == 1
 
 
