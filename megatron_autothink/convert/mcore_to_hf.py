@@ -149,6 +149,13 @@ def mcore_to_hf(
         model_cfg = ModelConfig.model_validate(meta["model"])
     stored = checkpoint_dtype(ckpt_dir)
     out_dtype = dtype or stored
+    # The HF config's checks (image_token_id set, no option HF lacks) before minutes of loading
+    # and writing weights, not after; write_hf_assets builds the same config again.
+    hf_config_from_model(
+        model_cfg,
+        base=meta.get("hf_config") if meta else None,
+        dtype=str(out_dtype).removeprefix("torch."),
+    )
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt_dir / TOKENIZER_SUBDIR
     # Load in the stored precision (bf16 stays bf16: no 2x memory); anything else in fp32.
     precision: Literal["fp32", "bf16"] = "bf16" if stored == torch.bfloat16 else "fp32"

@@ -247,10 +247,30 @@ def run_sft_stage(
     return state, ckpt
 
 
+def check_input_paths(cfg: AutothinkConfig) -> None:
+    """Every local input the config names must exist: a typo is reported in a second, not after
+    the process groups, the model and the loader workers are set up. (Object-store URLs are
+    left to the loader, which names the shard it cannot read.)"""
+    named = [
+        (f"stages[{s.name}].train_path", s.train_path)
+        if s.train_path
+        else ("data.train_path", cfg.data.train_path)
+        for s in stages_of(cfg)
+    ]
+    named += [
+        ("data.eval_path", cfg.data.eval_path),
+        ("data.tokenizer_path", cfg.data.tokenizer_path),
+    ]
+    for key, value in named:
+        if value and "://" not in value and not Path(value).exists():
+            raise SystemExit(f"autothink train: {key}={value} does not exist")
+
+
 def main(cfg: AutothinkConfig) -> int:
     """Entry point of ``autothink train``. Returns the process exit code."""
     # A model.fp8 / transformer_impl this machine cannot run: a config error before any work.
     resolve_backend(cfg.model)
+    check_input_paths(cfg)
     # Before any process group, loader worker or engine exists, so they inherit the signal mask
     # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
     watcher = PreemptionWatcher().install() if cfg.checkpoint.save_on_signal else None

@@ -74,7 +74,9 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_export_of_a_corrupted_checkpoint_fails_naming_the_file(tmp_path: Path) -> None:
+def test_export_refuses_a_corrupted_or_unexportable_checkpoint_before_loading(
+    tmp_path: Path,
+) -> None:
     """4 KB flipped inside a .distcp keeps its size; without the manifest check the export
     succeeded with garbage weights (embed_tokens near 3.4e38)."""
     from tests.convert.hf_utils import TinySpec, save_hf_model
@@ -83,6 +85,11 @@ def test_export_of_a_corrupted_checkpoint_fails_naming_the_file(tmp_path: Path) 
     mcore = tmp_path / "mcore"
     res = _run_cli("hf-to-mcore", str(tmp_path / "hf"), str(mcore), "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
+    # A recipe's model section has no image_token_id (train fills it in from the tokenizer):
+    # refused before the weights are loaded, not after they are written.
+    res = _run_cli("mcore-to-hf", str(mcore), str(tmp_path / "out"), "--config", "tiny_cpu")
+    assert res.returncode == 2 and "model.image_token_id must be set" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
     victim = max(mcore.glob("*.distcp"), key=lambda p: p.stat().st_size)
     raw = bytearray(victim.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 4096] = b"\x7f" * 4096
