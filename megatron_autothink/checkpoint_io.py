@@ -118,9 +118,12 @@ def verify_dist_dir(dist_dir: str | Path) -> None:
         entries = read_json(training).get("manifest")
         if not isinstance(entries, dict):
             raise CheckpointError(f"{training}: no manifest")
+        # Only dist/: the rank files are not needed to read the weights.
         verify_manifest(dist_dir.parent, entries, prefix="dist/")
-    elif converted.is_file() and isinstance(read_json(converted).get("manifest"), dict):
-        verify_manifest(dist_dir, read_json(converted)["manifest"])
+        return
+    entries = read_json(converted).get("manifest") if converted.is_file() else None
+    if isinstance(entries, dict):
+        verify_manifest(dist_dir, entries)
     else:
         log.warning("%s: no manifest (meta.json / %s); not verified", dist_dir, CONVERTED_META)
 
