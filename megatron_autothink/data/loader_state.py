@@ -93,10 +93,17 @@ def decode(obj: Any, where: str = "state") -> Any:
         out = {decode(k, f"{where} key"): decode(v, f"{where}[{k!r}]") for k, v in pairs}
         return FlexState(out) if _FLEX in obj else out
     if _NDARRAY in obj or _NPSCALAR in obj:
-        arr = _unarray(obj, where)
+        try:
+            arr = _unarray(obj, where)
+        except LoaderStateError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:  # a crafted or damaged encoding
+            raise LoaderStateError(f"{where}: not a numpy array encoding ({e})") from None
         return arr[()] if _NPSCALAR in obj else arr
     if _DATACLASS in obj:
         cls = _dataclass(obj[_DATACLASS], where)
+        if not isinstance(obj.get("fields"), dict):
+            raise LoaderStateError(f"{where}: {cls.__qualname__} without its fields")
         values = {k: decode(v, f"{where}.{k}") for k, v in obj["fields"].items()}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if set(values) != set(fields):
@@ -119,7 +126,7 @@ def _array(arr: np.ndarray, tag: str, where: str) -> dict[str, Any]:
 
 
 def _unarray(obj: dict[str, Any], where: str) -> np.ndarray:
-    raw = obj.get(_NDARRAY, obj.get(_NPSCALAR))
+    raw = obj[_NDARRAY] if _NDARRAY in obj else obj[_NPSCALAR]
     dtype_str, shape = obj["meta"]
     dtype = np.dtype(str(dtype_str))
     if dtype.hasobject or not isinstance(raw, bytes):
