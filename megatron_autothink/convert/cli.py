@@ -92,6 +92,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the chosen conversion; return a process exit code (2 on a refused input)."""
     import torch
 
+    from megatron_autothink.checkpoint_io import CheckpointError
     from megatron_autothink.config import ConfigError, load_config
     from megatron_autothink.convert.mapping import ConversionError
 
@@ -126,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )
-    except (ConversionError, ConfigError) as e:
+    except (ConversionError, ConfigError, CheckpointError) as e:
         print(f"autothink convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

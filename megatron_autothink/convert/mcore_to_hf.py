@@ -27,6 +27,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_autothink.checkpoint_io import (
+    CheckpointError,
+    load_dist,
+    read_dist_metadata,
+    verify_dist_dir,
+)
 from megatron_autothink.config import ModelConfig
 from megatron_autothink.convert.chat_template import THINKING_CHAT_TEMPLATE
 from megatron_autothink.convert.gather import iter_hf_weights
@@ -48,10 +54,10 @@ _EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
 
 def checkpoint_dtype(ckpt_dir: str | Path) -> torch.dtype:
     """dtype the dist-checkpoint stores the word embedding in (read from its metadata only)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        md = FileSystemReader(str(ckpt_dir)).read_metadata()
+        md = read_dist_metadata(ckpt_dir)
+    except CheckpointError:
+        raise
     except Exception as e:  # a missing / foreign file: say which directory
         raise ConversionError(f"{ckpt_dir}: not a readable megatron dist-checkpoint ({e})") from e
     entry: Any = md.state_dict_metadata.get(_EMBEDDING_KEY)
@@ -130,12 +136,11 @@ def mcore_to_hf(
         overwrite: write into a non-empty ``out_dir``.
         progress: tqdm progress bar on rank 0.
     """
-    from megatron.core import dist_checkpointing
-
     from megatron_autothink.train.setup import build_model_chunks
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     meta = read_meta(ckpt_dir)
+    verify_dist_dir(ckpt_dir)  # before any byte of it is used: a flipped block keeps the size
     if model_cfg is None:
         if meta is None:
             raise ConversionError(
@@ -144,6 +149,13 @@ def mcore_to_hf(
         model_cfg = ModelConfig.model_validate(meta["model"])
     stored = checkpoint_dtype(ckpt_dir)
     out_dtype = dtype or stored
+    # The HF config's checks (image_token_id set, no option HF lacks) before minutes of loading
+    # and writing weights, not after; write_hf_assets builds the same config again.
+    hf_config_from_model(
+        model_cfg,
+        base=meta.get("hf_config") if meta else None,
+        dtype=str(out_dtype).removeprefix("torch."),
+    )
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt_dir / TOKENIZER_SUBDIR
     # Load in the stored precision (bf16 stays bf16: no 2x memory); anything else in fp32.
     precision: Literal["fp32", "bf16"] = "bf16" if stored == torch.bfloat16 else "fp32"
@@ -155,7 +167,7 @@ def mcore_to_hf(
             cfg, ctx, vocab_size=model_cfg.vocab_size, image_token_id=model_cfg.image_token_id
         )
         sharded = {f"chunk{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+        loaded = load_dist(sharded, ckpt_dir, verify=False)
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"chunk{i}"])
         del loaded, sharded

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_autothink.checkpoint_io import manifest
 from megatron_autothink.config import (
     AutothinkConfig,
     DataConfig,
@@ -95,6 +96,8 @@ def write_meta(
     hf_config: dict[str, Any] | None,
     source: str,
 ) -> None:
+    """Write the side-car, with a manifest of the dist-checkpoint files beside it (sizes and
+    CRCs, checked by ``checkpoint_io.verify_dist_dir`` before every load)."""
     meta = {
         "format": META_FORMAT,
         "version": META_VERSION,
@@ -102,6 +105,7 @@ def write_meta(
         "dtype": str(dtype).removeprefix("torch."),
         "source": source,
         "hf_config": hf_config,
+        "manifest": manifest(out_dir, exclude=(META_NAME, TOKENIZER_SUBDIR)),
     }
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 

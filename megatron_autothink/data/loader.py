@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import struct
 import tarfile
 import time
@@ -62,9 +61,12 @@ from megatron.energon.epathlib import EPath
 from megatron.energon.flavors.webdataset.config import split_name_re
 from megatron.energon.flavors.webdataset.structs import ShardInfo
 from megatron.energon.metadataset import load_dataset
+from megatron.energon.savable_loader import SavableDataLoaderState
 from megatron.energon.source_info import SourceInfo
 from PIL import Image
+from pydantic import ValidationError
 
+from megatron_autothink.data import loader_state
 from megatron_autothink.data.batch import PackedBatch, PromptSample
 from megatron_autothink.data.chat_template import (
     DEFAULT_SYSTEM,
@@ -179,10 +181,27 @@ def _take_worker_stats() -> dict[str, int]:
     return out
 
 
+def _where(sources: Any) -> str:
+    """``shard[index]`` of a sample, as energon's source info records it."""
+    return ", ".join(f"{s.shard_name}[{s.index}]" for s in sources or []) or "?"
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        # Without the input: pydantic's default text repeats the offending value, which for an
+        # image field is kilobytes of raw PNG bytes on the terminal.
+        return "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+            for err in e.errors(include_url=False, include_input=False)
+        )
+    return str(e)
+
+
 def _error_handler(e: Exception, sample: Any, sources: list[SourceInfo] | None = None) -> None:
     """Energon's per-sample error hook: one log line with the shard + index, then skip."""
-    where = ", ".join(f"{s.shard_name}[{s.index}]" for s in sources or []) or "?"
-    logger.warning("skipping bad sample %s: %s: %s", where, type(e).__name__, e)
+    logger.warning(
+        "skipping bad sample %s: %s: %s", _where(sources), type(e).__name__, _describe(e)
+    )
     _WORKER_STATS["bad_sample"] += 1
 
 
@@ -345,8 +364,9 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
         if len(seq) > self.config.seq_length:
             _WORKER_STATS["too_long"] += 1
             logger.warning(
-                "skipping %s: %d tokens > seq_length %d",
+                "skipping %s (%s): %d tokens > seq_length %d",
                 parsed.id,
+                _where(getattr(sample, "__sources__", None)),
                 len(seq),
                 self.config.seq_length,
             )
@@ -577,7 +597,9 @@ def verify_shards(
 class _EnergonLoader(Generic[T]):
     """Common part: build the energon pipeline, iterate, count, save/restore state."""
 
-    _STATE_VERSION = 1
+    # 2: energon state as plain containers (loader_state.encode); 1 pickled it, which let a
+    # crafted checkpoint run code at resume, so version-1 states are refused, not unpickled.
+    _STATE_VERSION = 2
 
     def __init__(
         self,
@@ -688,10 +710,11 @@ class _EnergonLoader(Generic[T]):
             pass
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's loader state (picklable; ``torch.save`` it with the checkpoint)."""
+        """This rank's loader state: plain containers and tensors, for ``torch.save`` with the
+        checkpoint and ``torch.load(weights_only=True)`` at resume (no pickled objects)."""
         return {
             "version": self._STATE_VERSION,
-            "energon": pickle.dumps(self._loader.save_state_rank()),
+            "energon": loader_state.encode(self._loader.save_state_rank(), "energon"),
             "stats": dict(self.stats),
             "dp_rank": self.dp_rank,
             "dp_world_size": self.dp_world_size,
@@ -702,6 +725,12 @@ class _EnergonLoader(Generic[T]):
         """Restore a :meth:`state_dict` (same config, rank and world size; before iterating)."""
         if self._it is not None:
             raise RuntimeError("load_state_dict must be called before iterating")
+        if state.get("version") == 1:
+            raise ValueError(
+                "loader state version 1 (pickled energon state) is not loaded: unpickling a "
+                "checkpoint can run arbitrary code. Resume it with the release that wrote it, "
+                "or start a new run from its weights (train.init_from=<iter dir>/dist, fresh data order)"
+            )
         if state.get("version") != self._STATE_VERSION:
             raise ValueError(f"unknown loader state version {state.get('version')}")
         if (state["dp_rank"], state["dp_world_size"]) != (self.dp_rank, self.dp_world_size):
@@ -715,7 +744,12 @@ class _EnergonLoader(Generic[T]):
                 f"({state['excluded_shards']} -> {sorted(self.excluded_shards)}); "
                 "the sample order cannot be resumed exactly"
             )
-        self._loader.restore_state_rank(pickle.loads(state["energon"]))
+        energon_state = loader_state.decode(state["energon"], "energon")
+        if not isinstance(energon_state, SavableDataLoaderState):
+            raise ValueError(
+                f"energon: a {type(energon_state).__qualname__}, not a SavableDataLoaderState"
+            )
+        self._loader.restore_state_rank(energon_state)
         self.stats = collections.Counter(state["stats"])
 
 

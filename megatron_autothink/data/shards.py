@@ -49,6 +49,7 @@ from megatron_autothink.data.image_processing import (
 )
 from megatron_autothink.data.schema import IMAGE_PLACEHOLDER, Sample
 from megatron_autothink.data.storage import energon_path, filesystem
+from megatron_autothink.fileio import current_umask
 
 logger = logging.getLogger(__name__)
 
@@ -288,12 +289,32 @@ def record_to_sample(record: dict[str, Any], *, fallback_id: str, source: str | 
         raise BadRecord("invalid_schema", f"{where}: {first['msg']}".strip(": ")) from e
 
 
+def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
+    line = raw.count(b"\n", 0, e.start) + 1
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    return f"not UTF-8: byte 0x{raw[e.start]:02x} at line {line}, column {column}"
+
+
 def _iter_jsonl(path: str, start: int) -> Iterator[tuple[int, str, dict[str, Any] | BadRecord]]:
-    with open(path, encoding="utf-8") as f:
-        for idx, line in enumerate(f):
+    # Bytes, decoded line by line: one bad byte is one bad record, not a UnicodeDecodeError at
+    # a chunk offset that aborts the whole run without naming the line.
+    with open(path, "rb") as f:
+        for idx, raw in enumerate(f):
             if idx < start:
                 continue
             loc = f"{path}:{idx + 1}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = e.start + 1
+                yield (
+                    idx,
+                    loc,
+                    BadRecord(
+                        "malformed_json", f"not UTF-8: byte 0x{raw[e.start]:02x} at column {column}"
+                    ),
+                )
+                continue
             if not line.strip():
                 continue
             try:
@@ -308,9 +329,13 @@ def _iter_jsonl(path: str, start: int) -> Iterator[tuple[int, str, dict[str, Any
 
 
 def _iter_json(path: str, start: int) -> Iterator[tuple[int, str, dict[str, Any] | BadRecord]]:
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        yield 0, path, BadRecord("malformed_json", f"whole file unreadable: {_not_utf8(raw, e)}")
+        return
     except json.JSONDecodeError as e:
         yield 0, path, BadRecord("malformed_json", f"whole file unreadable: {e}")
         return
@@ -546,6 +571,9 @@ class _Output:
         target = self.path(rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+        # mkstemp creates 0600; the manifest is read by whoever reads the shards (other users,
+        # the training job's account), so give it the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -26,7 +26,6 @@ import random
 import re
 import shutil
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_autothink.checkpoint_io import (
+    CheckpointError,
+    describe_load_error,
+    install_restricted_reader,
+    manifest,
+    read_json,
+    verify_manifest,
+)
 from megatron_autothink.fileio import atomic_write_text
 from megatron_autothink.parallel import ParallelContext, serial_gloo_workers
 from megatron_autothink.train.setup import OptimizerBundle, inner_optimizers
@@ -46,29 +54,9 @@ _ITER_RE = re.compile(r"^iter_(\d{8})$")
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is incomplete, corrupted or incompatible; the message says which file."""
-
-
 def _barrier(ctx: ParallelContext) -> None:
     if dist.is_initialized() and ctx.world_size > 1:
         dist.barrier()
-
-
-def _crc32(path: Path, chunk: int = 1 << 22) -> int:
-    crc = 0
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def _manifest(folder: Path) -> dict[str, list[int]]:
-    return {
-        str(p.relative_to(folder)): [p.stat().st_size, _crc32(p)]
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "meta.json"
-    }
 
 
 def rng_state() -> dict[str, Any]:
@@ -180,18 +168,10 @@ class CheckpointManager:
         meta_path = path / "meta.json"
         if not meta_path.exists():
             raise CheckpointError(f"{path}: no meta.json (save did not finish)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
-        for rel, (size, crc) in meta["manifest"].items():
-            f = path / rel
-            if not f.exists():
-                raise CheckpointError(f"{f}: missing")
-            if f.stat().st_size != size:
-                raise CheckpointError(f"{f}: size {f.stat().st_size} != {size} (truncated?)")
-            if _crc32(f) != crc:
-                raise CheckpointError(f"{f}: checksum mismatch (corrupted)")
+        meta = read_json(meta_path)
+        if not isinstance(meta.get("manifest"), dict):
+            raise CheckpointError(f"{meta_path}: no manifest")
+        verify_manifest(path, meta["manifest"])
         return dict(meta)
 
     # ------------------------------------------------------------------ save
@@ -239,7 +219,7 @@ class CheckpointManager:
                 "world_size": self.ctx.world_size,
                 "layout": {"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp},
                 "saved_at": time.time(),
-                "manifest": _manifest(tmp),
+                "manifest": manifest(tmp),
             }
             (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, default=str))
             os.replace(tmp, final)
@@ -310,11 +290,14 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.ctx.rank:05d}.pt"
         same_world = meta["world_size"] == self.ctx.world_size
         try:
+            install_restricted_reader()  # .metadata and bytes items: no arbitrary unpickling
             with torch.no_grad(), serial_gloo_workers():
                 loaded = dist_checkpointing.load(state, str(path / "dist"))
             rank_state = torch.load(rank_file, weights_only=True) if same_world else {}
-        except Exception as e:  # any reader error means this checkpoint is unusable
-            raise CheckpointError(f"{path}: failed to load ({type(e).__name__}: {e})") from e
+        # Any reader error means this checkpoint is unusable; torch's CheckpointException (a
+        # BaseException) carries the reader's, e.g. a refused unpickle.
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"{path}: failed to load ({describe_load_error(e)})") from e
         mods = [getattr(c, "module", c) for c in chunks]
         # no_grad: the distributed optimizer copies into views of leaf parameters.
         with torch.no_grad():

@@ -21,7 +21,7 @@ from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.callbacks import Callback
-from megatron_autothink.train.checkpoint import CheckpointManager
+from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
 from megatron_autothink.train.setup import OptimizerBundle
 from megatron_autothink.train.step import train_step
@@ -93,7 +93,11 @@ class LoopState:
         if resumed is not None:
             self.step = resumed.step
             if "data" in resumed.rank_state:
-                self.data.load_state_dict(resumed.rank_state["data"])
+                try:
+                    self.data.load_state_dict(resumed.rank_state["data"])
+                except ValueError as e:  # the loader cannot name the checkpoint file; we can
+                    rank_file = resumed.path / f"rank_{self.ctx.rank:05d}.pt"
+                    raise CheckpointError(f"{rank_file}: data-loader state: {e}") from e
             return resumed.rank_state
         if previous is not None:
             prev = previous.load_latest(self.chunks, None)

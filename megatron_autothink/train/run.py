@@ -137,18 +137,26 @@ def build_sft_loader(
 def load_initial_weights(
     cfg: AutothinkConfig, ctx: ParallelContext, chunks: list[torch.nn.Module]
 ) -> None:
-    """``train.init_from``: a Hugging Face Qwen2.5-VL directory (config.json + safetensors) or a
-    megatron dist-checkpoint made by ``autothink convert hf-to-mcore`` (autothink_model.json).
+    """``train.init_from``: a Hugging Face Qwen2.5-VL directory (config.json + safetensors), a
+    megatron dist-checkpoint made by ``autothink convert hf-to-mcore`` (autothink_model.json), or
+    a training checkpoint (``iter_N`` or its ``dist/``: the model part only, no optimizer).
     Loaded before DDP wrapping, only when the run has nothing to resume."""
-    src = Path(cfg.train.init_from)
-    if (src / "autothink_model.json").is_file() or (src / "metadata.json").is_file():
-        from megatron.core import dist_checkpointing
+    from megatron_autothink.checkpoint_io import load_dist
 
+    src = Path(cfg.train.init_from)
+    if (src / "meta.json").is_file() and (src / "dist").is_dir():
+        src = src / "dist"  # an iter_N folder: its weights are in dist/
+    if (src / "autothink_model.json").is_file() or (src / "metadata.json").is_file():
         mods: list[Any] = [getattr(c, "module", c) for c in chunks]
         if len(mods) != 1:
             raise SystemExit("train.init_from with a dist-checkpoint needs parallel.vpp unset")
+        # A training checkpoint nests the model under "model" next to "optimizer" (see
+        # train/checkpoint.py); asking for that key alone leaves the optimizer state unread.
+        training = src.name == "dist" and (src.parent / "meta.json").is_file()
+        request = mods[0].sharded_state_dict()
         with torch.no_grad(), serial_gloo_workers():
-            mods[0].load_state_dict(dist_checkpointing.load(mods[0].sharded_state_dict(), str(src)))
+            loaded = load_dist({"model": request} if training else request, src)
+            mods[0].load_state_dict(loaded["model"] if training else loaded)
     elif (src / "config.json").is_file():
         from megatron_autothink.convert.hf_io import HFCheckpoint
         from megatron_autothink.convert.load import load_hf_weights
@@ -239,10 +247,30 @@ def run_sft_stage(
     return state, ckpt
 
 
+def check_input_paths(cfg: AutothinkConfig) -> None:
+    """Every local input the config names must exist: a typo is reported in a second, not after
+    the process groups, the model and the loader workers are set up. (Object-store URLs are
+    left to the loader, which names the shard it cannot read.)"""
+    named = [
+        (f"stages[{s.name}].train_path", s.train_path)
+        if s.train_path
+        else ("data.train_path", cfg.data.train_path)
+        for s in stages_of(cfg)
+    ]
+    named += [
+        ("data.eval_path", cfg.data.eval_path),
+        ("data.tokenizer_path", cfg.data.tokenizer_path),
+    ]
+    for key, value in named:
+        if value and "://" not in value and not Path(value).exists():
+            raise SystemExit(f"autothink train: {key}={value} does not exist")
+
+
 def main(cfg: AutothinkConfig) -> int:
     """Entry point of ``autothink train``. Returns the process exit code."""
     # A model.fp8 / transformer_impl this machine cannot run: a config error before any work.
     resolve_backend(cfg.model)
+    check_input_paths(cfg)
     # Before any process group, loader worker or engine exists, so they inherit the signal mask
     # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
     watcher = PreemptionWatcher().install() if cfg.checkpoint.save_on_signal else None

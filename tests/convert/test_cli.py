@@ -66,3 +66,35 @@ def test_refused_input_exits_2_with_the_reason(
     assert args.func(args) == 2
     assert "unknown architecture: model_type='llama'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-W", "ignore", "-m", "megatron_autothink.convert.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_export_refuses_a_corrupted_or_unexportable_checkpoint_before_loading(
+    tmp_path: Path,
+) -> None:
+    """4 KB flipped inside a .distcp keeps its size; without the manifest check the export
+    succeeded with garbage weights (embed_tokens near 3.4e38)."""
+    from tests.convert.hf_utils import TinySpec, save_hf_model
+
+    save_hf_model(TinySpec(tie=False), tmp_path / "hf")
+    mcore = tmp_path / "mcore"
+    res = _run_cli("hf-to-mcore", str(tmp_path / "hf"), str(mcore), "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    # A recipe's model section has no image_token_id (train fills it in from the tokenizer):
+    # refused before the weights are loaded, not after they are written.
+    res = _run_cli("mcore-to-hf", str(mcore), str(tmp_path / "out"), "--config", "tiny_cpu")
+    assert res.returncode == 2 and "model.image_token_id must be set" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+    victim = max(mcore.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 4096] = b"\x7f" * 4096
+    victim.write_bytes(bytes(raw))
+    res = _run_cli("mcore-to-hf", str(mcore), str(tmp_path / "out"), "--no-progress")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"{victim}: checksum mismatch (corrupted)" in res.stderr
+    assert not list((tmp_path / "out").glob("*.safetensors"))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import pickle
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.data.loader import (
@@ -144,6 +148,70 @@ def test_determinism_and_resume(digits_dir: str, tokenizer: Any, workers: int) -
         _cfg(digits_dir, seed=4), tokenizer, dp_rank=0, dp_world_size=1
     )
     assert _sig(next(other_seed)) != ref[0]
+
+
+class _Payload:
+    """Unpickling this creates ``path``: stands for any code a crafted checkpoint would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({str(self.path)!r}, 'w').close()",))
+
+
+def test_crafted_loader_state_cannot_run_code(
+    digits_dir: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    """The loader state travels in rank_*.pt, which anyone can hand to ``autothink train``:
+    restoring it must never unpickle, and a state that is not ours must be refused by name."""
+    cfg = _cfg(digits_dir)
+    saved = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    next(saved)
+    genuine = saved.state_dict()
+    marker = tmp_path / "pwned"
+    crafted = [
+        ({**genuine, "energon": pickle.dumps(_Payload(marker))}, "not a SavableDataLoaderState"),
+        (
+            {**genuine, "energon": {"__dataclass__": "os:system", "fields": {}}},
+            "energon: os is not part of megatron.energon",
+        ),
+        ({**genuine, "version": 1, "energon": pickle.dumps(_Payload(marker))}, "version 1"),
+    ]
+    for state, message in crafted:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+        with pytest.raises(ValueError, match=message):
+            loader.load_state_dict(torch.load(buf, weights_only=True))
+        loader.close()
+    assert not marker.exists()
+
+
+def test_skip_messages_name_shard_and_index(
+    digits_dir: str, tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over-long samples say where they are (not only their id); a schema error does not dump
+    the sample's image bytes."""
+    caplog.set_level(logging.WARNING, logger="megatron_autothink.data.loader")
+    cfg = _cfg(digits_dir, split="test", training=False, seq_length=40)  # one finite pass
+    loader = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    assert _all_ids(loader) == []  # every sample is longer than 40 tokens
+    too_long = [r.getMessage() for r in caplog.records if "tokens > seq_length" in r.getMessage()]
+    assert too_long and re.search(r"\(test-\d+\.tar\[\d+\]\)", too_long[0]), too_long[:1]
+
+    from megatron_autothink.data.loader import _error_handler
+    from megatron_autothink.data.schema import Sample
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    try:
+        Sample.model_validate({"id": "s", "images": [png], "conversations": "oops"})
+    except ValidationError as e:
+        caplog.clear()
+        _error_handler(e, None)
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "conversations" in msg and "PNG" not in msg and len(msg) < 300, msg
 
 
 def test_ranks_partition_the_data(digits_dir: str, tokenizer: Any) -> None:

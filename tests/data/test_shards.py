@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,11 @@ def test_jsonl_bad_rows_reported(llava_jsonl, tokenizer_dir: str, tmp_path: Path
         assert img.width * img.height <= 10_000
     manifest = read_manifest(str(out))
     assert manifest is not None and manifest["splits"]["train"]["status"] == "complete"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # Readable like the shards (mkstemp's 0600 hid it from the training job's account).
+    manifest_mode = (out / ".autothink" / "manifest.json").stat().st_mode & 0o777
+    assert manifest_mode == 0o666 & ~umask == (out / "train-000000.tar").stat().st_mode & 0o777
     assert (out / ".nv-meta" / "dataset.yaml").read_text().count("CrudeWebdataset") == 1
 
 
@@ -226,6 +232,29 @@ def test_refuses_foreign_shards(llava_jsonl: Jsonl, tmp_path: Path) -> None:
         [path], str(out), PrepOptions(max_error_rate=0.5, progress=False, overwrite=True)
     )
     assert report.written == 35
+
+
+def test_non_utf8_byte_is_one_bad_record(tmp_path: Path) -> None:
+    """A Latin-1 byte on one line used to abort the run with a chunk offset and no file."""
+    lines = [json.dumps(_record(i, None)).encode() for i in range(4)]
+    lines[1] = lines[1].replace(b"Describe", b"D\xe9cris")  # 0xe9: Latin-1 e-acute
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    opts = PrepOptions(max_error_rate=0.5, progress=False)
+    report = prep_shards([path], str(tmp_path / "out"), opts)
+    assert report.written == 3 and report.skipped == {"malformed_json": 1}
+    (err,) = report.errors
+    assert err["location"] == f"{path}:2"
+    assert "not UTF-8: byte 0xe9 at column" in err["detail"]
+    whole = tmp_path / "latin1.json"
+    whole.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]")
+    with pytest.raises(PrepError):  # the only record of the file is bad: 100% > 50%
+        prep_shards([whole], str(tmp_path / "out2"), opts)
+    manifest = read_manifest(str(tmp_path / "out2"))
+    assert manifest is not None
+    (err,) = manifest["splits"]["train"]["errors"]
+    assert err["location"] == str(whole)
+    assert "not UTF-8: byte 0xe9 at line 3, column" in err["detail"]
 
 
 def test_broken_input_aborts_early(tmp_path: Path) -> None:

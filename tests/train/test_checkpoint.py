@@ -115,6 +115,49 @@ def test_corrupted_latest_falls_back_to_previous(
     assert out["resumed_from"] == 2
 
 
+def _init_from(src: str, iter_dir: str) -> dict:
+    """Build a fresh model, apply ``train.init_from=src``; compare with ``iter_dir`` loaded by
+    the resume path (model only)."""
+    from megatron_autothink.config import load_config
+    from megatron_autothink.parallel import init_distributed, seed_everything
+    from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
+    from megatron_autothink.train.run import load_initial_weights
+    from megatron_autothink.train.setup import build_model_chunks
+
+    cfg = load_config("tiny_cpu", [f"train.init_from={src}"])
+    ctx = init_distributed(cfg)
+    seed_everything(cfg.train.seed, ctx)
+    chunks = build_model_chunks(cfg, ctx, vocab_size=VOCAB, image_token_id=IMAGE_TOKEN)
+    try:
+        load_initial_weights(cfg, ctx, chunks)
+    except CheckpointError as e:
+        return {"error": str(e)}
+    ref = build_model_chunks(cfg, ctx, vocab_size=VOCAB, image_token_id=IMAGE_TOKEN)
+    CheckpointManager(Path(iter_dir).parent, ctx).load(Path(iter_dir), ref, None)
+    got, want = chunks[0].state_dict(), ref[0].state_dict()
+    return {
+        "same": all(torch.equal(got[k], v) for k, v in want.items() if isinstance(v, torch.Tensor))
+    }
+
+
+@pytest.mark.dist
+def test_init_from_a_training_checkpoint_and_its_corruption(tmp_path: Path) -> None:
+    """``train.init_from`` takes a training checkpoint's iter dir or its dist/ (the model part;
+    it used to fail on the optimizer's keys), and refuses it once a .distcp is corrupted."""
+    root = tmp_path / "r"
+    run_distributed(_train, 1, str(root), 2, 2, [])
+    it = root / "iter_00000002"
+    for src in (it / "dist", it):
+        (out,) = run_distributed(_init_from, 1, str(src), str(it))
+        assert out == {"same": True}, src
+    victim = max((it / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[4096:8192] = bytes(4096)  # same size: only the CRC can tell
+    victim.write_bytes(bytes(raw))
+    (out,) = run_distributed(_init_from, 1, str(it / "dist"), str(it))
+    assert f"{victim}: checksum mismatch (corrupted)" in out["error"]
+
+
 def test_verify_names_the_bad_file(tmp_path: Path) -> None:
     from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 

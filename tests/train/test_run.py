@@ -211,3 +211,16 @@ def test_wandb_offline_run_records_the_metrics(digits: Path, tmp_path: Path, mod
     assert run_rec.project == "autothink-test" and run_rec.run_id == run_id
     config = {i.key: json.loads(i.value_json) for i in run_rec.config.update}
     assert config["model"]["num_layers"] > 0
+
+
+def test_missing_data_path_is_reported_before_any_set_up(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    from megatron_autothink.config import load_config
+    from megatron_autothink.train.run import main
+
+    missing = tmp_path / "no-such-data"
+    cfg = load_config("tiny_cpu", [f"data.train_path={missing}", f"logging.run_dir={tmp_path}/r"])
+    with pytest.raises(SystemExit, match=f"data.train_path={missing} does not exist"):
+        main(cfg)
+    assert not dist.is_initialized() and not (tmp_path / "r").exists()
