@@ -53,17 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "mcore-to-hf",
         help="megatron dist-checkpoint (any TP/PP) -> HF Qwen2.5-VL directory",
-        description="Export a megatron dist-checkpoint of our model to a HF directory: sharded "
-        "safetensors + index, config.json, generation_config.json, tokenizer/processor files and "
-        "a chat template with thinking_mode auto/long/short.",
+        description="Export a training run's checkpoint (or a converted dist-checkpoint) to a HF "
+        "directory that transformers and vLLM load: sharded safetensors + index, config.json and "
+        "generation_config.json with the tokenizer's special ids (eos = end of turn), tokenizer "
+        "files, preprocessor_config.json and a chat template with thinking_mode "
+        "auto/long/short. Everything is checked before anything is written.",
     )
-    p.add_argument("ckpt_dir", help="megatron dist-checkpoint directory")
+    p.add_argument(
+        "ckpt_dir",
+        metavar="RUN_OR_CKPT",
+        help="a training run dir (its last stage with a checkpoint), a stage dir "
+        "(checkpoints/<stage>: its latest iter_N), an iter_N dir, or a checkpoint from "
+        "hf-to-mcore",
+    )
     p.add_argument("out_dir", help="HF directory to write")
+    p.add_argument(
+        "--stage", default=None, help="with a run dir: the stage to export (default: last)"
+    )
     p.add_argument(
         "--config",
         default=None,
-        help="recipe (name or YAML) giving the model config, for checkpoints without "
-        "autothink_model.json; KEY=VALUE overrides follow via --set",
+        help="recipe (name or YAML) giving the model config, only for a bare dist-checkpoint "
+        "(no autothink_model.json, no meta.json); KEY=VALUE overrides follow via --set",
     )
     p.add_argument(
         "--set",
@@ -73,7 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override of the recipe (repeatable), e.g. --set model.image_token_id=151655",
     )
-    p.add_argument("--tokenizer-dir", default=None, help="default: CKPT_DIR/tokenizer")
+    p.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="default: the run's tokenizer (data.tokenizer_path or DATA/tokenizer), or "
+        "CKPT_DIR/tokenizer for a converted checkpoint",
+    )
     p.add_argument("--dtype", choices=_DTYPES, default="auto", help="default: as the checkpoint")
     p.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default 5GB)")
     p.add_argument(
@@ -118,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
                 args.out_dir,
                 model_cfg=model_cfg,
                 tokenizer_dir=args.tokenizer_dir,
+                stage=args.stage,
                 dtype=dtype,
                 max_shard_size=args.max_shard_size,
                 chat_template=args.chat_template,
@@ -125,12 +142,21 @@ def main(args: argparse.Namespace) -> int:
                 pp=args.pp,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
+                announce=_print_once,
             )
     except (ConversionError, ConfigError) as e:
         print(f"autothink convert: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    _print_once(f"wrote {out}")
     return 0
+
+
+def _print_once(line: str) -> None:
+    """Print on global rank 0 only (under torchrun every rank runs this CLI)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
