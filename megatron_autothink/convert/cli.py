@@ -7,9 +7,10 @@ Mounted by the main CLI as::
     p.set_defaults(func=convert_cli.main)
 
 and runnable on its own: ``python -m megatron_autothink.convert.cli hf-to-mcore HF_DIR OUT``.
-Both also run under ``torchrun`` (``--tp``/``--pp`` = the launched layout) for models too large
-for one process; by default they run in one process (TP=1, PP=1). Either way the megatron
-checkpoint loads at any layout.
+By default they run in one process (TP=1, PP=1), and that is enough for any layout: a megatron
+dist-checkpoint is resharded at load, so one written by one process trains at any TP/PP. Both
+also run under ``torchrun`` (``--tp``/``--pp`` = the launched layout) only to spread a model too
+large for one process; ``--tp`` without such a launch is refused at once with that command.
 """
 
 from __future__ import annotations
@@ -43,9 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="default: bfloat16 for bf16 weights, else float32",
     )
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to build at (torchrun)")
     p.add_argument(
-        "--pp", type=int, default=1, help="pipeline-parallel size to build at (torchrun)"
+        "--tp",
+        type=int,
+        default=1,
+        help="build at this TP under torchrun (memory only: the output loads at any TP/PP)",
+    )
+    p.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        help="build at this PP under torchrun (memory only: the output loads at any TP/PP)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,8 +113,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _layout_refusal(args: argparse.Namespace) -> str | None:
+    """Why ``--tp/--pp`` cannot be honoured in this launch, with the command that works."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    need = args.tp * args.pp
+    if world % need == 0:
+        return None
+    src = args.hf_dir if args.convert_command == "hf-to-mcore" else args.ckpt_dir
+    return (
+        f"--tp {args.tp} --pp {args.pp} needs a multiple of {need} processes, this is {world}. "
+        "No layout is needed to convert: a checkpoint written by one process (drop --tp/--pp) "
+        "loads at any TP/PP, resharded at load. --tp/--pp only spread a model too large for "
+        f"one process; then run: torchrun --nproc-per-node {need} -m "
+        f"megatron_autothink.convert.cli {args.convert_command} {src} {args.out_dir} "
+        f"--tp {args.tp} --pp {args.pp}"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the chosen conversion; return a process exit code (2 on a refused input)."""
+    refusal = _layout_refusal(args)
+    if refusal:  # before the slow imports and before anything is written
+        print(f"autothink convert: error: {refusal}", file=sys.stderr)
+        return 2
     import torch
 
     from megatron_autothink.config import ConfigError, load_config
