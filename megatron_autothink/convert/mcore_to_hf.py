@@ -29,6 +29,8 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +57,7 @@ from megatron_autothink.data.image_processing import (
     image_config,
     write_preprocessor_config,
 )
+from megatron_autothink.parallel import ParallelContext
 
 __all__ = ["checkpoint_dtype", "mcore_to_hf", "write_hf_assets"]
 
@@ -153,6 +156,27 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
+@contextmanager
+def _staged_output(out_dir: Path, ctx: ParallelContext) -> Iterator[Path]:
+    """A staging dir next to ``out_dir`` that rank 0 writes into; moved into place when the
+    body finishes, removed when it fails (no partial ``out_dir``). Other ranks wait until the
+    directory is complete."""
+    staging = _staging_dir(out_dir)
+    writer = ctx.rank == 0
+    if writer:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed export
+        staging.mkdir(parents=True)
+    try:
+        yield staging
+        if writer:
+            _move_into_place(staging, out_dir)
+    finally:
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+    if dist.is_initialized() and ctx.world_size > 1:
+        dist.barrier()
+
+
 def _token_ids(tokenizer_dir: Path, model_cfg: ModelConfig) -> dict[str, Any]:
     """Special ids of the run's tokenizer, checked against the model (before any writing)."""
     from megatron_autothink.data.tokenizer import hf_token_ids, load_tokenizer
@@ -247,68 +271,57 @@ def mcore_to_hf(
         announce(f"exporting {src.description}")
     # Load in the stored precision (bf16 stays bf16: no 2x memory); anything else in fp32.
     precision: Literal["fp32", "bf16"] = "bf16" if stored == torch.bfloat16 else "fp32"
-    staging = _staging_dir(out_dir)
-    with conversion_context(model_cfg, tp=tp, pp=pp, precision=precision) as (cfg, ctx):
+    ckpt_dir = src.dist_dir
+    with (
+        conversion_context(model_cfg, tp=tp, pp=pp, precision=precision) as (cfg, ctx),
+        _staged_output(out_dir, ctx) as staging,
+    ):
         writer_rank = ctx.rank == 0
-        if writer_rank:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a killed export
-            staging.mkdir(parents=True)
-        try:
-            chunks = build_model_chunks(
-                cfg, ctx, vocab_size=model_cfg.vocab_size, image_token_id=model_cfg.image_token_id
+        chunks = build_model_chunks(
+            cfg, ctx, vocab_size=model_cfg.vocab_size, image_token_id=model_cfg.image_token_id
+        )
+        # Tensors are matched by their own sharded keys, not by these top-level ones, so this
+        # reads converted ("chunk0") and training ("model", + optimizer) checkpoints alike.
+        sharded = {f"chunk{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"chunk{i}"])
+        del loaded, sharded
+        writer = (
+            ShardedSafetensorsWriter(staging, parse_size(max_shard_size)) if writer_rank else None
+        )
+        names = sorted(expected_hf_names(model_cfg))
+        bar = tqdm(
+            total=len(names),
+            desc="export HF",
+            unit="tensor",
+            disable=not (progress and writer_rank),
+        )
+        written = 0
+        with torch.no_grad():
+            for name, tensor in iter_hf_weights(
+                chunks, model_cfg, ctx, dtype=out_dtype, names="checkpoint"
+            ):
+                if writer is not None:
+                    writer.add(name, tensor)
+                written += 1
+                bar.update()
+        bar.close()
+        if written != len(names):
+            raise ConversionError(f"exported {written} tensors, the config expects {len(names)}")
+        if writer is not None:
+            writer.close()
+            write_hf_assets(
+                staging,
+                model_cfg,
+                dtype=out_dtype,
+                hf_base=hf_base,
+                tokenizer_dir=tok_dir,
+                chat_template=chat_template,
+                image=image,
+                config=hf_config,
             )
-            # The top-level keys are free (tensors are matched by their own sharded keys), so
-            # this reads converted ("chunk0") and training ("model", + optimizer) checkpoints.
-            sharded = {f"chunk{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-            loaded = dist_checkpointing.load(sharded, str(src.dist_dir))
-            for i, chunk in enumerate(chunks):
-                chunk.load_state_dict(loaded[f"chunk{i}"])
-            del loaded, sharded
-            writer = (
-                ShardedSafetensorsWriter(staging, parse_size(max_shard_size))
-                if writer_rank
-                else None
+            (staging / "autothink_source.json").write_text(
+                json.dumps({"checkpoint": str(src.ckpt_dir.resolve())}, indent=1) + "\n"
             )
-            names = sorted(expected_hf_names(model_cfg))
-            bar = tqdm(
-                total=len(names),
-                desc="export HF",
-                unit="tensor",
-                disable=not (progress and writer_rank),
-            )
-            written = 0
-            with torch.no_grad():
-                for name, tensor in iter_hf_weights(
-                    chunks, model_cfg, ctx, dtype=out_dtype, names="checkpoint"
-                ):
-                    if writer is not None:
-                        writer.add(name, tensor)
-                    written += 1
-                    bar.update()
-            bar.close()
-            if written != len(names):
-                raise ConversionError(
-                    f"exported {written} tensors, the config expects {len(names)}"
-                )
-            if writer is not None:
-                writer.close()
-                write_hf_assets(
-                    staging,
-                    model_cfg,
-                    dtype=out_dtype,
-                    hf_base=hf_base,
-                    tokenizer_dir=tok_dir,
-                    chat_template=chat_template,
-                    image=image,
-                    config=hf_config,
-                )
-                (staging / "autothink_source.json").write_text(
-                    json.dumps({"checkpoint": str(src.ckpt_dir.resolve())}, indent=1) + "\n"
-                )
-                _move_into_place(staging, out_dir)
-        finally:
-            if writer_rank:
-                shutil.rmtree(staging, ignore_errors=True)
-        if dist.is_initialized() and ctx.world_size > 1:
-            dist.barrier()
     return out_dir
