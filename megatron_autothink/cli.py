@@ -109,8 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a model in auto/long/short thinking modes",
         description="Generate with the rollout engine on a test split and score the answers.",
     )
-    p.add_argument("--model", required=False, help="HF directory or megatron checkpoint")
-    p.add_argument("--data", required=False, help="shard folder or URL")
+    # required=True: argparse refuses a missing flag at once, before the slow imports.
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF directory, or a training run / checkpoints/<stage> / iter_N dir (exported "
+        "with `autothink convert mcore-to-hf` into OUT/hf first)",
+    )
+    p.add_argument("--data", required=True, help="shard folder or URL")
     p.add_argument("--modes", default="auto,long,short", help="comma list of thinking modes")
     p.add_argument("--split", default="test", help="split part to evaluate (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")

@@ -26,16 +26,17 @@ from megatron_autothink.config import (
     ParallelConfig,
     TrainConfig,
 )
+from megatron_autothink.convert import source
 from megatron_autothink.convert.mapping import ConversionError
 from megatron_autothink.parallel import ParallelContext, destroy_distributed, init_distributed
 
 __all__ = ["META_NAME", "conversion_context", "read_meta", "write_meta"]
 
-META_NAME = "autothink_model.json"
+META_NAME = source.META_NAME
 """Side-car file in converted megatron checkpoints: model config, vocab, dtype, source HF config."""
 META_FORMAT = "megatron-autothink/qwen2.5-vl"
 META_VERSION = 1
-TOKENIZER_SUBDIR = "tokenizer"
+TOKENIZER_SUBDIR = source.TOKENIZER_SUBDIR
 """Tokenizer / processor / chat-template files of a converted checkpoint live here."""
 
 

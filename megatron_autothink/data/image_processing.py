@@ -24,10 +24,14 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from megatron_autothink.config import AutothinkConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -201,3 +205,16 @@ def write_preprocessor_config(out_dir: str | os.PathLike[str], cfg: ImageProcess
     path = os.path.join(os.fspath(out_dir), "preprocessor_config.json")
     with open(path, "w") as f:
         json.dump(conf, f, indent=2)
+
+
+def image_config(cfg: AutothinkConfig) -> ImageProcessingConfig:
+    """The image preprocessing of a recipe (data.min_pixels / data.max_pixels, model patches);
+    the loaders, the rollout engine and exported HF dirs all use this one."""
+    v = cfg.model.vision
+    return ImageProcessingConfig(
+        min_pixels=cfg.data.min_pixels,
+        max_pixels=cfg.data.max_pixels,
+        patch_size=v.patch_size,
+        temporal_patch_size=v.temporal_patch_size,
+        merge_size=v.spatial_merge_size,
+    )

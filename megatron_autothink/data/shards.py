@@ -237,8 +237,8 @@ def record_to_sample(record: dict[str, Any], *, fallback_id: str, source: str | 
     """Convert a LLaVA/ShareGPT (or native schema) record into a :class:`Sample`.
 
     Accepts ``conversations`` as ``[{"from": "human"|"gpt"|"system", "value": ...}]`` or
-    ``[{"role": ..., "content": ...}]`` (a JSON string in Parquet is fine), images under
-    ``image`` or ``images``. Without any ``<image>`` placeholder the missing ones are put in front
+    ``[{"role": ..., "content": ...}]`` (a JSON string in Parquet is fine, for ``responses`` too),
+    images under ``image`` or ``images``. Without any ``<image>`` placeholder the missing ones are put in front
     of the first user turn (LLaVA's convention). An ``answer`` without ``answer_type`` gets one
     from :func:`infer_answer_type`. Unknown top-level keys are ignored.
 
@@ -277,6 +277,16 @@ def record_to_sample(record: dict[str, Any], *, fallback_id: str, source: str | 
     for key in _PASSTHROUGH:
         if record.get(key) is not None:
             data[key] = record[key]
+    responses = data.get("responses")
+    if isinstance(responses, str | bytes):
+        # Parquet tables often store nested columns as JSON text, as with conversations.
+        try:
+            data["responses"] = responses = json.loads(responses)
+        except json.JSONDecodeError as e:
+            raise BadRecord("invalid_schema", f"responses is not valid JSON: {e}") from e
+    if isinstance(responses, dict):
+        # A Parquet struct column has every mode as a field: absent ones come back as None.
+        data["responses"] = {k: v for k, v in responses.items() if v is not None} or None
     if "answer" in data:
         data["answer"] = str(data["answer"])
         data.setdefault("answer_type", infer_answer_type(data["answer"]))

@@ -17,7 +17,8 @@ import json
 import os
 import string
 from collections.abc import Iterable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import (
     AddedToken,
@@ -32,6 +33,9 @@ from tokenizers import (
 )
 
 from megatron_autothink.data.chat_template import CHAT_TEMPLATE
+
+if TYPE_CHECKING:
+    from megatron_autothink.config import AutothinkConfig
 
 #: Qwen2's pre-tokenizer pattern (from its tokenizer.json).
 QWEN_PRETOKENIZE_PATTERN = (
@@ -181,3 +185,66 @@ def load_tokenizer(tokenizer: Any) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+#: What to tell a user whose data has no tokenizer (training, export): where one comes from.
+TOKENIZER_HINT = (
+    "set data.tokenizer_path=DIR to the tokenizer of the base model you fine-tune (its HF "
+    "directory), or, for a model trained from scratch on toy data, build the tiny one next to "
+    "the shards: `autothink prep tokenizer --out DATA/tokenizer` (see docs/data.md, Tokenizer)"
+)
+
+
+def resolve_tokenizer_dir(cfg: AutothinkConfig, data_path: str) -> str:
+    """``data.tokenizer_path``, else the tokenizer saved next to the prepared data.
+
+    Raises:
+        FileNotFoundError: neither exists; the message names the key and the command to run.
+    """
+    if cfg.data.tokenizer_path:
+        if not Path(cfg.data.tokenizer_path).is_dir():
+            raise FileNotFoundError(
+                f"data.tokenizer_path={cfg.data.tokenizer_path} is not a directory; "
+                + TOKENIZER_HINT
+            )
+        return cfg.data.tokenizer_path
+    cand = Path(data_path) / "tokenizer"
+    if cand.is_dir():
+        return str(cand)
+    raise FileNotFoundError(
+        f"no tokenizer: data.tokenizer_path is empty and {cand} does not exist; " + TOKENIZER_HINT
+    )
+
+
+def hf_token_ids(tokenizer: Any) -> dict[str, Any]:
+    """Special-token ids of ``tokenizer`` for an exported HF config (the ``base`` of
+    ``convert.hf_config.hf_config_from_model``).
+
+    eos is ``<|im_end|>``, the chat template's end of turn, so ``generate`` stops after one
+    assistant turn; bos is ``<|endoftext|>`` as in Qwen's own configs. Without these the config
+    would carry transformers' Qwen defaults (151643...), which point past a small vocabulary.
+    """
+    names = {
+        "eos": "<|im_end|>",
+        "bos": "<|endoftext|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+    }
+    ids: dict[str, int] = {}
+    unk = tokenizer.unk_token_id
+    for key, tok in names.items():
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is None or i == unk or not isinstance(i, int):
+            raise ValueError(f"the tokenizer has no {tok} token (needed for {key})")
+        ids[key] = int(i)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids["bos"]
+    return {
+        **{k: v for k, v in ids.items() if k.endswith("_id")},
+        "text_config": {
+            "bos_token_id": ids["bos"],
+            "eos_token_id": ids["eos"],
+            "pad_token_id": pad,
+        },
+    }

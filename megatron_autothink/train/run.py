@@ -19,6 +19,12 @@ from typing import Any
 import torch
 
 from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config, stage_config
+
+# Moved down to data/ (convert and eval need them without importing train/); re-exported here
+# for callers that import them from train.run.
+from megatron_autothink.data.image_processing import image_config
+from megatron_autothink.data.tokenizer import hf_token_ids as hf_token_ids
+from megatron_autothink.data.tokenizer import resolve_tokenizer_dir
 from megatron_autothink.launch.preempt import PreemptionWatcher, marker_path, write_marker
 from megatron_autothink.models.specs import resolve_backend
 from megatron_autothink.parallel import (
@@ -56,53 +62,6 @@ def stages_of(cfg: AutothinkConfig) -> list[StageConfig]:
 
 def checkpoint_root(cfg: AutothinkConfig) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
-
-
-def resolve_tokenizer_dir(cfg: AutothinkConfig, data_path: str) -> str:
-    """``data.tokenizer_path``, else the tokenizer saved next to the prepared data."""
-    if cfg.data.tokenizer_path:
-        return cfg.data.tokenizer_path
-    cand = Path(data_path) / "tokenizer"
-    if cand.is_dir():
-        return str(cand)
-    raise FileNotFoundError(
-        f"data.tokenizer_path is empty and {cand} does not exist: set data.tokenizer_path to a "
-        "local HF tokenizer directory (autothink prep digits saves one next to its shards)"
-    )
-
-
-def hf_token_ids(tokenizer: Any) -> dict[str, Any]:
-    """Special-token ids for an exported HF config (the ``base`` of ``hf_config_from_model``):
-    generation stops at ``<|im_end|>``."""
-    ids = {
-        t: tokenizer.convert_tokens_to_ids(t)
-        for t in ("<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>")
-    }
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids["<|endoftext|>"]
-    return {
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "text_config": {
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": pad,
-        },
-    }
-
-
-def image_config(cfg: AutothinkConfig) -> Any:
-    """The image preprocessing of the recipe (data.min_pixels / data.max_pixels, model patches);
-    the loaders, the rollout engine and exported HF dirs all use this one."""
-    from megatron_autothink.data.image_processing import ImageProcessingConfig
-
-    v = cfg.model.vision
-    return ImageProcessingConfig(
-        min_pixels=cfg.data.min_pixels,
-        max_pixels=cfg.data.max_pixels,
-        patch_size=v.patch_size,
-        temporal_patch_size=v.temporal_patch_size,
-        merge_size=v.spatial_merge_size,
-    )
 
 
 def build_sft_loader(
@@ -284,6 +243,10 @@ def main(cfg: AutothinkConfig) -> int:
             "autothink train: data.train_path is empty. Prepare data first, e.g. "
             "`autothink prep digits --out data/digits` then data.train_path=data/digits"
         )
+    try:  # before any process group: a missing tokenizer is a config error, not a rank crash
+        tokenizer_dir = resolve_tokenizer_dir(cfg, first_path)
+    except FileNotFoundError as e:
+        raise SystemExit(f"autothink train: {e}") from None
     ctx = init_distributed(cfg)
     from megatron_autothink.rl.stage import EngineSlot
 
@@ -294,7 +257,7 @@ def main(cfg: AutothinkConfig) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_config(cfg))
             marker_path(run_dir).unlink(missing_ok=True)
-        tokenizer = load_tokenizer(resolve_tokenizer_dir(cfg, first_path))
+        tokenizer = load_tokenizer(tokenizer_dir)
         if len(tokenizer) > cfg.model.vocab_size:
             raise SystemExit(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "

@@ -98,3 +98,21 @@ def test_export_refuses_a_corrupted_or_unexportable_checkpoint_before_loading(
     assert res.returncode == 2, res.stderr[-3000:]
     assert f"{victim}: checksum mismatch (corrupted)" in res.stderr
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_tp_without_torchrun_is_refused_at_once_with_the_working_command(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    env["PYTHONPATH"] = str(ROOT)
+    code = (
+        "import sys\n"
+        "from megatron_autothink.cli import main\n"
+        f"rc = main(['convert', 'hf-to-mcore', {str(tmp_path)!r}, {str(tmp_path / 'o')!r}, "
+        "'--tp', '2'])\n"
+        "assert 'megatron.core' not in sys.modules, 'refused only after importing megatron'\n"
+        "sys.exit(rc)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert "loads at any TP/PP" in res.stderr
+    assert "torchrun --nproc-per-node 2 -m megatron_autothink.convert.cli hf-to-mcore" in res.stderr
+    assert not (tmp_path / "o").exists()

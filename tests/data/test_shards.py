@@ -171,6 +171,40 @@ def test_parquet_with_embedded_images(tmp_path: Path) -> None:
     assert rec["answer"] == "square" and rec["conversations"][1]["role"] == "assistant"
 
 
+def test_parquet_json_string_columns(tmp_path: Path) -> None:
+    """Parquet tools write nested columns as JSON text or as structs: both are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    conv = [{"from": "human", "value": "What is 2+2?"}]
+    both = {"thinking": "<think>\n2+2=4\n</think>\n\n4", "non_thinking": "<think>\n\n</think>\n\n4"}
+    rows = [
+        {"id": "s", "conversations": json.dumps(conv), "responses": json.dumps(both)},
+        {"id": "bad", "conversations": json.dumps(conv), "responses": "{not json"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
+    # A struct column: a mode absent from a row comes back as None.
+    struct = [{"id": "t", "conversations": conv, "responses": {**both, "non_thinking": None}}]
+    pq.write_table(pa.Table.from_pylist(struct), tmp_path / "t.parquet")
+    out = tmp_path / "out"
+    report = prep_shards(
+        [tmp_path / "s.parquet", tmp_path / "t.parquet"],
+        str(out),
+        PrepOptions(progress=False, max_error_rate=0.5),
+    )
+    assert report.written == 2 and report.skipped == {"invalid_schema": 1}, report
+    assert "responses is not valid JSON" in report.errors[0]["detail"]
+    recs = {}
+    for tar_path in out.glob("train-*.tar"):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(m).read())  # type: ignore[union-attr]
+                    recs[rec["id"]] = rec
+    assert recs["s"]["responses"] == both
+    assert recs["t"]["responses"] == {"thinking": both["thinking"]}
+
+
 def test_resume_after_interrupt_refuse_and_overwrite(
     llava_jsonl,
     tmp_path: Path,

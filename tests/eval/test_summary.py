@@ -13,6 +13,8 @@ from megatron_autothink.eval.summary import (
     summarize,
 )
 
+MODES = ("auto", "long", "short")
+
 
 def _rec(i: int, diff: int, mode: str, correct: bool, thinking: bool, n: int) -> EvalRecord:
     return EvalRecord(f"s{i}", diff, mode, "x", correct, thinking, n)
@@ -77,6 +79,13 @@ def test_goal_checks_missed() -> None:
     assert g["max_acc_gap"] == 1.0
     assert g["easy_length_ratio"] == 10.0
     assert not any(g["goals_met"].values())
+
+
+def test_acc_gap_of_a_failing_model_is_not_meaningful() -> None:
+    rs = [_rec(i, d, m, False, m == "long", 5) for i, d in enumerate((1, 5)) for m in MODES]
+    g = goal_checks(summarize(rs))
+    assert g["max_acc_gap"] == 0.0  # 0 % everywhere: no gap, and no evidence either
+    assert g["goals_met"]["acc_gap<=0.02"].startswith("not meaningful")
 
 
 def test_goal_checks_without_auto() -> None:
