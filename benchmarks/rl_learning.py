@@ -48,7 +48,7 @@ ANNEAL_SEED = 1234
 # The reward: the recipe's accuracy plus R-4B's format reward (the term a tiny model can move
 # in a few steps; its accuracy on digits is near zero).
 RL_STEPS = 30
-RL_LR = 1e-4
+RL_LR = 3e-4
 RL = [
     f"stages=[{{name: rl, kind: rl, steps: {RL_STEPS}, lr: {RL_LR}}}]",
     "checkpoint.save_every=0",
