@@ -132,6 +132,7 @@ def policy_update(
             mask,
             clip_low=rl.clip_low,
             clip_high=rl.clip_high,
+            clip_ratio_c=rl.clip_ratio_c,
             num_tokens_global=1,  # token SUM: megatron normalises by the global count
             ref_logp=mb.ref_logp,
             kl_coef=rl.kl_coef,
