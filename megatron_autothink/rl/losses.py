@@ -213,3 +213,41 @@ def policy_loss(
 
     metrics["loss"] = loss.detach().float()
     return loss, metrics
+
+
+def ratio_sums(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    clip_ratio_c: float = 3.0,
+) -> dict[str, torch.Tensor]:
+    """Sum-reducible importance-ratio statistics over the ``mask`` tokens (e.g. SSR replays).
+
+    Divide each sum by ``tokens`` (summed the same way over micro-batches and ranks) for the
+    mean ratio, mean ``|log ratio|``, the share outside the clip band ``[1 - clip_low,
+    1 + clip_high]`` and the share above the dual-clip bound.
+
+    Example:
+        Ratios 1, 2 and 0.5 (log-ratios 0, ln 2, -ln 2) on three masked tokens, one padding:
+
+        >>> lr = torch.tensor([[0.0, 0.6931472, -0.6931472, 5.0]])
+        >>> s = ratio_sums(lr, torch.zeros(1, 4), torch.tensor([[True, True, True, False]]),
+        ...                clip_low=0.2, clip_high=0.35)
+        >>> {k: round(v.item(), 4) for k, v in s.items()}
+        {'tokens': 3.0, 'ratio': 3.5, 'abs_log_ratio': 1.3863, 'outside_clip': 2.0, 'above_c': 0.0}
+    """
+    mask = mask.bool()
+    lr = torch.where(mask, logp.detach() - old_logp.detach(), torch.zeros_like(logp))
+    lr = lr.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    ratio = torch.exp(lr)
+    outside = mask & ((ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high))
+    return {
+        "tokens": mask.sum().to(ratio.dtype),
+        "ratio": _masked_sum(ratio, mask),
+        "abs_log_ratio": _masked_sum(lr.abs(), mask),
+        "outside_clip": outside.sum().to(ratio.dtype),
+        "above_c": (mask & (ratio > clip_ratio_c)).sum().to(ratio.dtype),
+    }

@@ -26,10 +26,9 @@ from megatron_autothink.data.image_processing import write_preprocessor_config
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.comm import RLComm, engine_owner
-from megatron_autothink.rl.ssr import ReplayBuffer
 from megatron_autothink.rl.trainer import ReplayStore, RLContext, make_score_fn, rl_step
 from megatron_autothink.train.callbacks import standard_callbacks
-from megatron_autothink.train.checkpoint import CheckpointManager
+from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.loop import LoopState
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
 
@@ -145,10 +144,10 @@ def run_stage(
     opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
     ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
     group = rl.bpo.g_think + rl.bpo.g_nothink if rl.algorithm == "bpo" else rl.group_size
+    # Each data-parallel rank keeps its own buffer for its own prompts: its share of the
+    # capacity (VL-Rethinker: half the step's rollouts), not the global half.
     replay = (
-        ReplayStore(ReplayBuffer(max(1, rl.prompts_per_step * group // 2)))
-        if rl.ssr.enabled
-        else None
+        ReplayStore(max(1, rl.prompts_per_step // ctx.dp * group // 2)) if rl.ssr.enabled else None
     )
     comm = RLComm.create(ctx)
     # Data-parallel ranks draw differently (rethinking triggers, SSR); the ranks of one
@@ -185,11 +184,23 @@ def run_stage(
 
     ref_chunks = None
     if rl.kl_coef > 0:
+        # The reference is the policy the stage started from: saved before the first step,
+        # reloaded on resume (the live weights then are the resumed policy, not the start).
         ref_chunks = build_model_chunks(
             cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=_image_id(tokenizer)
         )
-        for ref, live in zip(ref_chunks, chunks, strict=True):
-            ref.load_state_dict(getattr(live, "module", live).state_dict())
+        if rs is None:
+            ckpt.save_reference(chunks)
+            for ref, live in zip(ref_chunks, chunks, strict=True):
+                ref.load_state_dict(getattr(live, "module", live).state_dict())
+        elif ckpt.reference_dir.exists():
+            ckpt.load_reference(ref_chunks)
+        else:
+            raise CheckpointError(
+                f"{ckpt.reference_dir}: missing; stage {stage.name} resumes with rl.kl_coef > 0 "
+                "but its checkpoints predate the saved KL reference"
+            )
+        for ref in ref_chunks:
             ref.requires_grad_(False)
 
     run_dir = Path(cfg.logging.run_dir)
@@ -239,6 +250,7 @@ def run_stage(
         gen=gen,
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         image_token_id=_image_id(tokenizer),
+        image=image_config(cfg),
         weight_sync=weight_sync,
         comm=comm,
         rollout_log=run_dir / "rollouts" / f"{stage.name}.jsonl" if ctx.rank == 0 else None,
