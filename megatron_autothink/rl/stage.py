@@ -26,7 +26,13 @@ from megatron_autothink.data.image_processing import write_preprocessor_config
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.comm import RLComm, engine_owner
-from megatron_autothink.rl.trainer import ReplayStore, RLContext, make_score_fn, rl_step
+from megatron_autothink.rl.trainer import (
+    ReplayStore,
+    RLContext,
+    make_score_fn,
+    replay_capacity,
+    rl_step,
+)
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.loop import LoopState
@@ -143,12 +149,7 @@ def run_stage(
     )
     opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
     ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
-    group = rl.bpo.g_think + rl.bpo.g_nothink if rl.algorithm == "bpo" else rl.group_size
-    # Each data-parallel rank keeps its own buffer for its own prompts: its share of the
-    # capacity (VL-Rethinker: half the step's rollouts), not the global half.
-    replay = (
-        ReplayStore(max(1, rl.prompts_per_step // ctx.dp * group // 2)) if rl.ssr.enabled else None
-    )
+    replay = ReplayStore(replay_capacity(rl, ctx.dp)) if rl.ssr.enabled else None
     comm = RLComm.create(ctx)
     # Data-parallel ranks draw differently (rethinking triggers, SSR); the ranks of one
     # model-parallel group draw alike, so they select the same samples.

@@ -135,6 +135,23 @@ def compute_advantages(groups: list[list[ScoredResponse]], rl: RLConfig) -> list
     return out
 
 
+def replay_capacity(rl: RLConfig, dp: int) -> int:
+    """SSR buffer capacity of ONE data-parallel rank: half of its own rollouts per step
+    (VL-Rethinker's half of the batch), since each rank buffers only the prompts it generated.
+
+    Example:
+        8 prompts x 8 samples over 2 ranks: 32 rollouts per rank, 16 buffered (not 32).
+
+        >>> replay_capacity(RLConfig(prompts_per_step=8, group_size=8), dp=2)
+        16
+        >>> replay_capacity(RLConfig(algorithm="bpo", prompts_per_step=2,
+        ...                          bpo={"g_think": 2, "g_nothink": 1}), dp=2)
+        1
+    """
+    group = rl.bpo.g_think + rl.bpo.g_nothink if rl.algorithm == "bpo" else rl.group_size
+    return max(1, rl.prompts_per_step // dp * group // 2)
+
+
 class ReplayStore:
     """SSR (per data-parallel rank): the buffer's records plus the samples they point at.
 
@@ -253,7 +270,6 @@ def select_training_set(
     metrics.update(
         {
             "ssr/buffer_size": float(len(replay.buffer.records())),
-            "ssr/buffer_mb": replay.nbytes() / 2**20,
             "ssr/replay_share": sel.replay_share,
             "ssr/selected": float(len(chosen)),
         }
@@ -416,6 +432,8 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
     if rc.comm.global_count(len(ts.samples)):
         metrics.update(_update_policy(rc, ts))
     t_train = time.perf_counter() - t2
+    if rc.replay is not None:  # after the update: the buffered samples' log-probs count too
+        metrics["ssr/buffer_mb"] = rc.replay.nbytes() / 2**20
     t_sync = rc.weight_sync(step)
     metrics.update(
         {
