@@ -207,7 +207,9 @@ def run_stage(
     run_dir = Path(cfg.logging.run_dir)
     engine = engine_slot.engine
     t0 = time.perf_counter()
-    if engine is None:
+    # Not `engine is None`: ranks that own no engine (TP/PP peers) hold None in every stage and
+    # would re-export alone at a second RL stage, a collective the owners skip (deadlock).
+    if not engine_slot.started:
         # One engine for the whole run: an in-process vLLM's shutdown tears down the default
         # process group, so the run shuts it down once, after its last stage.
         engine_dir = run_dir / "rollout_engine"
@@ -221,6 +223,7 @@ def run_stage(
             else None
         )
         engine_slot.engine = engine
+        engine_slot.started = True
         log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
 
     def weight_sync(version: int) -> float:
@@ -280,6 +283,7 @@ class EngineSlot:
     """The run's rollout engine (None on ranks that own none), shared by its RL stages."""
 
     engine: Any = None
+    started: bool = False  # set by the first RL stage on every rank, engine owner or not
 
     def shutdown(self) -> None:
         """Stop the engine (idempotent); call after the run's last RL stage."""
