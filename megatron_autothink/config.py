@@ -269,6 +269,10 @@ class RLConfig(_Section):
     std_normalize: bool = True
     clip_low: float = 0.2
     clip_high: float = 0.2
+    clip_ratio_c: float = Field(3.0, gt=1.0)
+    """Dual-clip bound for negative advantages (verl's ``clip_ratio_c``, default 3): a token with
+    A < 0 contributes at most ``-A * clip_ratio_c``, so an off-policy replay whose ratio has run
+    far above ``1 + clip_high`` cannot push with an unbounded gradient."""
     kl_coef: float = 0.0
     nll_coef: float = 0.0
     updates_per_step: int = Field(1, ge=1)

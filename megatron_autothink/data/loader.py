@@ -78,14 +78,12 @@ from megatron_autothink.data.chat_template import (
 from megatron_autothink.data.image_processing import (
     ImageProcessingConfig,
     decode_image,
-    num_image_tokens,
-    preprocess_image,
+    image_patches,
 )
 from megatron_autothink.data.packing import (
     EncodedSequence,
     PackedRow,
     collate_rows,
-    concat_rows,
     first_fit_decreasing,
     mrope_position_ids,
     pack_row,
@@ -276,15 +274,7 @@ class _Renderer:
     def images(
         self, images: list[Image.Image]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int]]:
-        if not images:
-            return None, None, []
-        pixels, grids = [], []
-        for img in images:
-            pv, grid = preprocess_image(img, self.image_config)
-            pixels.append(pv)
-            grids.append(grid)
-        counts = [num_image_tokens(g, self.image_config.merge_size) for g in grids]
-        return concat_rows(pixels), torch.tensor(grids, dtype=torch.long), counts
+        return image_patches(images, self.image_config)
 
 
 # ----------------------------------------------------------------------------- SFT task encoder
@@ -435,6 +425,7 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
             prompt_ids=tok.ids,
             vllm_prompt=vllm,
             images=images,
+            image_bytes=[b for b in sample.images if isinstance(b, bytes)],
             pixel_values=pixel_values,
             image_grid_thw=grids,
             answer=sample.answer,

@@ -17,6 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.data.image_processing import decode_image, image_patches
 from megatron_autothink.data.loader import (
     LoaderConfig,
     PromptLoaderConfig,
@@ -300,6 +301,13 @@ def test_prompt_loader(digits_dir: str, tokenizer: Any) -> None:
         n_pad = int(p.image_grid_thw.prod()) // 4
         assert p.prompt.count("<|image_pad|>") == n_pad
         assert p.answer is not None and p.answer_type == "number" and p.difficulty is not None
+        # SSR replays keep only the shard's encoded bytes and re-decode them: the same pixels,
+        # bit for bit, as the loader gave the engine.
+        assert len(p.image_bytes) == 1 and p.image_bytes[0][:4] == b"\x89PNG"
+        pixels, grid, _ = image_patches([decode_image(b) for b in p.image_bytes], cfg.image)
+        assert pixels is not None and grid is not None
+        assert pixels.dtype == p.pixel_values.dtype and torch.equal(pixels, p.pixel_values)
+        assert torch.equal(grid, p.image_grid_thw)
     resumed_from = build_prompt_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
     next(resumed_from)
     state = resumed_from.state_dict()
