@@ -12,15 +12,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from megatron_autothink.config import AutothinkConfig, dump_config
 from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.fileio import drop_steps_after
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
-from megatron_autothink.train.callbacks import Callback
+from megatron_autothink.train.callbacks import METRICS_FILE, Callback
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
 from megatron_autothink.train.setup import OptimizerBundle
@@ -58,6 +60,9 @@ class LoopState:
     stop_requested: bool = False
     eval_fn: Callable[[], dict[str, float]] | None = None
     extra_rank_state: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    step_logs: list[Path] = field(default_factory=list)
+    """Per-step JSONL files rank 0 appends to besides metrics.jsonl (RL: the rollouts); rows
+    after the step a stage starts from are dropped at :meth:`resume`."""
 
     @property
     def global_step(self) -> int:
@@ -98,6 +103,7 @@ class LoopState:
                 except ValueError as e:  # the loader cannot name the checkpoint file; we can
                     rank_file = resumed.path / f"rank_{self.ctx.rank:05d}.pt"
                     raise CheckpointError(f"{rank_file}: data-loader state: {e}") from e
+            self._drop_replayed_rows()
             return resumed.rank_state
         if previous is not None:
             prev = previous.load_latest(self.chunks, None)
@@ -106,10 +112,39 @@ class LoopState:
                 self.stage,
                 prev.path if prev else "?",
             )
+        self._drop_replayed_rows()
         return None
+
+    def _drop_replayed_rows(self) -> None:
+        """Rows this stage logged after ``self.step`` (by a run that died before its next
+        checkpoint, or before its first) are for steps about to run again: drop them."""
+        logs = [Path(self.cfg.logging.run_dir) / METRICS_FILE] if self.ctx.is_logging_rank else []
+        logs += self.step_logs if self.ctx.rank == 0 else []
+        for path in logs:
+            n = drop_steps_after(path, self.stage, self.step)
+            if n:
+                log.warning(
+                    "%s: dropped %d rows of %s after step %d (steps replayed from the checkpoint)",
+                    path,
+                    n,
+                    self.stage,
+                    self.step,
+                )
 
     def evaluate(self) -> dict[str, float]:
         return self.eval_fn() if self.eval_fn is not None else {}
+
+
+DATA_COUNTS = ("samples_read", "bad_sample", "too_long", "corrupt_shards", "corrupt_shard_samples")
+"""Loader counters logged every step as ``data/<name>`` (0 until they occur), next to any other
+counter the loader keeps (``no_answer`` for RL prompts)."""
+
+
+def data_metrics(data: BatchSource) -> dict[str, float]:
+    """The loader's running counts (this rank, the whole stage so far: restored at resume) as
+    ``data/<name>`` metrics, so a run that drops many samples shows it in metrics.jsonl."""
+    stats = getattr(data, "stats", None) or {}
+    return {f"data/{k}": float(stats.get(k, 0)) for k in dict.fromkeys([*DATA_COUNTS, *stats])}
 
 
 def _micro_batches(data: BatchSource, n: int) -> list[PackedBatch]:
@@ -144,6 +179,7 @@ def run_sft(
             "loss_tokens": float(result.tokens),
             "tokens_per_s": tokens / dt,
             "step_time_s": dt,
+            **data_metrics(state.data),
         }
         if torch.cuda.is_available():
             head_share = min(result.tokens / tokens, 1.0) if tokens else 1.0

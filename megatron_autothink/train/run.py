@@ -64,6 +64,16 @@ def checkpoint_root(cfg: AutothinkConfig) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
 
 
+def loader_options(cfg: AutothinkConfig) -> dict[str, Any]:
+    """The data-quality settings every training loader takes from ``data.*``."""
+    d = cfg.data
+    return {
+        "max_error_rate": d.max_error_rate,
+        "max_unusable_in_a_row": d.max_unusable_in_a_row,
+        "on_shard_change": d.on_shard_change,
+    }
+
+
 def build_sft_loader(
     cfg: AutothinkConfig,
     ctx: ParallelContext,
@@ -89,6 +99,7 @@ def build_sft_loader(
         think_min_difficulty=d.think_min_difficulty,
         s3_endpoint=d.s3_endpoint or None,
         image=image_config(cfg),
+        **loader_options(cfg),
     )
     return build_packed_loader(lcfg, tokenizer, dp_rank=ctx.dp_rank, dp_world_size=ctx.dp)
 
@@ -234,6 +245,7 @@ def main(cfg: AutothinkConfig) -> int:
     # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
     watcher = PreemptionWatcher().install() if cfg.checkpoint.save_on_signal else None
     setup_logging(int(os.environ.get("RANK", "0")))
+    from megatron_autothink.data.loader import DataQualityError
     from megatron_autothink.data.tokenizer import load_tokenizer
 
     stages = stages_of(cfg)
@@ -315,6 +327,9 @@ def main(cfg: AutothinkConfig) -> int:
     except CheckpointError as e:
         log.error("%s", e)
         return 3
+    except DataQualityError as e:
+        log.error("data: %s", e)
+        return 4
     finally:
         engine_slot.shutdown()
         destroy_distributed()
