@@ -781,6 +781,7 @@ class _EnergonLoader(Generic[T]):
             decoder=None,
         )
         self.excluded_shards: dict[str, str] = {}
+        self._all_shards: list[tuple[Any, list[ShardInfo]]] = []
         for ds in loaded.datasets:
             factory: Any = ds.dataset
             bad = verify_shards(factory.shards, config.verify_shards)
@@ -792,37 +793,49 @@ class _EnergonLoader(Generic[T]):
                 self.stats["corrupt_shards"] += 1
                 self.stats["corrupt_shard_samples"] += count
             self.excluded_shards.update(bad)
-            # `shards` is what the factory's build() slices across ranks and workers.
-            factory.shards = [s for s in factory.shards if s.name not in bad]
+            self._all_shards.append((factory, list(factory.shards)))
             _make_reads_tolerant(factory)
+        self._loaded = loaded
+        self._task_encoder = task_encoder
+        self._batch_size = batch_size
+        self._packing_buffer_size = packing_buffer_size
+        self._build()
+        self._it: Iterator[Any] | None = None
+        self._closed = False
+
+    def _build(self) -> None:
+        """(Re)build energon's pipeline over the shards not in :attr:`excluded_shards`."""
+        for factory, shards in self._all_shards:
+            # `shards` is what the factory's build() slices across ranks and workers.
+            factory.shards = [s for s in shards if s.name not in self.excluded_shards]
             if not factory.shards:
-                raise RuntimeError(f"{config.path} [{config.split}]: every shard is corrupted")
-        if config.training:
-            dataset = task_encoder.build_train_datasets(
-                datasets=loaded.datasets,
+                raise RuntimeError(
+                    f"{self.config.path} [{self.config.split}]: every shard is corrupted"
+                )
+        if self.config.training:
+            dataset = self._task_encoder.build_train_datasets(
+                datasets=self._loaded.datasets,
                 worker_config=self.worker_config,
-                batch_size=batch_size,
+                batch_size=self._batch_size,
                 batch_drop_last=True,
-                packing_buffer_size=packing_buffer_size,
-                shuffle_buffer_size=config.shuffle_buffer_size,
-                blend_mode=loaded.blend_mode,
+                packing_buffer_size=self._packing_buffer_size,
+                shuffle_buffer_size=self.config.shuffle_buffer_size,
+                blend_mode=self._loaded.blend_mode,
                 repeat=True,
             )
         else:
-            dataset = task_encoder.build_val_datasets(
-                datasets=loaded.datasets,
+            dataset = self._task_encoder.build_val_datasets(
+                datasets=self._loaded.datasets,
                 worker_config=self.worker_config,
-                batch_size=batch_size,
+                batch_size=self._batch_size,
                 batch_drop_last=False,
-                packing_buffer_size=packing_buffer_size,
+                packing_buffer_size=self._packing_buffer_size,
             )
         self._loader: SavableDataLoader[Any] = get_savable_loader(
             dataset,
-            prefetch_factor=config.prefetch_factor,
-            gc_collect_every_n_steps=config.gc_every_n_batches,
+            prefetch_factor=self.config.prefetch_factor,
+            gc_collect_every_n_steps=self.config.gc_every_n_batches,
         )
-        self._it: Iterator[Any] | None = None
-        self._closed = False
 
     def _next_raw(self) -> Any:
         if self._closed:
@@ -891,12 +904,45 @@ class _EnergonLoader(Generic[T]):
                 f"state is for rank {state['dp_rank']}/{state['dp_world_size']}, "
                 f"this loader is {self.dp_rank}/{self.dp_world_size}"
             )
-        if state["excluded_shards"] != sorted(self.excluded_shards):
+        saved = set(state["excluded_shards"])
+        newly_bad = sorted(set(self.excluded_shards) - saved)
+        repaired = sorted(saved - set(self.excluded_shards))
+        if newly_bad and self.config.on_shard_change == "refuse":
             raise ValueError(
-                "the set of unusable shards changed since the state was saved "
-                f"({state['excluded_shards']} -> {sorted(self.excluded_shards)}); "
-                "the sample order cannot be resumed exactly"
+                f"{self.config.path} [{self.config.split}]: shards usable when the state was "
+                f"saved are unusable now ({', '.join(newly_bad)}); the sample order cannot be "
+                "resumed exactly. Repair them, or resume with a fresh sample order "
+                "(data.on_shard_change=restart_order)"
             )
+        if newly_bad:
+            # restart_order: energon's saved positions index the old shard list, so they
+            # cannot be applied to the new one; the stage's sample order starts afresh (with a
+            # repaired shard back in) and samples read before the resume may come again.
+            logger.warning(
+                "%s [%s]: shards %s became unusable since the checkpoint "
+                "(data.on_shard_change=restart_order): the sample order starts afresh, "
+                "not an exact resume",
+                self.config.path,
+                self.config.split,
+                ", ".join(newly_bad),
+            )
+            now = {k: self.stats[k] for k in ("corrupt_shards", "corrupt_shard_samples")}
+            self.stats = collections.Counter(state["stats"]) | collections.Counter()
+            self.stats.update({k: v - self.stats[k] for k, v in now.items()})  # today's check
+            return
+        if repaired:
+            # Usable again: left out for the rest of this loader's life, so energon sees the
+            # shard list its positions refer to and the resume stays exact. The next stage or
+            # run (built without a state) reads the shard again.
+            logger.warning(
+                "%s [%s]: shards %s were unusable at the checkpoint and are readable now; they "
+                "stay left out until the next stage or run (so the resume stays exact)",
+                self.config.path,
+                self.config.split,
+                ", ".join(repaired),
+            )
+            self.excluded_shards.update(dict.fromkeys(repaired, "unusable at the checkpoint"))
+            self._build()
         energon_state = loader_state.decode(state["energon"], "energon")
         if not isinstance(energon_state, SavableDataLoaderState):
             raise ValueError(

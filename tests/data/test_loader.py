@@ -362,3 +362,40 @@ def test_bad_share_over_max_error_rate_stops_the_loader() -> None:
         q.unusable("longer than seq_length=32", f"y{i}", every, error=False)
     with pytest.raises(DataQualityError, match="the last 5 samples read were all unusable"):
         q.unusable("without an answer", "z", every, error=False)
+
+
+def test_resume_when_the_set_of_unusable_shards_changed(
+    digits_dir: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    """A shard repaired since the checkpoint stays out, so the resume is exact; a shard that
+    broke since is refused unless data.on_shard_change=restart_order (fresh sample order)."""
+    root = _corrupt_copy(digits_dir, tmp_path)
+    shards = sorted(root.glob("train-*.tar"))
+    broken, later = shards[1], shards[2]
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 3])
+    cfg = _cfg(str(root))
+    first = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    [next(first) for _ in range(2)]
+    state = first.state_dict()
+    want = [_sig(next(first)) for _ in range(4)]
+
+    broken.write_bytes(good)  # repaired before the resume
+    resumed = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    resumed.load_state_dict(state)
+    assert [_sig(next(resumed)) for _ in range(4)] == want
+    assert broken.name in resumed.excluded_shards
+    assert broken.name in resumed.state_dict()["excluded_shards"]
+
+    data, lost = later.read_bytes(), set(_ids_in(later))
+    later.write_bytes(data[: len(data) // 3])  # broke before the resume
+    refused = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    with pytest.raises(ValueError, match=rf"{later.name}.*data.on_shard_change=restart_order"):
+        refused.load_state_dict(state)
+    restarted = build_packed_loader(
+        _cfg(str(root), on_shard_change="restart_order"), tokenizer, dp_rank=0, dp_world_size=1
+    )
+    restarted.load_state_dict(state)
+    ids = {sid for _ in range(4) for row in next(restarted).sample_ids for sid in row}
+    assert ids and not ids & lost
+    assert restarted.stats["corrupt_shards"] == 1 and restarted.stats["samples_read"] > 0
