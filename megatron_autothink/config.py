@@ -182,6 +182,10 @@ class CheckpointConfig(_Section):
     """Save when SIGTERM/SIGUSR1 arrives (SLURM pre-emption), then exit."""
     resume: bool = True
     """Resume from the latest valid checkpoint in ``dir`` when one exists."""
+    allow_changes: list[str] = Field(default_factory=list)
+    """Settings (dotted keys or sections, e.g. ``[optim.lr, data.seq_length]``) that may differ
+    from the checkpoint's when resuming: the new value takes effect, with a warning. Others are
+    refused, naming the key (see docs/training.md, "Changing settings on resume")."""
 
 
 class WandbConfig(_Section):

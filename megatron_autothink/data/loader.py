@@ -927,7 +927,7 @@ class _EnergonLoader(Generic[T]):
                 ", ".join(newly_bad),
             )
             now = {k: self.stats[k] for k in ("corrupt_shards", "corrupt_shard_samples")}
-            self.stats = collections.Counter(state["stats"]) | collections.Counter()
+            self.stats = collections.Counter(state["stats"])
             self.stats.update({k: v - self.stats[k] for k, v in now.items()})  # today's check
             return
         if repaired:

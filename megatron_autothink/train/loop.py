@@ -22,6 +22,7 @@ from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.fileio import drop_steps_after
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.train import resume as resume_rules
 from megatron_autothink.train.callbacks import METRICS_FILE, Callback
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
@@ -78,7 +79,11 @@ class LoopState:
             self.chunks,
             self.opt,
             rank_state=rank_state,
-            meta={"stage": self.stage, "config": dump_config(self.cfg)},
+            meta={
+                "stage": self.stage,
+                "config": dump_config(self.cfg),
+                "total_steps": self.total_steps,
+            },
         )
         self._saved_step = self.step
 
@@ -90,6 +95,7 @@ class LoopState:
         Otherwise start from the previous stage's final weights, if there is one, and return
         None.
         """
+        schedule = resume_rules.fresh_schedule(self.opt.scheduler)
         resumed = (
             self.ckpt.load_latest(self.chunks, self.opt)
             if self.ckpt is not None and self.cfg.checkpoint.resume
@@ -97,6 +103,18 @@ class LoopState:
         )
         if resumed is not None:
             self.step = resumed.step
+            decision = resume_rules.decide(
+                resumed.meta.get("config"),
+                self.cfg,
+                total_steps=self.total_steps,
+                saved_total_steps=resumed.meta.get("total_steps"),
+                where=resumed.path,
+            )
+            if decision.reapply_schedule:
+                resume_rules.reapply_schedule(self.opt.scheduler, schedule, resumed.path)
+            if self.ctx.rank == 0:
+                run_dir = Path(self.cfg.logging.run_dir)
+                resume_rules.record_resume(run_dir, self.stage, self.step, resumed.path, decision)
             if "data" in resumed.rank_state:
                 try:
                     self.data.load_state_dict(resumed.rank_state["data"])

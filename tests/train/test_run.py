@@ -155,6 +155,39 @@ def test_no_sample_fits_fails_fast_with_the_reason(digits: Path, tmp_path: Path)
     assert time.time() - t0 < 120
 
 
+def test_resume_refuses_changed_settings_unless_allowed(digits: Path, tmp_path: Path) -> None:
+    """A resume with a new optim.lr or train.seed is refused naming the key; optim.lr listed in
+    checkpoint.allow_changes resumes with the new value (and a longer train.steps), and the run
+    dir records both configs and what the resume changed."""
+    run = tmp_path / "run"
+    first = _cmd(digits, run, "train.steps=2", "checkpoint.save_every=2")
+    subprocess.run(first, check=True, capture_output=True, timeout=600)
+
+    def again(*extra: str) -> subprocess.CompletedProcess[str]:
+        args = _cmd(digits, run, "checkpoint.save_every=2", *extra)
+        return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+    lr = again("train.steps=3", "optim.lr=1e-3")
+    assert lr.returncode == 3, lr.stderr[-3000:]
+    assert "optim.lr: 0.002 -> 0.001" in lr.stderr and "checkpoint.allow_changes=[optim.lr]" in (
+        lr.stderr
+    )
+    seed = again("train.steps=3", "train.seed=7")
+    assert seed.returncode == 3 and "train.seed: 1234 -> 7" in seed.stderr, seed.stderr[-3000:]
+    assert "train.init_from" in seed.stderr
+    ok = again("train.steps=3", "optim.lr=1e-3", "checkpoint.allow_changes=[optim.lr]")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[2]["lr"] <= 1e-3 < rows[1]["lr"]  # the new peak LR is in effect
+    (resume,) = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert resume["step"] == 2 and resume["changed"]["optim.lr"] == [0.002, 0.001]
+    assert set(resume["accepted"]) >= {"optim.lr", "train.steps"}
+    assert "lr: 0.001" in (run / "config.yaml").read_text()
+    assert "lr: 0.002" in (run / "config.1.yaml").read_text()  # the refused starts left none
+    assert not (run / "config.2.yaml").exists()
+
+
 def test_preemption_signal_saves_and_marks(digits: Path, tmp_path: Path) -> None:
     run = tmp_path / "pre"
     proc = subprocess.Popen(
