@@ -19,11 +19,12 @@ process, so the protocol is:
 4. the batch script sees the marker and runs ``scontrol requeue``; the rerun
    (``SLURM_RESTART_COUNT`` >= 1) resumes from the latest valid checkpoint.
 
-A step boundary may never come (a rank stuck in data loading or in a collective). A *second*
-watched signal, arriving at least :attr:`PreemptionWatcher.repeat_after_s` after the first,
-therefore ends the process at once with status ``128 + signal`` and "second signal: exiting
-without checkpoint" on stderr. Copies of one signal that arrive together (SLURM signals every
-process and torchrun forwards TERM to its ranks as well) count once.
+A step boundary may never come (a rank stuck in data loading or in a collective). A SIGTERM
+arriving at least :attr:`PreemptionWatcher.repeat_after_s` after the first request therefore
+ends the process at once with status ``128 + SIGTERM`` (143) and "second signal: exiting
+without checkpoint" on stderr. Copies that arrive together (SLURM signals every process, and
+the batch script and torchrun forward TERM as well) count once. USR1 never does this: the
+batch script re-sends it every few seconds while the ranks save (``render.REFORWARD_S``).
 
 Nothing here imports torch unless :meth:`should_stop` is asked to agree across ranks.
 """
@@ -51,8 +52,10 @@ DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 """Signals that request a checkpoint-and-exit."""
 BLOCKED_SIGNALS = (signal.SIGUSR1,)
 """Signals blocked in the trainer and, by inheritance, in every process it starts."""
-REPEAT_AFTER_S = 3.0
-"""A watched signal this long after the first one exits at once (see the module docstring)."""
+REPEAT_AFTER_S = 5.0
+"""A SIGTERM this long after the first request exits at once (see the module docstring)."""
+EXIT_ON_REPEAT = (signal.SIGTERM,)
+"""Signals whose repeat exits without a checkpoint."""
 
 
 def marker_path(run_dir: str | os.PathLike[str]) -> Path:
@@ -120,7 +123,7 @@ class PreemptionWatcher:
         if self._received is None:
             self._received = signal.Signals(signum)
             self._first_at = now
-        elif now - self._first_at >= self.repeat_after_s:
+        elif signum in EXIT_ON_REPEAT and now - self._first_at >= self.repeat_after_s:
             # The first request is still waiting for a step boundary: the user (or SLURM's
             # kill timeout) insists. os._exit: no handler, finally or atexit may block again.
             name = signal.Signals(signum).name

@@ -69,7 +69,13 @@ FIXED = (
     "data.num_workers",
     "optim.adam_",
 )
-SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_fraction", "optim.decay_style")
+SCHEDULE = (
+    "optim.lr",
+    "optim.min_lr",
+    "optim.warmup_fraction",
+    "optim.decay_style",
+    "optim.weight_decay",  # the schedule sets it on every step
+)
 """Settings the LR schedule is built from (re-applied when they or the stage length change)."""
 _SCHEDULER_FIELDS = (
     "max_lr",
@@ -103,10 +109,11 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (checkpoint value, value now)}`` for every leaf that differs. ``stages``
     is left out: the resumed stage's own settings are already applied in both configs, and the
-    other stages' do not concern it."""
+    other stages' do not concern it. A key the checkpoint's config lacks (a setting added by a
+    later release) is not a change: the run before had no such choice."""
     a = _flatten({k: v for k, v in saved.items() if k != "stages"})
     b = _flatten({k: v for k, v in now.items() if k != "stages"})
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    return {k: (a[k], b.get(k)) for k in sorted(a) if a[k] != b.get(k)}
 
 
 class ResumeRefused(CheckpointError):

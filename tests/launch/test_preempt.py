@@ -152,6 +152,9 @@ def test_second_sigterm_ends_a_process_stuck_before_the_step_boundary() -> None:
         proc.send_signal(signal.SIGTERM)  # a copy arriving together (torchrun forwards TERM)
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=1.0)  # the first request waits for a step boundary
+        proc.send_signal(signal.SIGUSR1)  # re-sent by the batch script while ranks save
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 128 + signal.SIGTERM
         assert proc.stderr is not None
