@@ -24,7 +24,7 @@ from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train import resume as resume_rules
 from megatron_autothink.train.callbacks import METRICS_FILE, Callback
-from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
+from megatron_autothink.train.checkpoint import CheckpointManager
 from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
 from megatron_autothink.train.setup import OptimizerBundle
 from megatron_autothink.train.step import train_step
@@ -112,15 +112,15 @@ class LoopState:
             )
             if decision.reapply_schedule:
                 resume_rules.reapply_schedule(self.opt.scheduler, schedule, resumed.path)
-            if self.ctx.rank == 0:
-                run_dir = Path(self.cfg.logging.run_dir)
-                resume_rules.record_resume(run_dir, self.stage, self.step, resumed.path, decision)
             if "data" in resumed.rank_state:
                 try:
                     self.data.load_state_dict(resumed.rank_state["data"])
                 except ValueError as e:  # the loader cannot name the checkpoint file; we can
                     rank_file = resumed.path / f"rank_{self.ctx.rank:05d}.pt"
-                    raise CheckpointError(f"{rank_file}: data-loader state: {e}") from e
+                    raise resume_rules.ResumeRefused(f"{rank_file}: data-loader state: {e}") from e
+            if self.ctx.rank == 0:
+                run_dir = Path(self.cfg.logging.run_dir)
+                resume_rules.record_resume(run_dir, self.stage, self.step, resumed.path, decision)
             self._drop_replayed_rows()
             return resumed.rank_state
         if previous is not None:

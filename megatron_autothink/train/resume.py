@@ -117,7 +117,8 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tupl
 
 
 class ResumeRefused(CheckpointError):
-    """A resume refused for changed settings (nothing was trained with them)."""
+    """A resume refused before any step: changed settings, or a data-loader state that does not
+    fit the loader (nothing was trained with the new config)."""
 
 
 @dataclass
