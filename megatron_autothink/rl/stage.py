@@ -37,7 +37,7 @@ from megatron_autothink.rl.trainer import ReplayStore, RLContext, replay_capacit
 from megatron_autothink.rollout.engine import colocated_weight_sync
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
-from megatron_autothink.train.loop import LoopState
+from megatron_autothink.train.loop import LoopState, data_metrics
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,12 @@ def run_stage(
     """One RL stage. ``engine_slot`` carries the run's rollout engine across its RL stages; the
     caller shuts it down after the last one."""
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
-    from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
+    from megatron_autothink.train.run import (
+        checkpoint_root,
+        image_config,
+        loader_options,
+        resolve_tokenizer_dir,
+    )
 
     run_cfg, cfg = cfg, stage_config(cfg, stage)
     rl = cfg.rl
@@ -161,6 +166,7 @@ def run_stage(
             batch_size=rl.prompts_per_step // ctx.dp,
             image=image_config(cfg),
             s3_endpoint=cfg.data.s3_endpoint or None,
+            **loader_options(cfg),
         ),
         tokenizer,
         dp_rank=ctx.dp_rank,
@@ -191,6 +197,8 @@ def run_stage(
     }
     if replay is not None:
         state.extra_rank_state["replay"] = replay.state_dict
+    rollout_log = Path(cfg.logging.run_dir) / "rollouts" / f"{stage.name}.jsonl"
+    state.step_logs.append(rollout_log)  # its replayed steps are dropped at resume
     rs = state.resume(previous)
     if rs is not None:
         if "rethink_rng" in rs:
@@ -284,7 +292,7 @@ def run_stage(
         image=image_config(cfg),
         weight_sync=weight_sync,
         comm=comm,
-        rollout_log=run_dir / "rollouts" / f"{stage.name}.jsonl" if ctx.rank == 0 else None,
+        rollout_log=rollout_log if ctx.rank == 0 else None,
     )
     callbacks = standard_callbacks(cfg, evaluate=False)
     for cb in callbacks:
@@ -292,7 +300,7 @@ def run_stage(
     try:
         while state.step < state.total_steps:
             prompts = next(loader)
-            metrics = rl_step(rc, prompts, state.step + 1)
+            metrics = rl_step(rc, prompts, state.step + 1) | data_metrics(loader)
             state.step += 1
             state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False
             for cb in callbacks:
