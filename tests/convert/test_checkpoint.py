@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_autothink.checkpoint_io import manifest
 from megatron_autothink.convert.hf_io import HFCheckpoint
 from megatron_autothink.convert.mapping import canonical_hf_name
 from tests.convert.hf_utils import TinySpec, VLInputs, hf_logits, save_hf_dir, vl_inputs
@@ -162,7 +163,10 @@ def _tp2pp2_worker(mcore: str, ckpt2: str, hf_dist: str, x: VLInputs) -> dict:
         Path(ckpt2).mkdir(exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), ckpt2)
         if ctx.rank == 0:  # the side-car and tokenizer travel with the checkpoint
-            shutil.copy(Path(mcore) / META_NAME, Path(ckpt2) / META_NAME)
+            meta = json.loads((Path(mcore) / META_NAME).read_text())
+            # The manifest must list this checkpoint's files, not those of the one it came from.
+            meta["manifest"] = manifest(Path(ckpt2), exclude=(META_NAME, "tokenizer"))
+            (Path(ckpt2) / META_NAME).write_text(json.dumps(meta))
             shutil.copytree(Path(mcore) / "tokenizer", Path(ckpt2) / "tokenizer")
         dist.barrier()
         mcore_to_hf(ckpt2, hf_dist, tp=2, pp=2, progress=False)
