@@ -158,7 +158,14 @@ class TrainConfig(_Section):
     eval_steps: int = Field(4, ge=0)
     log_every: int = Field(1, ge=1)
     init_from: str = ""
-    """Empty: random init. A megatron checkpoint dir or a HF model dir (converted on the fly)."""
+    """The base model a fine-tuning run starts from (its first stage, when there is nothing to
+    resume): a Hugging Face Qwen2.5-VL directory (config.json + safetensors, converted on the
+    fly), a ``autothink convert hf-to-mcore`` output, or a training checkpoint's ``iter_N`` dir
+    or its ``dist/`` (model weights only). Later stages start from the stage before. Empty is a
+    config error unless ``from_scratch`` is true."""
+    from_scratch: bool = False
+    """Allow an empty ``init_from``: the run starts from random weights on purpose (the tiny
+    CPU recipes, pre-training experiments). Ignored when ``init_from`` is set."""
 
 
 class CheckpointConfig(_Section):
@@ -498,7 +505,7 @@ def load_config(
         _set_dotted(tree, key, value)
     tree.setdefault("recipe", path.stem)
     try:
-        return AutothinkConfig.model_validate(tree)
+        cfg = AutothinkConfig.model_validate(tree)
     except ValidationError as err:
         # A ConfigError raised inside a validator arrives wrapped; surface its own message.
         for e in err.errors():
@@ -506,6 +513,29 @@ def load_config(
             if isinstance(ctx_err, ConfigError):
                 raise ConfigError(f"{path}: {ctx_err}") from None
         raise ConfigError(_format_validation_error(err, str(path))) from None
+    try:
+        check_run(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def check_run(cfg: AutothinkConfig) -> None:
+    """Checks on a run a user asks for (recipe + overrides, :func:`load_config`).
+
+    Kept out of :func:`check_static`, which every config passes through: configs built in code
+    (a conversion's throw-away layout) and run configs saved before ``train.from_scratch``
+    existed are read back without them.
+    """
+    t = cfg.train
+    if not t.init_from and not t.from_scratch:
+        _fail(
+            "train.init_from",
+            "empty, so the run would start from random weights. Name the base model: a Hugging "
+            "Face model dir (e.g. train.init_from=/models/Qwen2.5-VL-3B-Instruct), an "
+            "`autothink convert hf-to-mcore` output or a checkpoint's iter_N dir; or set "
+            "train.from_scratch=true to train from random weights on purpose",
+        )
 
 
 def dump_config(cfg: AutothinkConfig) -> str:

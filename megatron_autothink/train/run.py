@@ -219,6 +219,7 @@ def check_input_paths(cfg: AutothinkConfig) -> None:
     named += [
         ("data.eval_path", cfg.data.eval_path),
         ("data.tokenizer_path", cfg.data.tokenizer_path),
+        ("train.init_from", cfg.train.init_from),
     ]
     for key, value in named:
         if value and "://" not in value and not Path(value).exists():
