@@ -407,6 +407,26 @@ def check_static(cfg: AutothinkConfig) -> None:
             )
 
 
+def input_paths(cfg: AutothinkConfig) -> list[tuple[str, str]]:
+    """(key, local path) of everything a run reads: each stage's data (its ``train_path`` or
+    ``data.train_path``), the eval data, the tokenizer and the base model. Empty values and
+    object-store URLs (``s3://``, ``msc://``: the loader names the shard it cannot read) are
+    left out."""
+    stages = cfg.stages or [StageConfig(name="sft", kind="sft", steps=cfg.train.steps)]
+    named = [
+        (f"stages[{s.name}].train_path", s.train_path)
+        if s.train_path
+        else ("data.train_path", cfg.data.train_path)
+        for s in stages
+    ]
+    named += [
+        ("data.eval_path", cfg.data.eval_path),
+        ("data.tokenizer_path", cfg.data.tokenizer_path),
+        ("train.init_from", cfg.train.init_from),
+    ]
+    return list(dict.fromkeys((k, v) for k, v in named if v and "://" not in v))
+
+
 def _stage_value(cfg: AutothinkConfig, stage: StageConfig, dotted: str) -> Any:
     """``dotted``'s value in ``stage``: its override (dotted key, or nested under a section
     key), else the run's."""

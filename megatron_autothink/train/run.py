@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config, stage_config
+from megatron_autothink.config import (
+    AutothinkConfig,
+    StageConfig,
+    dump_config,
+    input_paths,
+    stage_config,
+)
 
 # Moved down to data/ (convert and eval need them without importing train/); re-exported here
 # for callers that import them from train.run.
@@ -210,19 +216,8 @@ def check_input_paths(cfg: AutothinkConfig) -> None:
     """Every local input the config names must exist: a typo is reported in a second, not after
     the process groups, the model and the loader workers are set up. (Object-store URLs are
     left to the loader, which names the shard it cannot read.)"""
-    named = [
-        (f"stages[{s.name}].train_path", s.train_path)
-        if s.train_path
-        else ("data.train_path", cfg.data.train_path)
-        for s in stages_of(cfg)
-    ]
-    named += [
-        ("data.eval_path", cfg.data.eval_path),
-        ("data.tokenizer_path", cfg.data.tokenizer_path),
-        ("train.init_from", cfg.train.init_from),
-    ]
-    for key, value in named:
-        if value and "://" not in value and not Path(value).exists():
+    for key, value in input_paths(cfg):
+        if not Path(value).exists():
             raise SystemExit(f"autothink train: {key}={value} does not exist")
 
 
