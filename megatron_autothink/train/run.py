@@ -28,6 +28,7 @@ from megatron_autothink.config import (
 
 # Moved down to data/ (convert and eval need them without importing train/); re-exported here
 # for callers that import them from train.run.
+from megatron_autothink.cpus import configure_threads
 from megatron_autothink.data.image_processing import image_config
 from megatron_autothink.data.tokenizer import hf_token_ids as hf_token_ids
 from megatron_autothink.data.tokenizer import resolve_tokenizer_dir
@@ -230,6 +231,9 @@ def main(cfg: AutothinkConfig) -> int:
     # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
     watcher = PreemptionWatcher().install() if cfg.checkpoint.save_on_signal else None
     setup_logging(int(os.environ.get("RANK", "0")))
+    # Threads from the CPUs this rank may use (or AUTOTHINK_THREADS), before any worker, process
+    # group or engine exists, so they inherit the same budget (megatron_autothink/cpus.py).
+    log.info("torch threads: %d", configure_threads())
     from megatron_autothink.data.tokenizer import load_tokenizer
 
     stages = stages_of(cfg)
