@@ -163,7 +163,8 @@ def check_paths(cfg: AutothinkConfig, opts: SlurmOptions, workdir: Path, run_dir
     """The data and model paths of the recipe must exist, and, in a container, lie under a mount.
 
     Checked on this machine, which must see the cluster's shared file system (as it does for the
-    run directory): a path only the compute nodes have cannot be checked here.
+    run directory): a path only the compute nodes have cannot be checked here. Raises
+    :class:`LaunchError` for the first problem.
     """
     inputs, outputs = input_paths(cfg), [("checkpoint.dir", cfg.checkpoint.dir)]
     outputs = [(k, v) for k, v in outputs if v and "://" not in v]
@@ -175,11 +176,10 @@ def check_paths(cfg: AutothinkConfig, opts: SlurmOptions, workdir: Path, run_dir
         if container:
             found = [(src, dst) for src, dst in mounts if _inside(path, dst)]
             if not found:
-                dst = path if key in dict(outputs) or path.is_dir() else path.parent
                 raise LaunchError(
                     f"{key}={value} is not inside the container: only WORKDIR ({workdir}), the "
                     f"run directory ({run_dir}) and the container mounts "
-                    f"{list(opts.container.mounts)} are; add --mount {dst}:{dst} (or list it "
+                    f"{list(opts.container.mounts)} are; add --mount {path}:{path} (or list it "
                     "under container.mounts in the cluster profile)"
                 )
             # The longest destination wins, as the innermost bind mount does.
@@ -215,7 +215,13 @@ def preflight(
     check_layout(cfg, opts)
     warnings = check_resume(cfg, opts) + check_time(opts) + check_interpreter(opts)
     run_dir = resolve(cfg.logging.run_dir, workdir)
-    check_paths(cfg, opts, workdir, run_dir)
+    try:
+        check_paths(cfg, opts, workdir, run_dir)
+    except LaunchError as e:
+        if create:
+            raise
+        # --dry-run: still show the script (e.g. a recipe's placeholder paths), but say so.
+        warnings.append(f"{e} (an error when submitting)")
     check_writable_dir(run_dir, "run directory (logging.run_dir)", create=create)
     if cfg.checkpoint.dir:
         check_writable_dir(resolve(cfg.checkpoint.dir, workdir), "checkpoint.dir", create=create)

@@ -166,14 +166,14 @@ def test_recipe_paths_must_exist(tmp_path: Path) -> None:
     t = _data_tree(tmp_path)
     opts = SlurmOptions(gpus_per_node=0, time="1:00:00")
     ok = [f"data.train_path={t['shards']}", f"train.init_from={t['model']}"]
-    preflight(load_config("tiny_cpu", ok), opts, t["work"], create=False)
+    preflight(load_config("tiny_cpu", ok), opts, t["work"], create=True)
     missing = t["model"].parent / "qwen-typo"
     cfg = load_config("tiny_cpu", [ok[0], f"train.init_from={missing}"])
     with pytest.raises(LaunchError, match=r"train\.init_from=.*qwen-typo does not exist"):
-        preflight(cfg, opts, t["work"], create=False)
+        preflight(cfg, opts, t["work"], create=True)
     cfg = load_config("tiny_cpu", ["data.train_path=shards-typo"])  # relative to WORKDIR
     with pytest.raises(LaunchError, match=r"data\.train_path=shards-typo does not exist"):
-        preflight(cfg, opts, t["work"], create=False)
+        preflight(cfg, opts, t["work"], create=True)
 
 
 def test_recipe_paths_must_be_inside_the_container(tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def test_recipe_paths_must_be_inside_the_container(tmp_path: Path) -> None:
         },
     )
     with pytest.raises(LaunchError) as e:
-        preflight(cfg, opts, t["work"], create=False)
+        preflight(cfg, opts, t["work"], create=True)
     msg = str(e.value)
     assert f"data.tokenizer_path={t['model']} is not inside the container" in msg
     assert f"--mount {t['model']}:{t['model']}" in msg
@@ -202,10 +202,21 @@ def test_recipe_paths_must_be_inside_the_container(tmp_path: Path) -> None:
         f"{tmp_path}/elsewhere:{lustre}/models",
     ]
     with pytest.raises(LaunchError, match=r"host path .*elsewhere/qwen, through the mount"):
-        preflight(cfg, opts, t["work"], create=False)
+        preflight(cfg, opts, t["work"], create=True)
     opts.container.mounts = [f"{lustre}:{lustre}"]
-    preflight(cfg, opts, t["work"], create=False)
+    preflight(cfg, opts, t["work"], create=True)
     # what the ranks write must be mounted too
     cfg = load_config("tiny_cpu", [f"checkpoint.dir={tmp_path}/ckpt"])
     with pytest.raises(LaunchError, match=r"checkpoint\.dir=.*ckpt is not inside the container"):
-        preflight(cfg, opts, t["work"], create=False)
+        preflight(cfg, opts, t["work"], create=True)
+
+
+def test_dry_run_reports_path_problems_as_warnings(tmp_path: Path) -> None:
+    """--dry-run still prints the script of a recipe with placeholder paths, and says why it
+    would not submit."""
+    cfg = load_config("tiny_cpu", [f"data.train_path={tmp_path}/nope"])
+    opts = SlurmOptions(gpus_per_node=0, time="1:00:00")
+    *_, warning = preflight(cfg, opts, tmp_path, create=False)
+    assert "nope does not exist" in warning and "an error when submitting" in warning
+    with pytest.raises(LaunchError, match="nope does not exist"):
+        preflight(cfg, opts, tmp_path, create=True)
