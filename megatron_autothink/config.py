@@ -131,7 +131,19 @@ class DataConfig(_Section):
     max_pixels: int = 256 * 28 * 28
     num_workers: int = Field(0, ge=0)
     shuffle_buffer: int = 100
-    max_error_rate: float = 0.01
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    """The run stops (exit status 4) once more than this share of the samples a loading process
+    has read, from its 200th on, could not be read or decoded. Samples skipped by rule (longer
+    than ``seq_length``, RL prompts without an answer) do not count; shards left out at start
+    are reported and counted (``data/corrupt_shard_samples``), not counted here."""
+    max_unusable_in_a_row: int = Field(100, ge=0)
+    """The run stops (exit status 4) when this many samples in a row were unusable for any
+    reason, e.g. every sample longer than ``seq_length``: no batch could ever form. 0: off."""
+    on_shard_change: Literal["refuse", "restart_order"] = "refuse"
+    """Resume when a shard that was usable at the checkpoint is unusable now: ``refuse``, or
+    ``restart_order`` (the stage's sample order starts afresh without it; not an exact resume,
+    samples seen before may come again). A shard repaired since the checkpoint stays left out
+    until the next stage or run, so the resume stays exact."""
     text_only: bool = False
     s3_endpoint: str = ""
     """Object-storage endpoint URL (else ``AWS_ENDPOINT_URL``)."""
@@ -177,6 +189,10 @@ class CheckpointConfig(_Section):
     """Save when SIGTERM/SIGUSR1 arrives (SLURM pre-emption), then exit."""
     resume: bool = True
     """Resume from the latest valid checkpoint in ``dir`` when one exists."""
+    allow_changes: list[str] = Field(default_factory=list)
+    """Settings (dotted keys or sections, e.g. ``[optim.lr, data.seq_length]``) that may differ
+    from the checkpoint's when resuming: the new value takes effect, with a warning. Others are
+    refused, naming the key (see docs/training.md, "Changing settings on resume")."""
 
 
 class WandbConfig(_Section):
@@ -276,6 +292,10 @@ class RLConfig(_Section):
     std_normalize: bool = True
     clip_low: float = 0.2
     clip_high: float = 0.2
+    clip_ratio_c: float = Field(3.0, gt=1.0)
+    """Dual-clip bound for negative advantages (verl's ``clip_ratio_c``, default 3): a token with
+    A < 0 contributes at most ``-A * clip_ratio_c``, so an off-policy replay whose ratio has run
+    far above ``1 + clip_high`` cannot push with an unbounded gradient."""
     kl_coef: float = 0.0
     nll_coef: float = 0.0
     updates_per_step: int = Field(1, ge=1)

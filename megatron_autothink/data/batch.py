@@ -70,6 +70,9 @@ class PromptSample:
     """The same prompt with ONE ``<|image_pad|>`` per image, as vLLM / HF processors expect."""
     images: list[Image.Image] = field(default_factory=list)
     """The stored RGB images (for vLLM's ``multi_modal_data``)."""
+    image_bytes: list[bytes] = field(default_factory=list)
+    """The same images encoded as stored in the shard (PNG/JPEG): what an SSR replay keeps and
+    re-decodes, so the buffer never holds decoded pixels."""
     pixel_values: torch.Tensor | None = None
     """FloatTensor[N, 1176]: patches of this prompt's images (our preprocessing)."""
     image_grid_thw: torch.Tensor | None = None

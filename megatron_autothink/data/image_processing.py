@@ -132,6 +132,27 @@ def preprocess_image(
     return torch.from_numpy(flat), (1, gh, gw)
 
 
+def image_patches(
+    images: list[Image.Image], config: ImageProcessingConfig
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int]]:
+    """All images of one sample: ``pixel_values [N, 1176]`` (rows of every image in order),
+    ``image_grid_thw [M, 3]`` and the LM token count per image; ``(None, None, [])`` without
+    images. The one path from decoded images to model inputs (the loaders and SSR replays,
+    which re-decode the shard's bytes, share it, so a replay sees bit-identical pixels).
+    """
+    if not images:
+        return None, None, []
+    from megatron_autothink.data.packing import concat_rows
+
+    pixels, grids = [], []
+    for img in images:
+        pv, grid = preprocess_image(img, config)
+        pixels.append(pv)
+        grids.append(grid)
+    counts = [num_image_tokens(g, config.merge_size) for g in grids]
+    return concat_rows(pixels), torch.tensor(grids, dtype=torch.long), counts
+
+
 def num_image_tokens(grid_thw: tuple[int, int, int] | torch.Tensor, merge_size: int = 2) -> int:
     """LM tokens for one image grid: ``t*h*w // merge_size**2``.
 

@@ -58,6 +58,7 @@ from megatron.energon import (
 from megatron.energon import Sample as EnergonSample
 from megatron.energon.edataclass import edataclass
 from megatron.energon.epathlib import EPath
+from megatron.energon.errors import FatalSampleError
 from megatron.energon.flavors.webdataset.config import split_name_re
 from megatron.energon.flavors.webdataset.structs import ShardInfo
 from megatron.energon.metadataset import load_dataset
@@ -78,14 +79,12 @@ from megatron_autothink.data.chat_template import (
 from megatron_autothink.data.image_processing import (
     ImageProcessingConfig,
     decode_image,
-    num_image_tokens,
-    preprocess_image,
+    image_patches,
 )
 from megatron_autothink.data.packing import (
     EncodedSequence,
     PackedRow,
     collate_rows,
-    concat_rows,
     first_fit_decreasing,
     mrope_position_ids,
     pack_row,
@@ -138,6 +137,20 @@ class DataSourceConfig:
     gc_every_n_batches: int = 10
     """Energon runs ``gc.collect()`` every n batches in the loading process (and one full
     collection + ``gc.freeze()`` when iteration starts: ~1 s with a large heap); 0 disables."""
+    max_error_rate: float | None = None
+    """Raise :class:`DataQualityError` once more than this share of the samples one loading
+    process has read (counted from its :data:`MIN_SAMPLES_FOR_RATE`-th) could not be read or
+    decoded. Skips by rule (too long, no answer) do not count. ``None``: no limit."""
+    max_unusable_in_a_row: int = 100
+    """Raise :class:`DataQualityError` when this many samples in a row were unusable for any
+    reason (bad, too long, no answer): nothing would ever reach the trainer, and energon would
+    search forever. 0: no limit."""
+    on_shard_change: Literal["refuse", "restart_order"] = "refuse"
+    """At :meth:`~_EnergonLoader.load_state_dict`, when a shard that was usable at save time is
+    unusable now: ``refuse`` (ValueError), or ``restart_order``: keep the counters but start the
+    sample order afresh without the shard (not an exact resume). A shard that was excluded at
+    save time and is usable now stays excluded until the loader is rebuilt without a state (the
+    next stage or run), which keeps the resume exact."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,6 +194,108 @@ def _take_worker_stats() -> dict[str, int]:
     return out
 
 
+MIN_SAMPLES_FOR_RATE = 200
+"""Samples a loading process reads before ``max_error_rate`` is checked (a few bad samples at
+the very start must not stop a run whose overall share is small)."""
+
+
+class DataQualityError(FatalSampleError):
+    """The data cannot feed training: too many bad samples, or none fits. A FatalSampleError,
+    so energon passes it on instead of skipping the sample that raised it."""
+
+
+# energon wraps the error (and a worker process re-raises it by message): the loader finds its
+# own text between these marks and raises it again, unwrapped.
+_DQ_OPEN, _DQ_CLOSE = "<<data-quality>>", "<</data-quality>>"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    """What :class:`_Quality` enforces, passed to both the encoder and the error handler."""
+
+    what: str  # "<path> [<split>]" for messages
+    max_error_rate: float | None
+    max_unusable_in_a_row: int
+
+
+class _Quality:
+    """Per loading process: outcomes of every sample, for the two limits of :class:`_Limits`.
+
+    Unlike ``_WORKER_STATS`` it is never reset, so the share covers everything this process
+    has read."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.bad = 0
+        self.in_a_row = 0
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.row_reasons: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}
+
+    def ok(self) -> None:
+        self.read += 1
+        self.in_a_row = 0
+        self.row_reasons.clear()
+        _WORKER_STATS["samples_read"] += 1
+
+    def unusable(self, reason: str, example: str, limits: _Limits, *, error: bool) -> None:
+        self.read += 1
+        self.in_a_row += 1
+        self.bad += error
+        self.reasons[reason] += 1
+        if error:
+            self.errors[reason] += 1
+        self.row_reasons[reason] += 1
+        self.examples.setdefault(reason, example)
+        _WORKER_STATS["samples_read"] += 1
+        n = limits.max_unusable_in_a_row
+        if n and self.in_a_row >= n:
+            raise self._error(
+                f"{limits.what}: the last {self.in_a_row} samples read were all unusable "
+                f"({self._summary(self.row_reasons)}); no batch can be formed"
+            )
+        rate = limits.max_error_rate
+        if rate is not None and self.read >= MIN_SAMPLES_FOR_RATE and self.bad > rate * self.read:
+            raise self._error(
+                f"{limits.what}: {self.bad} of {self.read} samples read could not be read or "
+                f"decoded ({self.bad / self.read:.1%} > max_error_rate={rate:g}; "
+                f"{self._summary(self.errors)})"
+            )
+
+    def _summary(self, reasons: collections.Counter[str]) -> str:
+        return "; ".join(
+            f"{n} {reason}, e.g. {self.examples[reason]}" for reason, n in reasons.most_common(3)
+        )
+
+    @staticmethod
+    def _error(message: str) -> DataQualityError:
+        return DataQualityError(f"{_DQ_OPEN}{message}{_DQ_CLOSE}")
+
+    def should_log(self, reason: str) -> bool:
+        """Log the first few skips of each reason; the rest are only counted (``data/*``
+        metrics), or a run with many skips writes gigabytes of warnings."""
+        return self.reasons[reason] <= _LOGGED_PER_REASON
+
+
+_LOGGED_PER_REASON = 20
+_QUALITY: dict[_Limits, _Quality] = {}
+
+
+def _quality(limits: _Limits) -> _Quality:
+    """This process's tracker for one dataset split (the training and the evaluation loader of
+    one process count apart)."""
+    return _QUALITY.setdefault(limits, _Quality())
+
+
+def _unwrap_quality_error(e: BaseException) -> DataQualityError | None:
+    text = str(e)
+    start, end = text.find(_DQ_OPEN), text.find(_DQ_CLOSE)
+    if start < 0 or end < start:
+        return None
+    return DataQualityError(text[start + len(_DQ_OPEN) : end])
+
+
 def _where(sources: Any) -> str:
     """``shard[index]`` of a sample, as energon's source info records it."""
     return ", ".join(f"{s.shard_name}[{s.index}]" for s in sources or []) or "?"
@@ -197,12 +312,29 @@ def _describe(e: Exception) -> str:
     return str(e)
 
 
-def _error_handler(e: Exception, sample: Any, sources: list[SourceInfo] | None = None) -> None:
-    """Energon's per-sample error hook: one log line with the shard + index, then skip."""
-    logger.warning(
-        "skipping bad sample %s: %s: %s", _where(sources), type(e).__name__, _describe(e)
+@dataclasses.dataclass(frozen=True)
+class _ErrorHandler:
+    """Energon's per-sample error hook: count, log (the first few per reason) with the shard +
+    index, skip, and raise :class:`DataQualityError` past the limits. A picklable object, so
+    worker processes get the limits with it."""
+
+    limits: _Limits
+
+    def __call__(self, e: Exception, sample: Any, sources: list[SourceInfo] | None = None) -> None:
+        reason = type(e).__name__
+        quality = _quality(self.limits)
+        if quality.should_log(reason):
+            logger.warning("skipping bad sample %s: %s: %s", _where(sources), reason, _describe(e))
+        _WORKER_STATS["bad_sample"] += 1
+        quality.unusable(reason, _where(sources), self.limits, error=True)
+
+
+def _limits(config: DataSourceConfig) -> _Limits:
+    return _Limits(
+        what=f"{config.path} [{config.split}]",
+        max_error_rate=config.max_error_rate,
+        max_unusable_in_a_row=config.max_unusable_in_a_row,
     )
-    _WORKER_STATS["bad_sample"] += 1
 
 
 # ----------------------------------------------------------------------------- cooked / encoded
@@ -276,15 +408,7 @@ class _Renderer:
     def images(
         self, images: list[Image.Image]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int]]:
-        if not images:
-            return None, None, []
-        pixels, grids = [], []
-        for img in images:
-            pv, grid = preprocess_image(img, self.image_config)
-            pixels.append(pv)
-            grids.append(grid)
-        counts = [num_image_tokens(g, self.image_config.merge_size) for g in grids]
-        return concat_rows(pixels), torch.tensor(grids, dtype=torch.long), counts
+        return image_patches(images, self.image_config)
 
 
 # ----------------------------------------------------------------------------- SFT task encoder
@@ -298,6 +422,7 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
 
     def __init__(self, tokenizer: Any, config: LoaderConfig) -> None:
         self.config = config
+        self.limits = _limits(config)
         self.renderer = _Renderer(tokenizer, config.image)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
@@ -363,14 +488,21 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
         seq = self.encode(parsed, images, self.choose_mode(parsed))
         if len(seq) > self.config.seq_length:
             _WORKER_STATS["too_long"] += 1
-            logger.warning(
-                "skipping %s (%s): %d tokens > seq_length %d",
-                parsed.id,
-                _where(getattr(sample, "__sources__", None)),
-                len(seq),
-                self.config.seq_length,
-            )
+            where = _where(getattr(sample, "__sources__", None))
+            reason = f"longer than seq_length={self.config.seq_length}"
+            quality = _quality(self.limits)
+            if quality.should_log(reason):
+                logger.warning(
+                    "skipping %s (%s): %d tokens > seq_length %d",
+                    parsed.id,
+                    where,
+                    len(seq),
+                    self.config.seq_length,
+                )
+            example = f"{parsed.id} ({where}) with {len(seq)} tokens"
+            quality.unusable(reason, example, self.limits, error=False)
             raise SkipSample()
+        _quality(self.limits).ok()
         return _Encoded.derive_from(sample, seq=seq)
 
     def select_samples_to_pack(self, samples: list[_Encoded]) -> list[list[_Encoded]]:
@@ -412,6 +544,7 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
 
     def __init__(self, tokenizer: Any, config: PromptLoaderConfig) -> None:
         self.config = config
+        self.limits = _limits(config)
         self.renderer = _Renderer(tokenizer, config.image)
 
     def encode(self, sample: Sample, images: list[Image.Image]) -> PromptSample:
@@ -435,6 +568,7 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
             prompt_ids=tok.ids,
             vllm_prompt=vllm,
             images=images,
+            image_bytes=[b for b in sample.images if isinstance(b, bytes)],
             pixel_values=pixel_values,
             image_grid_thw=grids,
             answer=sample.answer,
@@ -448,8 +582,12 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
         parsed, images = self.renderer.parse(sample)
         if parsed.answer is None:
             _WORKER_STATS["no_answer"] += 1
+            where = f"{parsed.id} ({_where(getattr(sample, '__sources__', None))})"
+            _quality(self.limits).unusable("without an answer", where, self.limits, error=False)
             raise SkipSample()
-        return _Prompt.derive_from(sample, prompt=self.encode(parsed, images))
+        prompt = self.encode(parsed, images)
+        _quality(self.limits).ok()
+        return _Prompt.derive_from(sample, prompt=prompt)
 
     @stateless
     def batch(self, samples: list[_Prompt]) -> _PromptEnergonBatch:
@@ -622,7 +760,7 @@ class _EnergonLoader(Generic[T]):
             world_size=dp_world_size,
             num_workers=config.num_workers,
             seed_offset=config.seed,
-            global_error_handler=_error_handler,
+            global_error_handler=_ErrorHandler(_limits(config)),
         )
         path = energon_path(config.path, endpoint=config.s3_endpoint)
         loaded = load_dataset(path).get_datasets(
@@ -634,6 +772,7 @@ class _EnergonLoader(Generic[T]):
             decoder=None,
         )
         self.excluded_shards: dict[str, str] = {}
+        self._all_shards: list[tuple[Any, list[ShardInfo]]] = []
         for ds in loaded.datasets:
             factory: Any = ds.dataset
             bad = verify_shards(factory.shards, config.verify_shards)
@@ -645,37 +784,49 @@ class _EnergonLoader(Generic[T]):
                 self.stats["corrupt_shards"] += 1
                 self.stats["corrupt_shard_samples"] += count
             self.excluded_shards.update(bad)
-            # `shards` is what the factory's build() slices across ranks and workers.
-            factory.shards = [s for s in factory.shards if s.name not in bad]
+            self._all_shards.append((factory, list(factory.shards)))
             _make_reads_tolerant(factory)
+        self._loaded = loaded
+        self._task_encoder = task_encoder
+        self._batch_size = batch_size
+        self._packing_buffer_size = packing_buffer_size
+        self._build()
+        self._it: Iterator[Any] | None = None
+        self._closed = False
+
+    def _build(self) -> None:
+        """(Re)build energon's pipeline over the shards not in :attr:`excluded_shards`."""
+        for factory, shards in self._all_shards:
+            # `shards` is what the factory's build() slices across ranks and workers.
+            factory.shards = [s for s in shards if s.name not in self.excluded_shards]
             if not factory.shards:
-                raise RuntimeError(f"{config.path} [{config.split}]: every shard is corrupted")
-        if config.training:
-            dataset = task_encoder.build_train_datasets(
-                datasets=loaded.datasets,
+                raise RuntimeError(
+                    f"{self.config.path} [{self.config.split}]: every shard is corrupted"
+                )
+        if self.config.training:
+            dataset = self._task_encoder.build_train_datasets(
+                datasets=self._loaded.datasets,
                 worker_config=self.worker_config,
-                batch_size=batch_size,
+                batch_size=self._batch_size,
                 batch_drop_last=True,
-                packing_buffer_size=packing_buffer_size,
-                shuffle_buffer_size=config.shuffle_buffer_size,
-                blend_mode=loaded.blend_mode,
+                packing_buffer_size=self._packing_buffer_size,
+                shuffle_buffer_size=self.config.shuffle_buffer_size,
+                blend_mode=self._loaded.blend_mode,
                 repeat=True,
             )
         else:
-            dataset = task_encoder.build_val_datasets(
-                datasets=loaded.datasets,
+            dataset = self._task_encoder.build_val_datasets(
+                datasets=self._loaded.datasets,
                 worker_config=self.worker_config,
-                batch_size=batch_size,
+                batch_size=self._batch_size,
                 batch_drop_last=False,
-                packing_buffer_size=packing_buffer_size,
+                packing_buffer_size=self._packing_buffer_size,
             )
         self._loader: SavableDataLoader[Any] = get_savable_loader(
             dataset,
-            prefetch_factor=config.prefetch_factor,
-            gc_collect_every_n_steps=config.gc_every_n_batches,
+            prefetch_factor=self.config.prefetch_factor,
+            gc_collect_every_n_steps=self.config.gc_every_n_batches,
         )
-        self._it: Iterator[Any] | None = None
-        self._closed = False
 
     def _next_raw(self) -> Any:
         if self._closed:
@@ -684,7 +835,13 @@ class _EnergonLoader(Generic[T]):
             warnings.filterwarnings("ignore", message=".*pin_memory.*")
             if self._it is None:
                 self._it = iter(self._loader)
-            batch = next(self._it)
+            try:
+                batch = next(self._it)
+            except Exception as e:
+                quality = _unwrap_quality_error(e)
+                if quality is None:
+                    raise
+                raise quality from None
         self.stats.update(batch.stats)
         return batch
 
@@ -738,12 +895,45 @@ class _EnergonLoader(Generic[T]):
                 f"state is for rank {state['dp_rank']}/{state['dp_world_size']}, "
                 f"this loader is {self.dp_rank}/{self.dp_world_size}"
             )
-        if state["excluded_shards"] != sorted(self.excluded_shards):
+        saved = set(state["excluded_shards"])
+        newly_bad = sorted(set(self.excluded_shards) - saved)
+        repaired = sorted(saved - set(self.excluded_shards))
+        if newly_bad and self.config.on_shard_change == "refuse":
             raise ValueError(
-                "the set of unusable shards changed since the state was saved "
-                f"({state['excluded_shards']} -> {sorted(self.excluded_shards)}); "
-                "the sample order cannot be resumed exactly"
+                f"{self.config.path} [{self.config.split}]: shards usable when the state was "
+                f"saved are unusable now ({', '.join(newly_bad)}); the sample order cannot be "
+                "resumed exactly. Repair them, or resume with a fresh sample order "
+                "(data.on_shard_change=restart_order)"
             )
+        if newly_bad:
+            # restart_order: energon's saved positions index the old shard list, so they
+            # cannot be applied to the new one; the stage's sample order starts afresh (with a
+            # repaired shard back in) and samples read before the resume may come again.
+            logger.warning(
+                "%s [%s]: shards %s became unusable since the checkpoint "
+                "(data.on_shard_change=restart_order): the sample order starts afresh, "
+                "not an exact resume",
+                self.config.path,
+                self.config.split,
+                ", ".join(newly_bad),
+            )
+            now = {k: self.stats[k] for k in ("corrupt_shards", "corrupt_shard_samples")}
+            self.stats = collections.Counter(state["stats"])
+            self.stats.update({k: v - self.stats[k] for k, v in now.items()})  # today's check
+            return
+        if repaired:
+            # Usable again: left out for the rest of this loader's life, so energon sees the
+            # shard list its positions refer to and the resume stays exact. The next stage or
+            # run (built without a state) reads the shard again.
+            logger.warning(
+                "%s [%s]: shards %s were unusable at the checkpoint and are readable now; they "
+                "stay left out until the next stage or run (so the resume stays exact)",
+                self.config.path,
+                self.config.split,
+                ", ".join(repaired),
+            )
+            self.excluded_shards.update(dict.fromkeys(repaired, "unusable at the checkpoint"))
+            self._build()
         energon_state = loader_state.decode(state["energon"], "energon")
         if not isinstance(energon_state, SavableDataLoaderState):
             raise ValueError(

@@ -19,6 +19,13 @@ process, so the protocol is:
 4. the batch script sees the marker and runs ``scontrol requeue``; the rerun
    (``SLURM_RESTART_COUNT`` >= 1) resumes from the latest valid checkpoint.
 
+A step boundary may never come (a rank stuck in data loading or in a collective). A SIGTERM
+arriving at least :attr:`PreemptionWatcher.repeat_after_s` after the first request therefore
+ends the process at once with status ``128 + SIGTERM`` (143) and "second signal: exiting
+without checkpoint" on stderr. Copies that arrive together (SLURM signals every process, and
+the batch script and torchrun forward TERM as well) count once. USR1 never does this: the
+batch script re-sends it every few seconds while the ranks save (``render.REFORWARD_S``).
+
 Nothing here imports torch unless :meth:`should_stop` is asked to agree across ranks.
 """
 
@@ -45,6 +52,10 @@ DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 """Signals that request a checkpoint-and-exit."""
 BLOCKED_SIGNALS = (signal.SIGUSR1,)
 """Signals blocked in the trainer and, by inheritance, in every process it starts."""
+REPEAT_AFTER_S = 5.0
+"""A SIGTERM this long after the first request exits at once (see the module docstring)."""
+EXIT_ON_REPEAT = (signal.SIGTERM,)
+"""Signals whose repeat exits without a checkpoint."""
 
 
 def marker_path(run_dir: str | os.PathLike[str]) -> Path:
@@ -87,11 +98,15 @@ class PreemptionWatcher:
         self,
         signals: Iterable[signal.Signals] = DEFAULT_SIGNALS,
         blocked: Iterable[signal.Signals] = BLOCKED_SIGNALS,
+        *,
+        repeat_after_s: float = REPEAT_AFTER_S,
     ) -> None:
         self.signals = tuple(signals)
         self.blocked = tuple(s for s in blocked if s in self.signals)
+        self.repeat_after_s = repeat_after_s
         self._event = threading.Event()
         self._received: signal.Signals | None = None
+        self._first_at = 0.0
         self._installed = False
 
     @property
@@ -104,8 +119,16 @@ class PreemptionWatcher:
         return self._received.name if self._received is not None else ""
 
     def _note(self, signum: int) -> None:
+        now = time.monotonic()
         if self._received is None:
             self._received = signal.Signals(signum)
+            self._first_at = now
+        elif signum in EXIT_ON_REPEAT and now - self._first_at >= self.repeat_after_s:
+            # The first request is still waiting for a step boundary: the user (or SLURM's
+            # kill timeout) insists. os._exit: no handler, finally or atexit may block again.
+            name = signal.Signals(signum).name
+            os.write(2, f"{name}: second signal: exiting without checkpoint\n".encode())
+            os._exit(128 + signum)
         self._event.set()
 
     def install(self) -> PreemptionWatcher:

@@ -21,8 +21,11 @@ from megatron_autothink.config import RLConfig
 from megatron_autothink.models.varlen import packed_row_segments
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.batching import RLMicroBatch
-from megatron_autothink.rl.losses import policy_loss
+from megatron_autothink.rl.losses import policy_loss, ratio_sums
 from megatron_autothink.train.setup import OptimizerBundle
+
+REPLAY_STATS = ("ratio", "abs_log_ratio", "outside_clip", "above_c")
+"""Per-token means over SSR replays, logged as ``actor/replay/<name>`` (see ``ratio_sums``)."""
 
 
 def _forward(
@@ -132,6 +135,7 @@ def policy_update(
             mask,
             clip_low=rl.clip_low,
             clip_high=rl.clip_high,
+            clip_ratio_c=rl.clip_ratio_c,
             num_tokens_global=1,  # token SUM: megatron normalises by the global count
             ref_logp=mb.ref_logp,
             kl_coef=rl.kl_coef,
@@ -144,6 +148,17 @@ def policy_update(
             for k, v in metrics.items()
             if k != "ratio_max"
         }
+        # SSR replays' ratios (pi_now / pi_behaviour), averaged over replay tokens only.
+        rep = ratio_sums(
+            -neg_logp.float(),
+            mb.old_logp,
+            mask & mb.replay_mask,
+            clip_low=rl.clip_low,
+            clip_high=rl.clip_high,
+            clip_ratio_c=rl.clip_ratio_c,
+        )
+        for k in REPLAY_STATS:
+            reduced[f"replay/{k}"] = torch.stack([rep[k].float(), rep["tokens"].float()])
         return loss, n.to(torch.int), reduced
 
     outs = _run(chunks, batches, ctx, loss_fn, forward_only=False, seq_length=seq_length)
@@ -163,6 +178,8 @@ def policy_update(
         "ratio_mean",
         "kl_loss",
         "nll_loss",
+        "clip_frac_dual",
+        *(f"replay/{k}" for k in REPLAY_STATS),
     ]
     vec = torch.stack([sums.get(k, torch.zeros(2, dtype=torch.float64)) for k in keys]).to(
         ctx.device
@@ -171,10 +188,11 @@ def policy_update(
         dist.all_reduce(vec, group=ctx.pg.dp)
     vec = _broadcast_from_last_stage(vec, ctx).cpu()
     total = float(vec[0, 1]) or 1.0
+    # Each statistic over its own token count (all response tokens; replay tokens for replay/*).
     metrics = {
-        f"actor/{k}": float(vec[i, 0]) / total
+        f"actor/{k}": float(vec[i, 0]) / float(vec[i, 1])
         for i, k in enumerate(keys)
-        if k in sums or ctx.pp > 1
+        if (k in sums or ctx.pp > 1) and float(vec[i, 1]) > 0
     }
     metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["actor/lr"] = float(opt.optimizer.param_groups[0]["lr"])

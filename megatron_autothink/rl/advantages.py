@@ -6,16 +6,15 @@
   the division by std: ``A_i = r_i - mean(r)`` (``std_normalize=False``). Without the std,
   groups that are nearly solved do not get their tiny reward differences blown up.
 * DAPO (arXiv 2503.14476) "dynamic sampling": a group whose rewards are all equal has zero
-  advantage everywhere and contributes no policy gradient, so it is dropped (and more prompts
-  are sampled to refill the batch, which is the caller's job).
+  advantage everywhere and contributes no policy gradient (:func:`zero_advantage_group_mask`);
+  ``rl.dynamic_filter`` drops such groups from the training set
+  (:func:`megatron_autothink.rl.trainer.select_training_set`; the batch is not refilled).
 
 Deviation/choice: the std is the *unbiased* sample std (``correction=1``), as in TRL and verl;
 GRPO's paper does not specify. A group of one response gets advantage 0.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -80,44 +79,3 @@ def zero_advantage_group_mask(rewards: torch.Tensor) -> torch.Tensor:
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [G, N], got shape {tuple(rewards.shape)}")
     return rewards.amax(dim=1) == rewards.amin(dim=1)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupFilter:
-    """Result of :func:`dynamic_filter`.
-
-    Attributes:
-        keep: [G] bool, groups with a learning signal.
-        kept_indices: [K] long, indices of the kept groups, ascending.
-        zero_advantage_fraction: Share of the G groups that were dropped (for logging).
-    """
-
-    keep: torch.Tensor
-    kept_indices: torch.Tensor
-    zero_advantage_fraction: float
-
-
-def dynamic_filter(rewards: torch.Tensor) -> GroupFilter:
-    """DAPO dynamic sampling filter: drop groups whose rewards are all equal (arXiv 2503.14476).
-
-    Args:
-        rewards: [G, N] rewards.
-
-    Returns:
-        Which groups to keep and the zero-advantage fraction. Refilling the batch with newly
-        sampled prompts is left to the caller.
-
-    Example:
-        >>> f = dynamic_filter(torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]))
-        >>> f.kept_indices.tolist(), f.zero_advantage_fraction
-        ([1, 3], 0.5)
-    """
-    zero = zero_advantage_group_mask(rewards)
-    keep = ~zero
-    num_groups = int(rewards.shape[0])
-    frac = float(zero.sum().item()) / num_groups if num_groups else 0.0
-    return GroupFilter(
-        keep=keep,
-        kept_indices=torch.nonzero(keep, as_tuple=False).flatten(),
-        zero_advantage_fraction=frac,
-    )

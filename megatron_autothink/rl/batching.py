@@ -10,7 +10,7 @@ tensors sit at *label* positions: position ``t`` carries values for the token at
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -27,8 +27,8 @@ from megatron_autothink.data.packing import (
 
 @dataclass
 class TrainSequence:
-    """One rollout ready for training (a :class:`~megatron_autothink.rl.types.RolloutSample`
-    joined with its prompt)."""
+    """One rollout ready for packing: a :class:`~megatron_autothink.rl.types.TrainSample` with
+    its images decoded (transient: built per step, never stored)."""
 
     sample_index: int  # position in the step's sample list
     prompt_ids: list[int]  # [P] chat prompt (images expanded to their pad tokens)
@@ -41,6 +41,10 @@ class TrainSequence:
     train_prefill: bool = False  # BPO: the forced mode prefill is a target too (the decision)
     pixel_values: Tensor | None = None  # [N, 1176]
     image_grid_thw: Tensor | None = None  # [M, 3]
+    # [K] behaviour-policy log-probs of the targets (prefill first when train_prefill), packed
+    # as old_logp; None when the trainer is about to compute them (the generating step)
+    old_logprobs: list[float] | None = None
+    replay: bool = False  # an SSR replay from an earlier step (off-policy)
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.prefill_ids) + len(self.response_ids)
@@ -53,9 +57,9 @@ class RLMicroBatch:
     engine_logp: Tensor  # [B, S] float, 0 off-target
     nll_mask: Tensor  # [B, S] bool
     sample_index: Tensor  # [B, S] long, -1 off-target
-    old_logp: Tensor | None = None  # [B, S], recomputed by megatron before the update
+    replay_mask: Tensor  # [B, S] bool, targets of SSR replays
+    old_logp: Tensor | None = None  # [B, S], behaviour policy (packed from old_logprobs)
     ref_logp: Tensor | None = None  # [B, S], frozen reference policy
-    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> RLMicroBatch:
         def mv(t: Tensor | None) -> Tensor | None:
@@ -68,6 +72,7 @@ class RLMicroBatch:
             engine_logp=self.engine_logp.to(device),
             nll_mask=self.nll_mask.to(device),
             sample_index=self.sample_index.to(device),
+            replay_mask=self.replay_mask.to(device),
             old_logp=mv(self.old_logp),
             ref_logp=mv(self.ref_logp),
         )
@@ -106,13 +111,20 @@ def pack_sequences(
     """First-fit pack into rows, then group rows into micro-batches of ``micro_batch_size``
     (the last one padded with empty rows so every micro-batch has the same shape, which
     megatron's pipeline schedules require). No sequences give one all-padding micro-batch: a
-    data-parallel rank without samples still takes part in the optimizer step."""
+    data-parallel rank without samples still takes part in the optimizer step.
+
+    ``old_logp`` is packed from the sequences' ``old_logprobs`` when all of them carry some,
+    and left None when none does (the step that computes them); a mix is an error."""
     too_long = [s.sample_index for s in seqs if len(s) > seq_length]
     if too_long:
         raise ValueError(
             f"{len(too_long)} rollout sequences exceed data.seq_length={seq_length} "
             f"(samples {too_long[:5]}...): raise data.seq_length or lower rollout.max_new_tokens"
         )
+    with_old = [s.old_logprobs is not None for s in seqs]
+    if any(with_old) and not all(with_old):
+        raise ValueError("either every sequence carries old_logprobs or none does")
+    has_old = bool(seqs) and all(with_old)
     bins = first_fit_decreasing([len(s) for s in seqs], seq_length)
     rows = []
     extras = []
@@ -123,6 +135,8 @@ def pack_sequences(
         elp = torch.zeros(seq_length)
         nll = torch.zeros(seq_length, dtype=torch.bool)
         idx = torch.full((seq_length,), -1, dtype=torch.long)
+        old = torch.zeros(seq_length)
+        rep = torch.zeros(seq_length, dtype=torch.bool)
         start = 0
         for s in members:
             response_start = start + len(s.prompt_ids) + len(s.prefill_ids)
@@ -135,8 +149,16 @@ def pack_sequences(
             elp[r0:e] = torch.tensor(s.engine_logprobs[: e - r0], dtype=torch.float32)
             nll[a:e] = s.nll
             idx[a:e] = s.sample_index
+            rep[a:e] = s.replay
+            if s.old_logprobs is not None:
+                if len(s.old_logprobs) != e - a:
+                    raise ValueError(
+                        f"sample {s.sample_index}: {len(s.old_logprobs)} old_logprobs for "
+                        f"{e - a} target tokens"
+                    )
+                old[a:e] = torch.tensor(s.old_logprobs, dtype=torch.float32)
             start += len(s)
-        extras.append((adv, elp, nll, idx))
+        extras.append((adv, elp, nll, idx, rep, old))
     while not rows or len(rows) % micro_batch_size:
         rows.append(pack_row([], seq_length, pad_id))
         extras.append(
@@ -145,6 +167,8 @@ def pack_sequences(
                 torch.zeros(seq_length),
                 torch.zeros(seq_length, dtype=torch.bool),
                 torch.full((seq_length,), -1, dtype=torch.long),
+                torch.zeros(seq_length, dtype=torch.bool),
+                torch.zeros(seq_length),
             )
         )
     out = []
@@ -158,6 +182,8 @@ def pack_sequences(
                 engine_logp=torch.stack([e[1] for e in ex]),
                 nll_mask=torch.stack([e[2] for e in ex]),
                 sample_index=torch.stack([e[3] for e in ex]),
+                replay_mask=torch.stack([e[4] for e in ex]),
+                old_logp=torch.stack([e[5] for e in ex]) if has_old else None,
             )
         )
     return out

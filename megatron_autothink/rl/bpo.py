@@ -17,65 +17,10 @@ and within a prompt the thinking rollouts come first. Rollout ``k`` belongs to p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from megatron_autothink.rl.advantages import group_advantages
-
-THINK_PREFILL = "<think>\n"
-"""Assistant prefill that forces thinking (Qwen3 convention, R-4B ``long`` mode)."""
-NO_THINK_PREFILL = "<think>\n\n</think>\n\n"
-"""Assistant prefill that forces the empty think block (R-4B ``short`` mode)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BpoLayout:
-    """Which prompt and which forced mode each of the R rollouts of a BPO step has.
-
-    Attributes:
-        prompt_index: [R] long, prompt of each rollout.
-        thinking: [R] bool, True when the rollout is forced to think.
-        group_size: ``g_think + g_nothink``.
-    """
-
-    prompt_index: torch.Tensor
-    thinking: torch.Tensor
-    group_size: int
-
-    def prefills(self) -> list[str]:
-        """Assistant prefill string for each rollout."""
-        return [THINK_PREFILL if t else NO_THINK_PREFILL for t in self.thinking.tolist()]
-
-
-def bpo_group_layout(num_prompts: int, g_think: int, g_nothink: int) -> BpoLayout:
-    """Rollout layout for one BPO step (R-4B, arXiv 2508.21113).
-
-    Args:
-        num_prompts: Number of prompts P.
-        g_think: Rollouts per prompt with the thinking prefill.
-        g_nothink: Rollouts per prompt with the non-thinking prefill (0 = plain GRPO).
-
-    Returns:
-        The layout of ``P * (g_think + g_nothink)`` rollouts.
-
-    Example:
-        >>> lay = bpo_group_layout(2, 2, 1)
-        >>> lay.prompt_index.tolist(), lay.thinking.tolist()
-        ([0, 0, 0, 1, 1, 1], [True, True, False, True, True, False])
-    """
-    if num_prompts < 0 or g_think < 0 or g_nothink < 0:
-        raise ValueError("num_prompts, g_think and g_nothink must be non-negative")
-    group = g_think + g_nothink
-    if group == 0:
-        raise ValueError("a BPO group needs at least one rollout")
-    prompt_index = torch.arange(num_prompts).repeat_interleave(group)
-    one_group = torch.cat(
-        [torch.ones(g_think, dtype=torch.bool), torch.zeros(g_nothink, dtype=torch.bool)]
-    )
-    return BpoLayout(
-        prompt_index=prompt_index, thinking=one_group.repeat(num_prompts), group_size=group
-    )
 
 
 def bpo_advantages(
@@ -91,7 +36,7 @@ def bpo_advantages(
     taken so callers cannot pass rewards without their mode layout, and its shape is checked.
 
     Args:
-        rewards: [G, g_think + g_nothink] rewards, laid out as in :func:`bpo_group_layout`.
+        rewards: [G, g_think + g_nothink] rewards, laid out as in the module docstring.
         modes: [G, g_think + g_nothink] bool, True where the rollout was forced to think.
         std_normalize: GRPO std normalisation (the paper calls BPO an improved GRPO; whether it
             keeps the std is not published).

@@ -1,4 +1,4 @@
-r"""Clipped policy-gradient loss and memory-conscious token log-probabilities.
+r"""Clipped policy-gradient loss (PPO/GRPO with clip-higher, dual-clip and a bounded k3 KL).
 
 Loss (per response token ``t`` of sequence ``b``, ratio ``rho = exp(logp - old_logp)``)::
 
@@ -7,6 +7,13 @@ Loss (per response token ``t`` of sequence ``b``, ratio ``rho = exp(logp - old_l
 * PPO clipping with *separate* low/high epsilons ("clip-higher", DAPO arXiv 2503.14476);
   VL-Rethinker (arXiv 2504.08837) uses low 0.2 / high 0.35. ``clip_low == clip_high`` is GRPO's
   symmetric clip (arXiv 2402.03300).
+* Dual-clip for negative advantages (Ye et al., arXiv 1912.09729; verl's ``clip_ratio_c``,
+  default 3): for ``A < 0`` the loss is capped at ``-A * clip_ratio_c``. PPO's pessimistic max
+  never clips a negative-advantage token whose ratio is *above* ``1 + clip_high``, so an
+  off-policy sample (an SSR replay) with a huge ratio would otherwise push with an unbounded
+  ``-A * rho`` gradient. Beyond ``c`` the token's loss is constant (no gradient).
+* The log-ratio is clamped to ``[-20, 20]`` before ``exp`` (as verl does): a token with
+  ``A == 0`` and an overflowing ratio would otherwise give ``0 * inf = NaN``.
 * Token-level aggregation (DAPO): the *sum* over all response tokens divided by
   ``num_tokens_global``, the number of response tokens in the whole optimizer step (all
   micro-batches on all data-parallel ranks). Each micro-batch's loss is then an additive share,
@@ -14,7 +21,9 @@ Loss (per response token ``t`` of sequence ``b``, ratio ``rho = exp(logp - old_l
   whatever the padding or split. (A per-micro-batch mean would overweight short micro-batches.)
 * Optional k3 KL to a reference policy (GRPO): ``exp(ref - logp) - (ref - logp) - 1`` per token,
   unbiased and non-negative; LMM-R1 (arXiv 2503.07536) uses an initial coefficient of 0.001,
-  VL-Rethinker uses 0.
+  VL-Rethinker uses 0. Bounded as verl's ``low_var_kl``: ``ref - logp`` clamped to
+  ``[-20, 20]`` and k3 to at most 10 (:func:`k3_kl`), so a token the policy has moved far from
+  the reference contributes a bounded, gradient-free penalty instead of ``exp(20)``.
 * Optional auxiliary NLL (VL-Rethinker): ``-logp`` on the tokens of chosen sequences (correct
   responses with positive advantage), coefficient 0.05. Its normaliser defaults to
   ``num_tokens_global``; pass the global count of NLL tokens as ``num_nll_tokens_global`` to
@@ -28,8 +37,6 @@ is max-reducible.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 
@@ -37,6 +44,34 @@ def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # torch.where instead of multiplication: padded positions may hold inf/NaN (e.g. exp of a
     # garbage log-ratio) and inf * 0 would poison the sum with NaN.
     return torch.where(mask, values, torch.zeros_like(values)).sum()
+
+
+LOG_RATIO_BOUND = 20.0
+"""Log-ratios (policy vs old, reference vs policy) are clamped to +-this before ``exp`` (verl)."""
+K3_MAX = 10.0
+"""Upper bound of the per-token k3 KL (verl's ``low_var_kl``)."""
+
+
+def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || ref), bounded as verl's ``low_var_kl``.
+
+    ``d = clamp(ref - logp, -20, 20)``, ``k3 = min(exp(d) - d - 1, 10)`` (Schulman's k3,
+    http://joschu.net/blog/kl-approx.html; GRPO arXiv 2402.03300 eq. 4). Where a clamp is
+    active the token has no gradient.
+
+    Example:
+        ``d = 0.5``: e^0.5 - 0.5 - 1 = 0.1487. ``d = 3``: e^3 - 4 = 16.09, capped at 10.
+        ``d = 30``: clamped to 20 first, then capped at 10.
+
+        >>> logp = torch.tensor([-0.5, -3.0, -30.0], requires_grad=True)
+        >>> kl = k3_kl(torch.zeros(3), logp)
+        >>> [round(x, 4) for x in kl.tolist()]
+        [0.1487, 10.0, 10.0]
+        >>> kl.sum().backward(); [round(x, 4) + 0.0 for x in logp.grad.tolist()]  # 1 - e^d, 0
+        [-0.6487, 0.0, 0.0]
+    """
+    d = (ref_logp.detach() - logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    return (torch.exp(d) - d - 1.0).clamp(max=K3_MAX)
 
 
 def policy_loss(
@@ -48,6 +83,7 @@ def policy_loss(
     clip_low: float,
     clip_high: float,
     num_tokens_global: float | int,
+    clip_ratio_c: float = 3.0,
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     nll_mask: torch.Tensor | None = None,
@@ -68,6 +104,8 @@ def policy_loss(
         clip_low: Lower epsilon: ratios below ``1 - clip_low`` are clipped (for A < 0).
         clip_high: Upper epsilon: ratios above ``1 + clip_high`` are clipped (for A > 0).
         num_tokens_global: Response tokens in the whole step (all micro-batches, all ranks).
+        clip_ratio_c: Dual-clip bound for A < 0 (> 1; verl's default 3): the token loss is at
+            most ``-A * clip_ratio_c``.
         ref_logp: [B, T] reference-policy log-probs for the k3 KL term, or None.
         kl_coef: Weight of the KL term.
         nll_mask: [B] (or per-token [B, T]) bool, sequences that receive the auxiliary NLL, or
@@ -78,7 +116,8 @@ def policy_loss(
     Returns:
         ``(loss, metrics)``; ``loss`` is a scalar to call ``backward`` on, metrics are detached
         0-dim float32 tensors: ``pg_loss``, ``kl_loss``, ``nll_loss`` (present when the term is
-        active), ``clip_frac_low``, ``clip_frac_high``, ``approx_kl`` (k3 of old vs current),
+        active), ``clip_frac_low``, ``clip_frac_high``, ``clip_frac_dual`` (A < 0 and ratio
+        above ``clip_ratio_c``), ``approx_kl`` (k3 of old vs current),
         ``ratio_mean`` (all sum-reducible), ``ratio_max`` (max-reducible).
 
     Example:
@@ -108,19 +147,26 @@ def policy_loss(
         raise ValueError("num_tokens_global must be positive")
     if clip_low < 0 or clip_high < 0 or clip_low >= 1:
         raise ValueError("need 0 <= clip_low < 1 and clip_high >= 0")
+    if clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
     mask = mask.bool()
     denom = float(num_tokens_global)
 
-    # Zero the log-ratio on padding before exp() so padding can never overflow.
+    # Zero the log-ratio on padding before exp() so padding can never overflow; clamp it like
+    # verl so an A == 0 token cannot turn 0 * inf into NaN.
     log_ratio = torch.where(mask, logp - old_logp.detach(), torch.zeros_like(logp))
+    log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     adv = advantages.detach().to(logp.dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)
+    adv = adv.expand_as(logp)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     # max of the two negated surrogates = PPO's pessimistic (min) objective.
-    pg = torch.maximum(unclipped, clipped)
+    ppo = torch.maximum(unclipped, clipped)
+    # Dual-clip: for A < 0 the pessimistic max grows without bound in rho; cap it at -A * c.
+    pg = torch.where(adv < 0, torch.minimum(ppo, -adv * clip_ratio_c), ppo)
     pg_loss = _masked_sum(pg, mask) / denom
     loss = pg_loss
 
@@ -132,6 +178,8 @@ def policy_loss(
         high = mask & (adv > 0) & (ratio > 1.0 + clip_high)
         metrics["clip_frac_low"] = (low.sum() / denom).float()
         metrics["clip_frac_high"] = (high.sum() / denom).float()
+        dual = mask & (adv < 0) & (ratio > clip_ratio_c)
+        metrics["clip_frac_dual"] = (dual.sum() / denom).float()
         # k3 estimate of KL(old || current) from samples of the old policy.
         metrics["approx_kl"] = (_masked_sum((ratio - 1.0) - log_ratio, mask) / denom).float()
         metrics["ratio_mean"] = (_masked_sum(ratio, mask) / denom).float()
@@ -142,8 +190,10 @@ def policy_loss(
     if ref_logp is not None:
         if ref_logp.shape != logp.shape:
             raise ValueError("ref_logp must match logp")
-        d = torch.where(mask, ref_logp.detach() - logp, torch.zeros_like(logp))
-        kl_loss = _masked_sum(torch.exp(d) - d - 1.0, mask) / denom
+        # Padding gets d = 0 (and no gradient), whatever garbage either tensor holds there.
+        zero = torch.zeros_like(logp)
+        k3 = k3_kl(torch.where(mask, ref_logp.detach(), zero), torch.where(mask, logp, zero))
+        kl_loss = _masked_sum(k3, mask) / denom
         metrics["kl_loss"] = kl_loss.detach().float()
         if kl_coef != 0.0:
             loss = loss + kl_coef * kl_loss
@@ -165,94 +215,39 @@ def policy_loss(
     return loss, metrics
 
 
-class _ChunkedTokenLogProb(torch.autograd.Function):
-    """log p(token) = logit[token] - logsumexp(logits), computed and differentiated in chunks.
-
-    Saves only the (already existing) logits and the [N] logsumexp, so neither the forward nor
-    the backward holds a full [N, V] float32 log-softmax: peak extra memory is one chunk.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk: int
-    ) -> torch.Tensor:
-        n = logits.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for s in range(0, n, chunk):
-            x = logits[s : s + chunk].float() / temperature
-            lse[s : s + chunk] = torch.logsumexp(x, dim=-1)
-            picked = x.gather(-1, tokens[s : s + chunk].unsqueeze(-1)).squeeze(-1)
-            out[s : s + chunk] = picked - lse[s : s + chunk]
-        ctx.save_for_backward(logits, tokens, lse)
-        ctx.temperature = temperature
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Any, ...]:
-        (grad_out,) = grad_outputs
-        logits, tokens, lse = ctx.saved_tensors
-        temperature, chunk = ctx.temperature, ctx.chunk
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], chunk):
-            g = grad_out[s : s + chunk].float().unsqueeze(-1)
-            # d/dx (x_tok - lse(x)) = onehot(tok) - softmax(x); x = logits / temperature.
-            probs = torch.exp(
-                logits[s : s + chunk].float() / temperature - lse[s : s + chunk, None]
-            )
-            gchunk = -probs * g
-            gchunk.scatter_add_(-1, tokens[s : s + chunk].unsqueeze(-1), g)
-            grad[s : s + chunk] = (gchunk / temperature).to(grad.dtype)
-        return grad, None, None, None
-
-
-def sequence_logprobs_from_logits(
-    logits: torch.Tensor,
-    tokens: torch.Tensor,
+def ratio_sums(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    chunk_tokens: int = 512,
-) -> torch.Tensor:
-    """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``, chunked.
+    clip_low: float,
+    clip_high: float,
+    clip_ratio_c: float = 3.0,
+) -> dict[str, torch.Tensor]:
+    """Sum-reducible importance-ratio statistics over the ``mask`` tokens (e.g. SSR replays).
 
-    Memory: a naive ``log_softmax(...).gather(...)`` materialises a float32 [B, T, V] tensor
-    and keeps it for backward (for a 151k Qwen3 vocabulary and 16k tokens that is ~10 GB).
-    Here the forward and backward run ``chunk_tokens`` rows at a time and save only the
-    logits (which the model keeps anyway) plus a [B*T] logsumexp. Maths in float32 whatever the
-    logits dtype. For vocab-sharded (tensor-parallel) logits use megatron-core's vocab-parallel
-    cross entropy instead; this function needs the full vocabulary on one device.
-
-    Alignment: ``logits[:, t]`` must be the distribution that produced ``tokens[:, t]``; shift
-    the model output (``logits[:, :-1]`` vs ``input_ids[:, 1:]``) before calling. Pass the
-    sampler's ``temperature`` so the log-probs match what vLLM reported.
-
-    Args:
-        logits: [B, T, V] unnormalised scores.
-        tokens: [B, T] long token ids.
-        temperature: Sampling temperature the logits are divided by.
-        chunk_tokens: Rows per chunk.
-
-    Returns:
-        [B, T] float32 log-probabilities, differentiable w.r.t. ``logits``.
+    Divide each sum by ``tokens`` (summed the same way over micro-batches and ranks) for the
+    mean ratio, mean ``|log ratio|``, the share outside the clip band ``[1 - clip_low,
+    1 + clip_high]`` and the share above the dual-clip bound.
 
     Example:
-        Uniform logits over 4 tokens give log(1/4) = -1.3863 everywhere.
+        Ratios 1, 2 and 0.5 (log-ratios 0, ln 2, -ln 2) on three masked tokens, one padding:
 
-        >>> lp = sequence_logprobs_from_logits(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))
-        >>> [round(x, 4) for x in lp[0].tolist()]
-        [-1.3863, -1.3863]
+        >>> lr = torch.tensor([[0.0, 0.6931472, -0.6931472, 5.0]])
+        >>> s = ratio_sums(lr, torch.zeros(1, 4), torch.tensor([[True, True, True, False]]),
+        ...                clip_low=0.2, clip_high=0.35)
+        >>> {k: round(v.item(), 4) for k, v in s.items()}
+        {'tokens': 3.0, 'ratio': 3.5, 'abs_log_ratio': 1.3863, 'outside_clip': 2.0, 'above_c': 0.0}
     """
-    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(
-            f"logits must be [B, T, V] and tokens [B, T]; got {tuple(logits.shape)} and "
-            f"{tuple(tokens.shape)}"
-        )
-    if temperature <= 0:
-        raise ValueError("temperature must be positive")
-    bsz, seq, vocab = logits.shape
-    flat = logits.reshape(bsz * seq, vocab)
-    out = _ChunkedTokenLogProb.apply(
-        flat, tokens.reshape(-1).long(), float(temperature), max(1, int(chunk_tokens))
-    )
-    return out.view(bsz, seq)
+    mask = mask.bool()
+    lr = torch.where(mask, logp.detach() - old_logp.detach(), torch.zeros_like(logp))
+    lr = lr.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    ratio = torch.exp(lr)
+    outside = mask & ((ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high))
+    return {
+        "tokens": mask.sum().to(ratio.dtype),
+        "ratio": _masked_sum(ratio, mask),
+        "abs_log_ratio": _masked_sum(lr.abs(), mask),
+        "outside_clip": outside.sum().to(ratio.dtype),
+        "above_c": (mask & (ratio > clip_ratio_c)).sum().to(ratio.dtype),
+    }

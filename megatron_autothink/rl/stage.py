@@ -33,12 +33,11 @@ from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rewards import Rubric
-from megatron_autothink.rl.ssr import ReplayBuffer
-from megatron_autothink.rl.trainer import ReplayStore, RLContext, rl_step
+from megatron_autothink.rl.trainer import ReplayStore, RLContext, replay_capacity, rl_step
 from megatron_autothink.rollout.engine import colocated_weight_sync
 from megatron_autothink.train.callbacks import standard_callbacks
-from megatron_autothink.train.checkpoint import CheckpointManager
-from megatron_autothink.train.loop import LoopState
+from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
+from megatron_autothink.train.loop import LoopState, data_metrics
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -146,7 +145,12 @@ def run_stage(
     """One RL stage. ``engine_slot`` carries the run's rollout engine across its RL stages; the
     caller shuts it down after the last one."""
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
-    from megatron_autothink.train.run import checkpoint_root, image_config, resolve_tokenizer_dir
+    from megatron_autothink.train.run import (
+        checkpoint_root,
+        image_config,
+        loader_options,
+        resolve_tokenizer_dir,
+    )
 
     run_cfg, cfg = cfg, stage_config(cfg, stage)
     rl = cfg.rl
@@ -162,6 +166,7 @@ def run_stage(
             batch_size=rl.prompts_per_step // ctx.dp,
             image=image_config(cfg),
             s3_endpoint=cfg.data.s3_endpoint or None,
+            **loader_options(cfg),
         ),
         tokenizer,
         dp_rank=ctx.dp_rank,
@@ -169,12 +174,7 @@ def run_stage(
     )
     opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
     ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
-    group = rl.bpo.g_think + rl.bpo.g_nothink if rl.algorithm == "bpo" else rl.group_size
-    replay = (
-        ReplayStore(ReplayBuffer(max(1, rl.prompts_per_step * group // 2)))
-        if rl.ssr.enabled
-        else None
-    )
+    replay = ReplayStore(replay_capacity(rl, ctx.dp)) if rl.ssr.enabled else None
     comm = RLComm.create(ctx)
     # Data-parallel ranks draw differently (rethinking triggers, SSR); the ranks of one
     # model-parallel group draw alike, so they select the same samples.
@@ -197,6 +197,8 @@ def run_stage(
     }
     if replay is not None:
         state.extra_rank_state["replay"] = replay.state_dict
+    rollout_log = Path(cfg.logging.run_dir) / "rollouts" / f"{stage.name}.jsonl"
+    state.step_logs.append(rollout_log)  # its replayed steps are dropped at resume
     rs = state.resume(previous)
     if rs is not None:
         if "rethink_rng" in rs:
@@ -210,17 +212,31 @@ def run_stage(
 
     ref_chunks = None
     if rl.kl_coef > 0:
+        # The reference is the policy the stage started from: saved before the first step,
+        # reloaded on resume (the live weights then are the resumed policy, not the start).
         ref_chunks = build_model_chunks(
             cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=_image_id(tokenizer)
         )
-        for ref, live in zip(ref_chunks, chunks, strict=True):
-            ref.load_state_dict(getattr(live, "module", live).state_dict())
+        if rs is None:
+            ckpt.save_reference(chunks)
+            for ref, live in zip(ref_chunks, chunks, strict=True):
+                ref.load_state_dict(getattr(live, "module", live).state_dict())
+        elif ckpt.reference_dir.exists():
+            ckpt.load_reference(ref_chunks)
+        else:
+            raise CheckpointError(
+                f"{ckpt.reference_dir}: missing; stage {stage.name} resumes with rl.kl_coef > 0 "
+                "but its checkpoints predate the saved KL reference"
+            )
+        for ref in ref_chunks:
             ref.requires_grad_(False)
 
     run_dir = Path(cfg.logging.run_dir)
     engine = engine_slot.engine
     t0 = time.perf_counter()
-    if engine is None:
+    # Not `engine is None`: ranks that own no engine (TP/PP peers) hold None in every stage and
+    # would re-export alone at a second RL stage, a collective the owners skip (deadlock).
+    if not engine_slot.started:
         # One engine for the whole run: an in-process vLLM's shutdown tears down the default
         # process group, so the run shuts it down once, after its last stage.
         engine_dir = run_dir / "rollout_engine"
@@ -240,6 +256,7 @@ def run_stage(
             else None
         )
         engine_slot.engine = engine
+        engine_slot.started = True
         log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
 
     def weight_sync(version: int) -> float:
@@ -272,9 +289,10 @@ def run_stage(
         gen=gen,
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         image_token_id=_image_id(tokenizer),
+        image=image_config(cfg),
         weight_sync=weight_sync,
         comm=comm,
-        rollout_log=run_dir / "rollouts" / f"{stage.name}.jsonl" if ctx.rank == 0 else None,
+        rollout_log=rollout_log if ctx.rank == 0 else None,
     )
     callbacks = standard_callbacks(cfg, evaluate=False)
     for cb in callbacks:
@@ -282,7 +300,7 @@ def run_stage(
     try:
         while state.step < state.total_steps:
             prompts = next(loader)
-            metrics = rl_step(rc, prompts, state.step + 1)
+            metrics = rl_step(rc, prompts, state.step + 1) | data_metrics(loader)
             state.step += 1
             state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False
             for cb in callbacks:
@@ -300,6 +318,7 @@ class EngineSlot:
     """The run's rollout engine (None on ranks that own none), shared by its RL stages."""
 
     engine: Any = None
+    started: bool = False  # set by the first RL stage on every rank, engine owner or not
 
     def shutdown(self) -> None:
         """Stop the engine (idempotent); call after the run's last RL stage."""

@@ -9,16 +9,31 @@ Which paper does what (all composable through ``cfg.rl``):
   (``clip_low=0.2 clip_high=0.35``), ``nll_coef=0.05``, ``rl.ssr.enabled``, ``rl.rethink.enabled``.
 * LMM-R1: ``rl.algorithm=reinforce`` with group baseline, format 0.5 + accuracy 1.0 rewards,
   stage 1 text-only data (FRE), stage 2 multimodal (MGT), as two ``stages`` of one recipe.
+
+Off-policy replays and the reference model:
+
+* ``old_logp`` is always the *behaviour* policy's log-prob: the trainer's log-probs of a
+  sample's target tokens under the weights that generated it, computed once, in the step that
+  generated it, before the update (:func:`_update_policy`). The engine's log-probs are checked
+  against them there (``mismatch/*``); the trainer's are used because they also exist where the
+  engine sampled nothing (a rethink prefix, BPO's trained decision prefill) and because they
+  share the numerics of the current log-probs in the ratio. A fresh sample therefore starts at
+  ratio 1; an SSR replay from step ``k`` carries ``pi_now / pi_k``, so the asymmetric clip and
+  the dual-clip (``rl.clip_ratio_c``) act on it even at ``updates_per_step=1``. Its ratio
+  statistics are logged as ``actor/replay/*``, its age in steps as ``ssr/replay_age``.
+* The KL reference is the policy the stage started from, always: it is saved once under the
+  stage's checkpoint folder before the first step and reloaded from there on resume
+  (:mod:`megatron_autothink.rl.stage`), never copied from the resumed weights.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +41,15 @@ import torch
 
 from megatron_autothink.config import AutothinkConfig, RLConfig
 from megatron_autothink.data.batch import PromptSample
+from megatron_autothink.data.image_processing import (
+    ImageProcessingConfig,
+    decode_image,
+    image_patches,
+)
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.actor import compute_logprobs, policy_update
 from megatron_autothink.rl.advantages import group_advantages
-from megatron_autothink.rl.batching import TrainSequence, pack_sequences
+from megatron_autothink.rl.batching import TrainSequence, pack_sequences, per_sample_values
 from megatron_autothink.rl.bpo import bpo_advantages
 from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rollout import (
@@ -40,6 +60,7 @@ from megatron_autothink.rl.rollout import (
     generate_groups,
 )
 from megatron_autothink.rl.ssr import ReplayBuffer, ReplayRecord, ssr_select
+from megatron_autothink.rl.types import TrainSample
 from megatron_autothink.rollout.parity import logprob_parity
 from megatron_autothink.rollout.types import SamplingConfig
 
@@ -68,59 +89,85 @@ def compute_advantages(groups: list[list[ScoredResponse]], rl: RLConfig) -> list
     return out
 
 
-@dataclass
-class ReplayStore:
-    """SSR: the buffer of records plus the training payloads they point at (checkpointed)."""
+def replay_capacity(rl: RLConfig, dp: int) -> int:
+    """SSR buffer capacity of ONE data-parallel rank: half of its own rollouts per step
+    (VL-Rethinker's half of the batch), since each rank buffers only the prompts it generated.
 
-    buffer: ReplayBuffer
-    payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    next_id: int = 0
+    Example:
+        8 prompts x 8 samples over 2 ranks: 32 rollouts per rank, 16 buffered (not 32).
+
+        >>> replay_capacity(RLConfig(prompts_per_step=8, group_size=8), dp=2)
+        16
+        >>> replay_capacity(RLConfig(algorithm="bpo", prompts_per_step=2,
+        ...                          bpo={"g_think": 2, "g_nothink": 1}), dp=2)
+        1
+    """
+    group = rl.bpo.g_think + rl.bpo.g_nothink if rl.algorithm == "bpo" else rl.group_size
+    return max(1, rl.prompts_per_step // dp * group // 2)
+
+
+class ReplayStore:
+    """SSR (per data-parallel rank): the buffer's records plus the samples they point at.
+
+    Holds only what a replay needs (:class:`~megatron_autothink.rl.types.TrainSample`: token
+    ids, log-probs, advantage, the images' shard bytes), so its host memory and its share of
+    the rank's checkpoint are bounded by ``capacity`` samples (:meth:`nbytes`, logged as
+    ``ssr/buffer_mb``).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.buffer = ReplayBuffer(capacity)
+        self.samples: dict[str, TrainSample] = {}
+        self.next_id = 0
 
     def prune(self) -> None:
+        """Drop the samples no buffered record points at any more."""
         keep = {r.payload_key for r in self.buffer.records()}
-        self.payloads = {k: v for k, v in self.payloads.items() if k in keep}
+        self.samples = {k: v for k, v in self.samples.items() if k in keep}
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.samples.values())
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain containers, tensors and bytes only (``torch.load(weights_only=True)``)."""
         return {
             "buffer": self.buffer.state_dict(),
-            "payloads": self.payloads,
+            "samples": {k: v.state_dict() for k, v in self.samples.items()},
             "next_id": self.next_id,
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.buffer.load_state_dict(s["buffer"])
-        self.payloads = dict(s["payloads"])
+        self.samples = {k: TrainSample.from_state_dict(v) for k, v in s["samples"].items()}
         self.next_id = int(s["next_id"])
 
 
-def _payload(resp: ScoredResponse, prompt: PromptSample, adv: float) -> dict[str, Any]:
-    return {
-        "prompt_ids": list(prompt.prompt_ids),
-        "prefill_ids": resp.prefill_ids,
-        "response_ids": resp.response_ids,
-        "engine_logprobs": resp.engine_logprobs,
-        "advantage": adv,
-        "mode_id": MODE_ID["thinking" if resp.thinking else "non_thinking"],
-        "correct": resp.correct,
-        "pixel_values": prompt.pixel_values,
-        "image_grid_thw": prompt.image_grid_thw,
-    }
-
-
-def _sequence(i: int, p: dict[str, Any], nll: bool, train_prefill: bool = False) -> TrainSequence:
-    return TrainSequence(
-        train_prefill=train_prefill and bool(p["prefill_ids"]),
-        sample_index=i,
-        prompt_ids=p["prompt_ids"],
-        prefill_ids=p["prefill_ids"],
-        response_ids=p["response_ids"],
-        engine_logprobs=[0.0 if math.isnan(x) else x for x in p["engine_logprobs"]],
-        advantage=p["advantage"],
-        mode_id=p["mode_id"],
-        nll=nll,
-        pixel_values=p["pixel_values"],
-        image_grid_thw=p["image_grid_thw"],
+def train_sample(
+    resp: ScoredResponse, prompt: PromptSample, adv: float, sample_id: int, version: int
+) -> TrainSample:
+    """The response joined with its prompt's token ids and encoded images."""
+    return TrainSample(
+        sample_id=sample_id,
+        version=version,
+        prompt_ids=torch.tensor(prompt.prompt_ids, dtype=torch.int32),
+        prefill_ids=torch.tensor(resp.prefill_ids, dtype=torch.int32),
+        response_ids=torch.tensor(resp.response_ids, dtype=torch.int32),
+        engine_logprobs=torch.tensor(resp.engine_logprobs, dtype=torch.float32),
+        advantage=adv,
+        mode_id=MODE_ID["thinking" if resp.thinking else "non_thinking"],
+        correct=resp.correct,
+        image_bytes=list(prompt.image_bytes),
     )
+
+
+@dataclass
+class TrainingSet:
+    """What one step trains, from :func:`select_training_set`."""
+
+    samples: list[TrainSample]  # the training set in order (SSR: with repeats)
+    is_replay: list[bool]  # per sample: from an earlier step
+    fresh: list[TrainSample]  # this step's samples that need behaviour log-probs, once each
+    metrics: dict[str, float]
 
 
 def select_training_set(
@@ -130,10 +177,18 @@ def select_training_set(
     rl: RLConfig,
     replay: ReplayStore | None,
     gen: torch.Generator,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """All samples (optionally dropping zero-advantage groups), or SSR's selection."""
-    payloads, solved, records = [], [], []
+    step: int,
+) -> TrainingSet:
+    """All samples (``rl.dynamic_filter``: without zero-advantage groups), or SSR's selection.
+
+    ``fresh`` lists this step's samples that are trained now or kept for later replays: the
+    update computes their behaviour log-probs under the current (generating) policy before it
+    changes the weights.
+    """
+    samples: list[TrainSample] = []
+    solved: list[bool] = []
     zero_groups = 0
+    first_id = replay.next_id if replay is not None else 0
     for gi, (g, a) in enumerate(zip(groups, advs, strict=True)):
         zero = all(abs(x) < 1e-12 for x in a)
         zero_groups += zero
@@ -141,16 +196,17 @@ def select_training_set(
             continue
         all_correct = all(r.correct for r in g)
         for r, adv in zip(g, a, strict=True):
-            payloads.append(_payload(r, prompts[gi], adv))
+            samples.append(train_sample(r, prompts[gi], adv, first_id + len(samples), step))
             solved.append(all_correct)
     metrics = {"zero_adv_group_frac": zero_groups / max(len(groups), 1)}
     if replay is None:
-        return payloads, metrics
-    for p in payloads:
-        key = f"s{replay.next_id}"
-        records.append(ReplayRecord(replay.next_id, p["advantage"], key))
-        replay.payloads[key] = p
-        replay.next_id += 1
+        return TrainingSet(samples, [False] * len(samples), list(samples), metrics)
+    records = []
+    for s in samples:
+        key = f"s{s.sample_id}"
+        records.append(ReplayRecord(s.sample_id, s.advantage, key))
+        replay.samples[key] = s
+    replay.next_id = first_id + len(samples)
     sel = ssr_select(
         records,
         solved,
@@ -159,8 +215,12 @@ def select_training_set(
         alpha=rl.ssr.alpha,
         all_correct_fraction=rl.ssr.all_correct_share,
     )
-    chosen = [replay.payloads[r.payload_key] for r in sel.records]
+    chosen = [replay.samples[r.payload_key] for r in sel.records]
     replay.prune()
+    needed = {s.sample_id for s in replay.samples.values()}
+    needed |= {s.sample_id for s, rep in zip(chosen, sel.is_replay, strict=True) if not rep}
+    fresh = [s for s in samples if s.sample_id in needed]
+    ages = [step - s.version for s, rep in zip(chosen, sel.is_replay, strict=True) if rep]
     metrics.update(
         {
             "ssr/buffer_size": float(len(replay.buffer.records())),
@@ -168,7 +228,9 @@ def select_training_set(
             "ssr/selected": float(len(chosen)),
         }
     )
-    return chosen, metrics
+    if ages:
+        metrics["ssr/replay_age"] = sum(ages) / len(ages)
+    return TrainingSet(chosen, list(sel.is_replay), fresh, metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +331,7 @@ SUMMED_METRICS = (
     "samples_trained",
     "ssr/selected",
     "ssr/buffer_size",
+    "ssr/buffer_mb",
     "rollout/vision_token_cuts",
     "rethink/attempted",
     "rethink/accepted",
@@ -292,6 +355,7 @@ class RLContext:
     gen: torch.Generator  # SSR draws
     pad_id: int
     image_token_id: int
+    image: ImageProcessingConfig  # the loader's: replays re-decode their shard bytes with it
     weight_sync: Any  # callable(version) -> seconds
     comm: RLComm  # engine owner -> model-parallel group; reductions over data parallelism
     rollout_log: Path | None = None  # JSONL of every rollout (prompt id, mode, reward, text)
@@ -317,15 +381,17 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
             log_rollouts(rc.rollout_log, records)
     t1 = time.perf_counter()
     advs = compute_advantages(groups, rl)
-    payloads, sel_metrics = select_training_set(prompts, groups, advs, rl, rc.replay, rc.gen)
-    metrics.update(sel_metrics)
+    ts = select_training_set(prompts, groups, advs, rl, rc.replay, rc.gen, step)
+    metrics.update(ts.metrics)
     t_reward = time.perf_counter() - t1
     t2 = time.perf_counter()
     # Every data-parallel rank steps the optimizer (DDP), also one whose samples were all
     # filtered out: it then packs one empty micro-batch and contributes no tokens.
-    if rc.comm.global_count(len(payloads)):
-        metrics.update(_update_policy(rc, payloads))
+    if rc.comm.global_count(len(ts.samples)):
+        metrics.update(_update_policy(rc, ts))
     t_train = time.perf_counter() - t2
+    if rc.replay is not None:  # after the update: the buffered samples' log-probs count too
+        metrics["ssr/buffer_mb"] = rc.replay.nbytes() / 2**20
     t_sync = rc.weight_sync(step)
     metrics.update(
         {
@@ -333,7 +399,7 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
             "time/reward_s": t_reward,
             "time/train_s": t_train,
             "time/sync_s": t_sync,
-            "samples_trained": float(len(payloads)),
+            "samples_trained": float(len(ts.samples)),
         }
     )
     metrics = rc.comm.reduce_metrics(metrics, SUMMED_METRICS)
@@ -343,35 +409,76 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
     return metrics
 
 
-def _update_policy(rc: RLContext, payloads: list[dict[str, Any]]) -> dict[str, float]:
-    """Pack the selected samples, recompute old/ref log-probs with megatron, update the policy."""
-    cfg, rl, ctx = rc.cfg, rc.cfg.rl, rc.ctx
-    seqs = [
-        _sequence(
-            i,
-            p,
-            nll=p["correct"] and p["advantage"] > 0,
-            train_prefill=rl.algorithm == "bpo" and rl.bpo.train_decision,
+def _sequences(
+    rc: RLContext, samples: list[TrainSample], is_replay: list[bool], *, with_old: bool
+) -> list[TrainSequence]:
+    """Decode each distinct image list once (from the shard bytes, for fresh samples and replays
+    alike) and build the packing input; ``with_old`` packs the behaviour log-probs."""
+    rl = rc.cfg.rl
+    train_prefill = rl.algorithm == "bpo" and rl.bpo.train_decision
+    decoded: dict[tuple[bytes, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    seqs = []
+    for i, (s, rep) in enumerate(zip(samples, is_replay, strict=True)):
+        key = tuple(s.image_bytes)
+        if key not in decoded:
+            pixels, grid, _ = image_patches([decode_image(b) for b in key], rc.image)
+            decoded[key] = (pixels, grid)
+        pixels, grid = decoded[key]
+        old = None
+        if with_old:
+            if s.behaviour_logprobs is None:
+                raise RuntimeError(f"sample {s.sample_id} has no behaviour log-probs")
+            old = s.behaviour_logprobs.tolist()
+        seqs.append(
+            TrainSequence(
+                sample_index=i,
+                prompt_ids=s.prompt_ids.tolist(),
+                prefill_ids=s.prefill_ids.tolist(),
+                response_ids=s.response_ids.tolist(),
+                engine_logprobs=torch.nan_to_num(s.engine_logprobs, nan=0.0).tolist(),
+                advantage=s.advantage,
+                mode_id=s.mode_id,
+                nll=s.correct and s.advantage > 0,
+                train_prefill=train_prefill and s.prefill_ids.numel() > 0,
+                pixel_values=pixels,
+                image_grid_thw=grid,
+                old_logprobs=old,
+                replay=rep,
+            )
         )
-        for i, p in enumerate(payloads)
-    ]
-    batches = pack_sequences(
-        seqs,
+    return seqs
+
+
+def _update_policy(rc: RLContext, ts: TrainingSet) -> dict[str, float]:
+    """Behaviour log-probs of this step's samples, then the update on the training set.
+
+    1. ``ts.fresh`` (this step's samples, each once) under the current weights, which generated
+       them: their ``behaviour_logprobs``, compared with the engine's (``mismatch/*``).
+    2. The training set packed with every sample's behaviour log-probs as ``old_logp``: fresh
+       samples are on-policy (ratio 1 before the update), replays carry
+       ``pi_now / pi_behaviour`` (``actor/replay/*``).
+    """
+    cfg, rl, ctx = rc.cfg, rc.cfg.rl, rc.ctx
+    pack = partial(
+        pack_sequences,
         seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.data.micro_batch_size,
         pad_id=rc.pad_id,
         image_token_id=rc.image_token_id,
     )
-    old = compute_logprobs(rc.chunks, batches, ctx, seq_length=cfg.data.seq_length)
-    metrics = logprob_mismatch(batches, old)
-    ref = (
-        compute_logprobs(rc.ref_chunks, batches, ctx, seq_length=cfg.data.seq_length)
-        if rc.ref_chunks is not None
-        else None
-    )
-    for i, mb in enumerate(batches):
-        mb.old_logp = old[i]
-        mb.ref_logp = None if ref is None else ref[i]
+    metrics: dict[str, float] = {}
+    if ts.fresh:  # the same on every rank of a model-parallel group (collectives inside)
+        scoring = pack(_sequences(rc, ts.fresh, [False] * len(ts.fresh), with_old=False))
+        behaviour = compute_logprobs(rc.chunks, scoring, ctx, seq_length=cfg.data.seq_length)
+        metrics.update(logprob_mismatch(scoring, behaviour))
+        values = per_sample_values(scoring, behaviour, len(ts.fresh))
+        for s, v in zip(ts.fresh, values, strict=True):
+            s.behaviour_logprobs = torch.tensor(v, dtype=torch.float32)
+    batches = pack(_sequences(rc, ts.samples, ts.is_replay, with_old=True))
+    if rc.ref_chunks is not None:
+        ref = compute_logprobs(rc.ref_chunks, batches, ctx, seq_length=cfg.data.seq_length)
+        for mb, r in zip(batches, ref, strict=True):
+            mb.ref_logp = r
     for _ in range(rl.updates_per_step):
         metrics.update(
             policy_update(rc.chunks, rc.opt, batches, ctx, rl, seq_length=cfg.data.seq_length)

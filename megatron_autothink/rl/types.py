@@ -1,124 +1,123 @@
-"""Typed hand-offs between the RL roles (rollout -> reward -> advantage -> trainer).
+"""Typed hand-offs between the RL roles: the sample the trainer trains and SSR replays.
 
-These are plain dataclasses with shape comments, not a dict bag: every field a stage reads is
-named here, so a missing field fails at construction time instead of deep inside the loss.
-Nothing in this module touches process groups or devices.
+:class:`TrainSample` is what :func:`~megatron_autothink.rl.trainer.select_training_set` hands
+to the update, and what the SSR buffer keeps (and checkpoints) for later replays: token ids,
+log-probs, advantage and the images *as encoded in the shard*, never decoded pixel tensors, so
+host RAM and checkpoint size are bounded by the buffer's capacity times the size of a sample's
+tokens and compressed images (:meth:`TrainSample.nbytes`). Nothing in this module touches
+process groups or devices.
 
-Shape legend: ``B`` rollouts in the batch, ``T`` padded sequence length (prompt + response).
+Shape legend: ``P`` prompt tokens (images expanded to their pad tokens), ``F`` forced prefill
+tokens, ``R`` response tokens, ``K`` target tokens (``R``, or ``F + R`` when the prefill is
+trained, BPO's ``train_decision``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-ThinkMode = Literal["thinking", "non_thinking"]
-"""The two R-4B answer modes (arXiv 2508.21113): a non-empty or an empty ``<think>`` block."""
-
-THINK_MODES: tuple[ThinkMode, ThinkMode] = ("thinking", "non_thinking")
-
 
 @dataclass(slots=True)
-class RolloutSample:
-    """One sampled response, as produced by the rollout engine and annotated by later stages.
+class TrainSample:
+    """One rollout as the trainer trains it and SSR's buffer stores it.
+
+    ``behaviour_logprobs`` are the trainer's log-probs of the target tokens under the policy
+    that generated the sample, computed once in the step that generated it (the engine's
+    log-probs are checked against them there, ``mismatch/*``). A replay in a later step uses
+    them as ``old_logp``, so its importance ratio is ``pi_now / pi_behaviour`` and the clip
+    acts on it (see :mod:`megatron_autothink.rl.trainer`).
 
     Example:
-        >>> s = RolloutSample(prompt_id=3, mode="thinking", response_ids=[11, 12, 2],
-        ...                   response_logprobs=[-0.1, -0.5, -0.01], text="<think>\\nhi\\n</think>\\n\\n4",
-        ...                   finished=True)
-        >>> s.num_tokens, s.reward, s.advantage
-        (3, 0.0, 0.0)
+        >>> s = TrainSample(sample_id=7, version=3, prompt_ids=torch.tensor([1, 2], dtype=torch.int32),
+        ...                 prefill_ids=torch.tensor([], dtype=torch.int32),
+        ...                 response_ids=torch.tensor([5, 6, 2], dtype=torch.int32),
+        ...                 engine_logprobs=torch.tensor([-0.5, -1.0, -0.1]), advantage=0.5,
+        ...                 mode_id=1, correct=True, image_bytes=[b"\\x89PNG..."])
+        >>> s.nbytes()  # 8 + 0 + 12 + 12 bytes of tensors + 7 image bytes
+        39
+        >>> TrainSample.from_state_dict(s.state_dict()) == s
+        True
     """
 
-    prompt_id: int
-    """Index of the prompt (group) this response belongs to."""
-    mode: ThinkMode
-    """Forced (BPO) or observed mode of the response."""
-    response_ids: list[int]
-    """Generated token ids, EOS included when ``finished``."""
-    response_logprobs: list[float]
-    """Sampler log-probabilities of ``response_ids`` (same length), for mismatch diagnostics."""
-    text: str
-    """Decoded response text (special tokens skipped), including any forced prefill."""
-    finished: bool
-    """True when generation stopped on EOS, False when it hit the length limit."""
-    reward: float = 0.0
-    """Scalar reward, filled in by the reward stage."""
-    correct: bool = False
-    """Whether the final answer was judged correct (accuracy, independent of format terms)."""
-    advantage: float = 0.0
-    """Group-relative advantage, filled in by the advantage stage."""
+    sample_id: int
+    """Unique within the stage (the SSR record id)."""
+    version: int
+    """RL step (policy version) that generated it."""
+    prompt_ids: torch.Tensor
+    """[P] int32 chat prompt."""
+    prefill_ids: torch.Tensor
+    """[F] int32 forced mode prefill (BPO), empty in ``auto`` mode."""
+    response_ids: torch.Tensor
+    """[R] int32 response (EOS included when finished; a rethink prefix included)."""
+    engine_logprobs: torch.Tensor
+    """[R] float32 rollout engine log-probs; NaN where the engine did not sample."""
+    advantage: float
+    mode_id: int
+    """1 thinking, 0 non-thinking."""
+    correct: bool
+    image_bytes: list[bytes]
+    """The prompt's images as stored in the shard (PNG/JPEG), re-decoded for training."""
+    behaviour_logprobs: torch.Tensor | None = None
+    """[K] float32 trainer log-probs of the targets under the generating policy; None until the
+    generating step computed them."""
 
-    def __post_init__(self) -> None:
-        if len(self.response_ids) != len(self.response_logprobs):
-            raise ValueError(
-                f"response_ids ({len(self.response_ids)}) and response_logprobs "
-                f"({len(self.response_logprobs)}) differ in length"
-            )
+    def nbytes(self) -> int:
+        """Host bytes of the tensors and image bytes (what a buffered sample costs)."""
+        tensors = (self.prompt_ids, self.prefill_ids, self.response_ids, self.engine_logprobs)
+        n = sum(t.numel() * t.element_size() for t in tensors)
+        if self.behaviour_logprobs is not None:
+            n += self.behaviour_logprobs.numel() * self.behaviour_logprobs.element_size()
+        return n + sum(len(b) for b in self.image_bytes)
 
-    @property
-    def num_tokens(self) -> int:
-        """Number of generated tokens."""
-        return len(self.response_ids)
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, bytes and plain scalars only: loads with ``torch.load(weights_only=True)``."""
+        return {
+            "sample_id": self.sample_id,
+            "version": self.version,
+            "prompt_ids": self.prompt_ids,
+            "prefill_ids": self.prefill_ids,
+            "response_ids": self.response_ids,
+            "engine_logprobs": self.engine_logprobs,
+            "advantage": self.advantage,
+            "mode_id": self.mode_id,
+            "correct": self.correct,
+            "image_bytes": list(self.image_bytes),
+            "behaviour_logprobs": self.behaviour_logprobs,
+        }
+
+    @classmethod
+    def from_state_dict(cls, s: dict[str, Any]) -> TrainSample:
+        return cls(
+            sample_id=int(s["sample_id"]),
+            version=int(s["version"]),
+            prompt_ids=s["prompt_ids"],
+            prefill_ids=s["prefill_ids"],
+            response_ids=s["response_ids"],
+            engine_logprobs=s["engine_logprobs"],
+            advantage=float(s["advantage"]),
+            mode_id=int(s["mode_id"]),
+            correct=bool(s["correct"]),
+            image_bytes=[bytes(b) for b in s["image_bytes"]],
+            behaviour_logprobs=s["behaviour_logprobs"],
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TrainSample):
+            return NotImplemented
+        a, b = self.state_dict(), other.state_dict()
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
 
 
-@dataclass(slots=True)
-class RolloutBatch:
-    """Padded tensors for one training micro-batch, ready for ``policy_loss``.
-
-    Example:
-        >>> b = RolloutBatch(tokens=torch.zeros(2, 5, dtype=torch.long),
-        ...                  response_mask=torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]).bool(),
-        ...                  old_logp=torch.zeros(2, 5), advantages=torch.tensor([0.5, -0.5]),
-        ...                  modes=["thinking", "non_thinking"], prompt_ids=[0, 0])
-        >>> b.batch_size, b.num_response_tokens
-        (2, 6)
-    """
-
-    tokens: torch.Tensor
-    """[B, T] long: prompt + response token ids, right padded."""
-    response_mask: torch.Tensor
-    """[B, T] bool: True on response tokens that enter the loss (prompt and padding are False)."""
-    old_logp: torch.Tensor
-    """[B, T] float: log-probs of ``tokens`` under the policy that generated them (no grad)."""
-    advantages: torch.Tensor
-    """[B] float: one advantage per sequence (outcome reward, broadcast over its tokens)."""
-    modes: list[ThinkMode]
-    """[B] mode of each rollout (for per-mode metrics)."""
-    prompt_ids: list[int]
-    """[B] group index of each rollout."""
-    ref_logp: torch.Tensor | None = None
-    """[B, T] float or None: reference-policy log-probs, only when a KL term is used."""
-    nll_mask: torch.Tensor | None = None
-    """[B] bool or None: sequences that also get the auxiliary NLL term (VL-Rethinker)."""
-    is_replay: torch.Tensor | None = None
-    """[B] bool or None: True for samples drawn from the SSR replay buffer."""
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Named per-sequence [B] or per-token [B, T] tensors for model inputs (e.g. image grids)."""
-
-    def __post_init__(self) -> None:
-        if self.tokens.dim() != 2:
-            raise ValueError(f"tokens must be [B, T], got {tuple(self.tokens.shape)}")
-        bsz, seq = self.tokens.shape
-        for name in ("response_mask", "old_logp", "ref_logp"):
-            value = getattr(self, name)
-            if value is not None and tuple(value.shape) != (bsz, seq):
-                raise ValueError(f"{name} must be [{bsz}, {seq}], got {tuple(value.shape)}")
-        for name in ("advantages", "nll_mask", "is_replay"):
-            value = getattr(self, name)
-            if value is not None and tuple(value.shape) != (bsz,):
-                raise ValueError(f"{name} must be [{bsz}], got {tuple(value.shape)}")
-        if len(self.modes) != bsz or len(self.prompt_ids) != bsz:
-            raise ValueError("modes and prompt_ids must have one entry per row")
-
-    @property
-    def batch_size(self) -> int:
-        """Number of rollouts B."""
-        return int(self.tokens.shape[0])
-
-    @property
-    def num_response_tokens(self) -> int:
-        """Local loss-token count; all-reduce it across ranks to get ``num_tokens_global``."""
-        return int(self.response_mask.sum().item())
+def _same(x: Any, y: Any) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return (
+            isinstance(x, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and x.dtype == y.dtype
+            and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0))
+            and torch.equal(x.isnan(), y.isnan())
+        )
+    return bool(x == y)

@@ -35,8 +35,13 @@ class Callback:
     def on_train_end(self, state: LoopState) -> None: ...
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsFile(Callback):
-    """One JSON line per step in ``<run_dir>/metrics.jsonl`` (appends across resumes)."""
+    """One JSON line per step in ``<run_dir>/metrics.jsonl``. It appends across resumes; the
+    rows of steps a resume replays are dropped first (``LoopState.resume``), so every step of a
+    stage has one row."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -222,7 +227,7 @@ def standard_callbacks(cfg: AutothinkConfig, *, evaluate: bool) -> list[Callback
     # Log before saving: a run killed between the two re-runs (and re-logs) that step after the
     # resume; saving first could leave a resumed step that was never logged.
     out += [
-        MetricsFile(run_dir / "metrics.jsonl"),
+        MetricsFile(run_dir / METRICS_FILE),
         ConsoleLogger(cfg.train.log_every),
         CheckpointCallback(cfg.checkpoint.save_every),
     ]

@@ -40,6 +40,7 @@ from megatron_autothink.checkpoint_io import (
     CheckpointError,
     describe_load_error,
     install_restricted_reader,
+    load_dist,
     manifest,
     read_json,
     save_dist,
@@ -230,6 +231,48 @@ class CheckpointManager:
             log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
         _barrier(self.ctx)
         return final
+
+    # ------------------------------------------------------------------ frozen weights
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.root / "reference"
+
+    def save_reference(self, chunks: list[torch.nn.Module]) -> Path:
+        """Collective: the model weights alone, under ``<root>/reference`` (an RL stage's frozen
+        KL reference: the policy it started from). Atomic like :meth:`save`; outside the
+        ``iter_*`` rotation, so it lives as long as the stage's folder."""
+        final, tmp = self.reference_dir, self.root / "reference.tmp"
+        if self.ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier(self.ctx)
+        with serial_gloo_workers():
+            dist_checkpointing.save(_model_state(chunks), str(tmp))
+        _barrier(self.ctx)
+        if self.ctx.rank == 0:
+            meta = {"layout": {"tp": self.ctx.tp, "pp": self.ctx.pp}, "manifest": manifest(tmp)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        _barrier(self.ctx)
+        return final
+
+    def load_reference(self, chunks: list[torch.nn.Module]) -> None:
+        """Load :meth:`save_reference`'s weights into ``chunks`` (verified like a checkpoint)."""
+        path = self.reference_dir
+        self.verify(path)
+        state = _model_state(chunks)
+        with torch.no_grad(), serial_gloo_workers():
+            loaded = load_dist(state, path, verify=False)  # verified above; restricted readers
+        mods = [getattr(c, "module", c) for c in chunks]
+        with torch.no_grad():
+            if len(mods) == 1:
+                mods[0].load_state_dict(loaded["model"])
+            else:
+                for i, m in enumerate(mods):
+                    m.load_state_dict(loaded[f"model{i}"])
+        log.info("reference weights from %s", path)
 
     # ------------------------------------------------------------------ load
 

@@ -12,16 +12,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from megatron_autothink.config import AutothinkConfig, dump_config
 from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.fileio import drop_steps_after
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
-from megatron_autothink.train.callbacks import Callback
-from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
+from megatron_autothink.train import resume as resume_rules
+from megatron_autothink.train.callbacks import METRICS_FILE, Callback
+from megatron_autothink.train.checkpoint import CheckpointManager
 from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
 from megatron_autothink.train.setup import OptimizerBundle
 from megatron_autothink.train.step import train_step
@@ -58,6 +61,9 @@ class LoopState:
     stop_requested: bool = False
     eval_fn: Callable[[], dict[str, float]] | None = None
     extra_rank_state: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    step_logs: list[Path] = field(default_factory=list)
+    """Per-step JSONL files rank 0 appends to besides metrics.jsonl (RL: the rollouts); rows
+    after the step a stage starts from are dropped at :meth:`resume`."""
 
     @property
     def global_step(self) -> int:
@@ -73,7 +79,11 @@ class LoopState:
             self.chunks,
             self.opt,
             rank_state=rank_state,
-            meta={"stage": self.stage, "config": dump_config(self.cfg)},
+            meta={
+                "stage": self.stage,
+                "config": dump_config(self.cfg),
+                "total_steps": self.total_steps,
+            },
         )
         self._saved_step = self.step
 
@@ -85,6 +95,7 @@ class LoopState:
         Otherwise start from the previous stage's final weights, if there is one, and return
         None.
         """
+        schedule = resume_rules.fresh_schedule(self.opt.scheduler)
         resumed = (
             self.ckpt.load_latest(self.chunks, self.opt)
             if self.ckpt is not None and self.cfg.checkpoint.resume
@@ -92,12 +103,25 @@ class LoopState:
         )
         if resumed is not None:
             self.step = resumed.step
+            decision = resume_rules.decide(
+                resumed.meta.get("config"),
+                self.cfg,
+                total_steps=self.total_steps,
+                saved_total_steps=resumed.meta.get("total_steps"),
+                where=resumed.path,
+            )
+            if decision.reapply_schedule:
+                resume_rules.reapply_schedule(self.opt.scheduler, schedule, resumed.path)
             if "data" in resumed.rank_state:
                 try:
                     self.data.load_state_dict(resumed.rank_state["data"])
                 except ValueError as e:  # the loader cannot name the checkpoint file; we can
                     rank_file = resumed.path / f"rank_{self.ctx.rank:05d}.pt"
-                    raise CheckpointError(f"{rank_file}: data-loader state: {e}") from e
+                    raise resume_rules.ResumeRefused(f"{rank_file}: data-loader state: {e}") from e
+            if self.ctx.rank == 0:
+                run_dir = Path(self.cfg.logging.run_dir)
+                resume_rules.record_resume(run_dir, self.stage, self.step, resumed.path, decision)
+            self._drop_replayed_rows()
             return resumed.rank_state
         if previous is not None:
             prev = previous.load_latest(self.chunks, None)
@@ -106,10 +130,39 @@ class LoopState:
                 self.stage,
                 prev.path if prev else "?",
             )
+        self._drop_replayed_rows()
         return None
+
+    def _drop_replayed_rows(self) -> None:
+        """Rows this stage logged after ``self.step`` (by a run that died before its next
+        checkpoint, or before its first) are for steps about to run again: drop them."""
+        logs = [Path(self.cfg.logging.run_dir) / METRICS_FILE] if self.ctx.is_logging_rank else []
+        logs += self.step_logs if self.ctx.rank == 0 else []
+        for path in logs:
+            n = drop_steps_after(path, self.stage, self.step)
+            if n:
+                log.warning(
+                    "%s: dropped %d rows of %s after step %d (steps replayed from the checkpoint)",
+                    path,
+                    n,
+                    self.stage,
+                    self.step,
+                )
 
     def evaluate(self) -> dict[str, float]:
         return self.eval_fn() if self.eval_fn is not None else {}
+
+
+DATA_COUNTS = ("samples_read", "bad_sample", "too_long", "corrupt_shards", "corrupt_shard_samples")
+"""Loader counters logged every step as ``data/<name>`` (0 until they occur), next to any other
+counter the loader keeps (``no_answer`` for RL prompts)."""
+
+
+def data_metrics(data: BatchSource) -> dict[str, float]:
+    """The loader's running counts (this rank, the whole stage so far: restored at resume) as
+    ``data/<name>`` metrics, so a run that drops many samples shows it in metrics.jsonl."""
+    stats = getattr(data, "stats", None) or {}
+    return {f"data/{k}": float(stats.get(k, 0)) for k in dict.fromkeys([*DATA_COUNTS, *stats])}
 
 
 def _micro_batches(data: BatchSource, n: int) -> list[PackedBatch]:
@@ -144,6 +197,7 @@ def run_sft(
             "loss_tokens": float(result.tokens),
             "tokens_per_s": tokens / dt,
             "step_time_s": dt,
+            **data_metrics(state.data),
         }
         if torch.cuda.is_available():
             head_share = min(result.tokens / tokens, 1.0) if tokens else 1.0

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from megatron_autothink.parallel import (
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.loop import LoopState, run_sft
+from megatron_autothink.train.resume import ResumeRefused
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
 from megatron_autothink.train.step import train_step
 
@@ -71,6 +73,16 @@ def checkpoint_root(cfg: AutothinkConfig) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
 
 
+def loader_options(cfg: AutothinkConfig) -> dict[str, Any]:
+    """The data-quality settings every training loader takes from ``data.*``."""
+    d = cfg.data
+    return {
+        "max_error_rate": d.max_error_rate,
+        "max_unusable_in_a_row": d.max_unusable_in_a_row,
+        "on_shard_change": d.on_shard_change,
+    }
+
+
 def build_sft_loader(
     cfg: AutothinkConfig,
     ctx: ParallelContext,
@@ -96,6 +108,7 @@ def build_sft_loader(
         think_min_difficulty=d.think_min_difficulty,
         s3_endpoint=d.s3_endpoint or None,
         image=image_config(cfg),
+        **loader_options(cfg),
     )
     return build_packed_loader(lcfg, tokenizer, dp_rank=ctx.dp_rank, dp_world_size=ctx.dp)
 
@@ -213,6 +226,28 @@ def run_sft_stage(
     return state, ckpt
 
 
+def record_config(run_dir: Path, text: str) -> Callable[[], None]:
+    """Write ``config.yaml`` (the config of this start). An earlier start's that differs is
+    kept as ``config.<n>.yaml`` (n = 1, 2, ... oldest first), so the record never claims that
+    a value ran that did not; ``resumes.jsonl`` says what each resume changed. Returns an undo
+    for a start that is refused before it trains."""
+    current = run_dir / "config.yaml"
+    kept: Path | None = None
+    if current.is_file() and current.read_text() != text:
+        n = 1
+        while (run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        kept = run_dir / f"config.{n}.yaml"
+        current.rename(kept)
+    current.write_text(text)
+
+    def undo() -> None:
+        if kept is not None:
+            kept.replace(current)
+
+    return undo
+
+
 def check_input_paths(cfg: AutothinkConfig) -> None:
     """Every local input the config names must exist: a typo is reported in a second, not after
     the process groups, the model and the loader workers are set up. (Object-store URLs are
@@ -234,6 +269,7 @@ def main(cfg: AutothinkConfig) -> int:
     # Threads from the CPUs this rank may use (or AUTOTHINK_THREADS), before any worker, process
     # group or engine exists, so they inherit the same budget (megatron_autothink/cpus.py).
     log.info("torch threads: %d", configure_threads())
+    from megatron_autothink.data.loader import DataQualityError
     from megatron_autothink.data.tokenizer import load_tokenizer
 
     stages = stages_of(cfg)
@@ -251,11 +287,12 @@ def main(cfg: AutothinkConfig) -> int:
     from megatron_autothink.rl.stage import EngineSlot
 
     engine_slot = EngineSlot()  # one rollout engine for all RL stages of the run
+    undo_config_record: Callable[[], None] | None = None
     try:
         run_dir = Path(cfg.logging.run_dir)
         if ctx.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
+            undo_config_record = record_config(run_dir, dump_config(cfg))
             marker_path(run_dir).unlink(missing_ok=True)
         tokenizer = load_tokenizer(tokenizer_dir)
         if len(tokenizer) > cfg.model.vocab_size:
@@ -313,8 +350,13 @@ def main(cfg: AutothinkConfig) -> int:
             offset += stage.steps
         return 0
     except CheckpointError as e:
+        if isinstance(e, ResumeRefused) and undo_config_record is not None:
+            undo_config_record()  # nothing ran with the refused config
         log.error("%s", e)
         return 3
+    except DataQualityError as e:
+        log.error("data: %s", e)
+        return 4
     finally:
         engine_slot.shutdown()
         destroy_distributed()

@@ -17,6 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from megatron_autothink.data.batch import PackedBatch
+from megatron_autothink.data.image_processing import decode_image, image_patches
 from megatron_autothink.data.loader import (
     LoaderConfig,
     PromptLoaderConfig,
@@ -119,7 +120,8 @@ def test_batches_are_consistent(digits_dir: str, tokenizer: Any) -> None:
             pad_part = seg == 0
             assert (b.tokens[r][pad_part] == pad).all() and (b.mode_ids[r][pad_part] == -1).all()
             assert float(b.loss_mask[r][pad_part].sum()) == 0
-    assert dict(loader.stats) == {}
+    assert loader.stats["samples_read"] > 0  # every sample used: nothing else counted
+    assert set(loader.stats) == {"samples_read"}
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
@@ -201,7 +203,7 @@ def test_skip_messages_name_shard_and_index(
     too_long = [r.getMessage() for r in caplog.records if "tokens > seq_length" in r.getMessage()]
     assert too_long and re.search(r"\(test-\d+\.tar\[\d+\]\)", too_long[0]), too_long[:1]
 
-    from megatron_autothink.data.loader import _error_handler
+    from megatron_autothink.data.loader import _ErrorHandler, _limits
     from megatron_autothink.data.schema import Sample
 
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -209,7 +211,7 @@ def test_skip_messages_name_shard_and_index(
         Sample.model_validate({"id": "s", "images": [png], "conversations": "oops"})
     except ValidationError as e:
         caplog.clear()
-        _error_handler(e, None)
+        _ErrorHandler(_limits(cfg))(e, None)
     (msg,) = [r.getMessage() for r in caplog.records]
     assert "conversations" in msg and "PNG" not in msg and len(msg) < 300, msg
 
@@ -300,6 +302,13 @@ def test_prompt_loader(digits_dir: str, tokenizer: Any) -> None:
         n_pad = int(p.image_grid_thw.prod()) // 4
         assert p.prompt.count("<|image_pad|>") == n_pad
         assert p.answer is not None and p.answer_type == "number" and p.difficulty is not None
+        # SSR replays keep only the shard's encoded bytes and re-decode them: the same pixels,
+        # bit for bit, as the loader gave the engine.
+        assert len(p.image_bytes) == 1 and p.image_bytes[0][:4] == b"\x89PNG"
+        pixels, grid, _ = image_patches([decode_image(b) for b in p.image_bytes], cfg.image)
+        assert pixels is not None and grid is not None
+        assert pixels.dtype == p.pixel_values.dtype and torch.equal(pixels, p.pixel_values)
+        assert torch.equal(grid, p.image_grid_thw)
     resumed_from = build_prompt_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
     next(resumed_from)
     state = resumed_from.state_dict()
@@ -321,3 +330,80 @@ def test_text_only_digits(tokenizer: Any, tmp_path: Path) -> None:
     assert "Digits:" in tokenizer.decode(batch.tokens[0])
     pos = batch.position_ids[:, 0]
     assert torch.equal(pos[0], pos[1]) and torch.equal(pos[1], pos[2])  # text: same in t, h, w
+
+
+def test_bad_share_over_max_error_rate_stops_the_loader() -> None:
+    """A mostly bad dataset is refused once a loading process has read MIN_SAMPLES_FOR_RATE
+    samples; a few bad samples early on, or rule skips (too long), are not errors."""
+    from megatron_autothink.data.loader import (
+        MIN_SAMPLES_FOR_RATE,
+        DataQualityError,
+        _Limits,
+        _Quality,
+        _unwrap_quality_error,
+    )
+
+    limits = _Limits(what="/d [train]", max_error_rate=0.1, max_unusable_in_a_row=0)
+    q = _Quality()
+    for i in range(MIN_SAMPLES_FOR_RATE):  # rule skips: counted, never an error
+        q.unusable("longer than seq_length=32", f"x{i}", limits, error=False)
+        q.ok()
+    q = _Quality()
+    for i in range(MIN_SAMPLES_FOR_RATE - 1):  # 50 % bad, but too few samples read to judge
+        if i % 2:
+            q.unusable("ValidationError", f"s.tar[{i}]", limits, error=True)
+        else:
+            q.ok()
+    with pytest.raises(DataQualityError) as err:
+        q.unusable("ValidationError", "s.tar[999]", limits, error=True)
+    msg = str(_unwrap_quality_error(RuntimeError(f"wrapped: {err.value} (worker 0)")))
+    assert msg.startswith("/d [train]: ") and "> max_error_rate=0.1" in msg, msg
+    assert "100 of 200 samples read could not be read or decoded" in msg, msg
+    assert "100 ValidationError, e.g. s.tar[1]" in msg, msg
+
+    q = _Quality()
+    every = _Limits(what="/d [train]", max_error_rate=None, max_unusable_in_a_row=5)
+    for i in range(4):
+        q.unusable("longer than seq_length=32", f"x{i}", every, error=False)
+    q.ok()  # a usable sample resets the run
+    for i in range(4):
+        q.unusable("longer than seq_length=32", f"y{i}", every, error=False)
+    with pytest.raises(DataQualityError, match="the last 5 samples read were all unusable"):
+        q.unusable("without an answer", "z", every, error=False)
+
+
+def test_resume_when_the_set_of_unusable_shards_changed(
+    digits_dir: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    """A shard repaired since the checkpoint stays out, so the resume is exact; a shard that
+    broke since is refused unless data.on_shard_change=restart_order (fresh sample order)."""
+    root = _corrupt_copy(digits_dir, tmp_path)
+    shards = sorted(root.glob("train-*.tar"))
+    broken, later = shards[1], shards[2]
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 3])
+    cfg = _cfg(str(root))
+    first = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    [next(first) for _ in range(2)]
+    state = first.state_dict()
+    want = [_sig(next(first)) for _ in range(4)]
+
+    broken.write_bytes(good)  # repaired before the resume
+    resumed = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    resumed.load_state_dict(state)
+    assert [_sig(next(resumed)) for _ in range(4)] == want
+    assert broken.name in resumed.excluded_shards
+    assert broken.name in resumed.state_dict()["excluded_shards"]
+
+    data, lost = later.read_bytes(), set(_ids_in(later))
+    later.write_bytes(data[: len(data) // 3])  # broke before the resume
+    refused = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
+    with pytest.raises(ValueError, match=rf"{later.name}.*data.on_shard_change=restart_order"):
+        refused.load_state_dict(state)
+    restarted = build_packed_loader(
+        _cfg(str(root), on_shard_change="restart_order"), tokenizer, dp_rank=0, dp_world_size=1
+    )
+    restarted.load_state_dict(state)
+    ids = {sid for _ in range(4) for row in next(restarted).sample_ids for sid in row}
+    assert ids and not ids & lost
+    assert restarted.stats["corrupt_shards"] == 1 and restarted.stats["samples_read"] > 0

@@ -212,3 +212,42 @@ def test_no_checkpoint_helper_outlives_a_killed_trainer(tmp_path: Path) -> None:
     proc.kill()
     proc.communicate(timeout=30)
     assert _group_members(proc.pid) == []
+
+
+STUCK = textwrap.dedent(
+    """
+    import sys, time
+    from megatron_autothink.launch.preempt import PreemptionWatcher
+    w = PreemptionWatcher(repeat_after_s=float(sys.argv[1])).install()
+    print("ready", flush=True)
+    while True:  # a rank that never reaches a step boundary (stuck loading data)
+        time.sleep(0.05)
+    """
+)
+
+
+def test_second_sigterm_ends_a_process_stuck_before_the_step_boundary() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK, "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # a copy arriving together (torchrun forwards TERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)  # the first request waits for a step boundary
+        proc.send_signal(signal.SIGUSR1)  # re-sent by the batch script while ranks save
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert proc.stderr is not None
+        assert "second signal: exiting without checkpoint" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -7,11 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_autothink.rl.advantages import (
-    dynamic_filter,
-    group_advantages,
-    zero_advantage_group_mask,
-)
+from megatron_autothink.rl.advantages import group_advantages, zero_advantage_group_mask
 
 
 def _reference(rewards: list[list[float]], std_normalize: bool, eps: float) -> list[list[float]]:
@@ -70,20 +66,10 @@ def test_shape_errors() -> None:
         zero_advantage_group_mask(torch.zeros(2, 2, 2))
 
 
-def test_zero_advantage_mask_and_filter() -> None:
+def test_zero_advantage_mask() -> None:
     r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-0.1, -0.1, 0.0]])
-    assert zero_advantage_group_mask(r).tolist() == [True, True, False, False]
-    f = dynamic_filter(r)
-    assert f.keep.tolist() == [False, False, True, True]
-    assert f.kept_indices.tolist() == [2, 3]
-    assert f.zero_advantage_fraction == 0.5
-    # Advantages of the dropped groups are exactly zero, so dropping them loses nothing.
+    mask = zero_advantage_group_mask(r)
+    assert mask.tolist() == [True, True, False, False]
+    # Advantages of the flagged groups are exactly zero, so dropping them loses nothing.
     adv = group_advantages(r, std_normalize=True)
-    assert torch.all(adv[~f.keep] == 0)
-
-
-def test_filter_edge_cases() -> None:
-    assert dynamic_filter(torch.ones(2, 4)).zero_advantage_fraction == 1.0
-    assert dynamic_filter(torch.ones(2, 4)).kept_indices.numel() == 0
-    empty = dynamic_filter(torch.zeros(0, 4))
-    assert empty.zero_advantage_fraction == 0.0 and empty.kept_indices.numel() == 0
+    assert torch.all(adv[mask] == 0) and torch.all(adv[~mask].abs().sum(dim=1) > 0)

@@ -8,43 +8,13 @@ import pytest
 import torch
 
 from megatron_autothink.rl.advantages import group_advantages
-from megatron_autothink.rl.bpo import (
-    NO_THINK_PREFILL,
-    THINK_PREFILL,
-    bpo_advantages,
-    bpo_group_layout,
-    per_mode_metrics,
-)
-
-
-def test_layout_is_prompt_major_thinking_first() -> None:
-    lay = bpo_group_layout(3, 2, 2)
-    assert lay.group_size == 4
-    assert lay.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
-    assert lay.thinking.tolist() == [True, True, False, False] * 3
-    assert lay.prefills()[:4] == [THINK_PREFILL, THINK_PREFILL, NO_THINK_PREFILL, NO_THINK_PREFILL]
-    # Reshaping flat rollouts gives one row per prompt.
-    assert lay.prompt_index.view(3, 4)[:, 0].tolist() == [0, 1, 2]
-
-
-def test_layout_one_mode_only() -> None:
-    think_only = bpo_group_layout(2, 3, 0)
-    assert think_only.thinking.all() and think_only.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
-    short_only = bpo_group_layout(1, 0, 2)
-    assert not short_only.thinking.any()
-    assert bpo_group_layout(0, 2, 2).prompt_index.numel() == 0
-
-
-@pytest.mark.parametrize("args", [(1, 0, 0), (-1, 1, 1), (1, -1, 2)])
-def test_layout_errors(args: tuple[int, int, int]) -> None:
-    with pytest.raises(ValueError):
-        bpo_group_layout(*args)
+from megatron_autothink.rl.bpo import bpo_advantages, per_mode_metrics
 
 
 def test_advantages_use_whole_mixed_group() -> None:
     # Thinking: rewards 1, 1; non-thinking: 1, 0. Mixed mean 0.75.
     r = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    m = bpo_group_layout(1, 2, 2).thinking.view(1, 4)
+    m = torch.tensor([[True, True, False, False]])
     adv = bpo_advantages(r, m, std_normalize=False)
     assert adv.tolist() == [[0.25, 0.25, 0.25, -0.75]]
     # A per-mode baseline would give the thinking rollouts zero: the mode signal would vanish.
@@ -55,7 +25,7 @@ def test_advantages_use_whole_mixed_group() -> None:
 
 
 def test_advantages_std_normalize_and_all_equal() -> None:
-    m = bpo_group_layout(2, 2, 2).thinking.view(2, 4)
+    m = torch.tensor([[True, True, False, False]] * 2)
     r = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     adv = bpo_advantages(r, m, std_normalize=True, eps=0.0)
     s = math.sqrt(1 / 3)  # unbiased std of [1, 1, 0, 0]
@@ -65,7 +35,7 @@ def test_advantages_std_normalize_and_all_equal() -> None:
 
 def test_advantages_one_mode_only_is_grpo() -> None:
     r = torch.tensor([[1.0, 0.0, 0.0]])
-    m = bpo_group_layout(1, 3, 0).thinking.view(1, 3)
+    m = torch.ones(1, 3, dtype=torch.bool)
     torch.testing.assert_close(
         bpo_advantages(r, m, std_normalize=True), group_advantages(r, std_normalize=True)
     )

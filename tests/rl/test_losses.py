@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_autothink.rl.losses import policy_loss, sequence_logprobs_from_logits
+from megatron_autothink.rl.losses import policy_loss
 
 CLIP: dict[str, Any] = {"clip_low": 0.2, "clip_high": 0.35}
 
@@ -151,6 +151,72 @@ def test_k3_kl_term() -> None:
     torch.testing.assert_close(logp.grad, torch.tensor([[0.5 * (1 - math.exp(d)) / 2, 0.0]]))
 
 
+def test_dual_clip_bounds_negative_advantage_tokens() -> None:
+    # A = -1 on three tokens with ratios 2, 4 and e^30 (an off-policy replay gone far):
+    # * ratio 2 < c = 3: PPO's max keeps -A * 2 = 2 with gradient -A * rho = 2 (per token / 3);
+    # * ratio 4 > c: dual-clip caps the loss at -A * c = 3, no gradient;
+    # * log-ratio 30 is clamped to 20 first (verl), then capped at 3 as well.
+    logp = torch.tensor([[math.log(2.0), math.log(4.0), 30.0]], requires_grad=True)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, m = policy_loss(
+        logp, torch.zeros(1, 3), torch.tensor([-1.0]), mask, num_tokens_global=3, **CLIP
+    )
+    assert loss.item() == pytest.approx((2.0 + 3.0 + 3.0) / 3)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[2.0 / 3, 0.0, 0.0]]))
+    assert m["clip_frac_dual"].item() == pytest.approx(2 / 3)
+    # Positive advantages are untouched by c: ratio 4 > 1.35 is PPO-clipped to -1.35 as before.
+    pos, m_pos = policy_loss(
+        logp.detach(), torch.zeros(1, 3), torch.tensor([1.0]), mask, num_tokens_global=3, **CLIP
+    )
+    assert pos.item() == pytest.approx(-1.35)
+    assert m_pos["clip_frac_dual"].item() == 0.0
+    # A larger c lets the ratio-4 token back in: loss (2 + 4 + 5) / 3, gradient on both.
+    wide, _ = policy_loss(
+        logp.detach(),
+        torch.zeros(1, 3),
+        torch.tensor([-1.0]),
+        mask,
+        num_tokens_global=3,
+        clip_ratio_c=5.0,
+        **CLIP,
+    )
+    assert wide.item() == pytest.approx((2.0 + 4.0 + 5.0) / 3)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        policy_loss(
+            logp, torch.zeros(1, 3), torch.tensor([-1.0]), mask, num_tokens_global=3,
+            clip_ratio_c=1.0, **CLIP,
+        )  # fmt: skip
+
+
+def test_zero_advantage_overflowing_ratio_is_finite() -> None:
+    # log-ratio 100 would give exp = inf and 0 * inf = NaN without the [-20, 20] clamp.
+    logp = torch.tensor([[100.0]], requires_grad=True)
+    loss, _ = policy_loss(
+        logp, torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1, dtype=torch.bool),
+        num_tokens_global=1, **CLIP,
+    )  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and logp.grad.item() == 0.0
+
+
+def test_k3_kl_is_bounded_like_verl() -> None:
+    # ref - logp = 3 gives e^3 - 3 - 1 = 16.09 > 10: capped at 10 with no gradient; a token with
+    # ref - logp = 25 is clamped to 20 first (e^20 would dwarf every other token), then capped.
+    # Token 0 (d = 0.5) is unbounded: k3 = e^0.5 - 1.5 = 0.1487, gradient 1 - e^0.5 (/ 3 tokens).
+    logp = torch.tensor([[-0.5, -3.0, -25.0]], requires_grad=True)
+    ref = torch.zeros(1, 3)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, m = policy_loss(
+        logp, logp.detach(), torch.zeros(1), mask, num_tokens_global=3, ref_logp=ref,
+        kl_coef=1.0, **CLIP,
+    )  # fmt: skip
+    k3_0 = math.exp(0.5) - 1.5
+    assert m["kl_loss"].item() == pytest.approx((k3_0 + 10.0 + 10.0) / 3, rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[(1 - math.exp(0.5)) / 3, 0.0, 0.0]]))
+
+
 def test_kl_is_reported_but_inactive_with_zero_coef() -> None:
     logp, old, adv, mask = _batch()
     base, _ = policy_loss(logp, old, adv, mask, num_tokens_global=10, **CLIP)
@@ -231,66 +297,3 @@ def test_empty_microbatch_contributes_zero() -> None:
     assert loss.item() == 0.0 and m["ratio_max"].item() == 0.0
     loss.backward()
     assert torch.all(logp.grad == 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# log-probs
-# ---------------------------------------------------------------------------------------------
-
-
-def _reference_logprobs(logits: torch.Tensor, tokens: torch.Tensor, t: float) -> torch.Tensor:
-    return torch.log_softmax(logits.double() / t, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 512])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_match_log_softmax(chunk: int, temperature: float) -> None:
-    g = torch.Generator().manual_seed(1)
-    logits = (torch.randn(2, 5, 11, generator=g, dtype=torch.float64) * 4).requires_grad_()
-    tokens = torch.randint(0, 11, (2, 5), generator=g)
-    out = sequence_logprobs_from_logits(logits, tokens, temperature=temperature, chunk_tokens=chunk)
-    ref = _reference_logprobs(logits, tokens, temperature)
-    assert out.shape == (2, 5) and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    w = torch.randn(2, 5, generator=g, dtype=torch.float64)
-    (g_out,) = torch.autograd.grad((out.double() * w).sum(), logits)
-    (g_ref,) = torch.autograd.grad((ref * w).sum(), logits)
-    torch.testing.assert_close(g_out, g_ref, atol=1e-5, rtol=1e-5)
-
-
-def test_logprobs_bf16_and_grad_dtype() -> None:
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(1, 4, 32, generator=g).bfloat16().requires_grad_()
-    tokens = torch.randint(0, 32, (1, 4), generator=g)
-    out = sequence_logprobs_from_logits(logits, tokens, chunk_tokens=2)
-    torch.testing.assert_close(
-        out.double(), _reference_logprobs(logits.detach(), tokens, 1.0), atol=1e-5, rtol=1e-5
-    )
-    out.sum().backward()
-    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
-
-
-def test_logprobs_feed_policy_loss_end_to_end() -> None:
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(2, 3, 7, generator=g, requires_grad=True)
-    tokens = torch.randint(0, 7, (2, 3), generator=g)
-    logp = sequence_logprobs_from_logits(logits, tokens)
-    loss, _ = policy_loss(
-        logp,
-        logp.detach(),
-        torch.tensor([1.0, -1.0]),
-        torch.ones(2, 3, dtype=torch.bool),
-        num_tokens_global=6,
-        **CLIP,
-    )
-    loss.backward()
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
-
-
-def test_logprobs_shape_errors() -> None:
-    with pytest.raises(ValueError):
-        sequence_logprobs_from_logits(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError):
-        sequence_logprobs_from_logits(
-            torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), temperature=0.0
-        )

@@ -219,3 +219,27 @@ def test_checkpoint_io_starts_no_openmp_team(tmp_path: Path) -> None:
     assert unguarded["new"], "expected the unguarded plan exchange to start an OpenMP worker"
     (guarded,) = run_distributed(_save_load_threads, 1, str(tmp_path / "g"), True)
     assert guarded["new"] == []
+
+
+def test_resume_rules_classify_changed_settings(tmp_path: Path) -> None:
+    """Per key: free, stage length (schedule re-derived), fixed, or refused unless allowed."""
+    from megatron_autothink.config import dump_config, load_config
+    from megatron_autothink.train.resume import Decision, ResumeRefused, decide
+
+    saved = dump_config(load_config("tiny_cpu"))
+
+    def check(*overrides: str, total: int = 100, saved_total: int | None = 100) -> Decision:
+        cfg = load_config("tiny_cpu", list(overrides))
+        return decide(saved, cfg, total_steps=total, saved_total_steps=saved_total, where=tmp_path)
+
+    free = check("logging.run_dir=elsewhere", "train.log_every=5", "parallel.tp=2")
+    assert free.free == ["logging.run_dir", "parallel.tp", "train.log_every"]
+    assert not free.reapply_schedule
+    longer = check("train.steps=200", total=200)
+    assert longer.reapply_schedule and "train.steps" in longer.accepted
+    with pytest.raises(ResumeRefused, match=r"train.seed: 1234 -> 7.*train.init_from"):
+        check("train.seed=7", "checkpoint.allow_changes=[train]")  # never, even when listed
+    with pytest.raises(ResumeRefused, match=r"data.seq_length: .* -> 64.*allow_changes=\[data"):
+        check("data.seq_length=64")
+    allowed = check("optim.lr=5e-4", "checkpoint.allow_changes=[optim]")
+    assert allowed.accepted == ["optim.lr"] and allowed.reapply_schedule

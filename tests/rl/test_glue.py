@@ -1,0 +1,264 @@
+"""The trainer's glue on tiny hand-made inputs: advantages per group, the training set (with and
+without SSR), replay payloads (typed, bounded, weights_only checkpoints) and the behaviour
+log-probs a replay trains with."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from megatron_autothink.config import AutothinkConfig, RLConfig
+from megatron_autothink.data.batch import PromptSample
+from megatron_autothink.data.image_processing import ImageProcessingConfig, encode_image
+from megatron_autothink.rl import trainer
+from megatron_autothink.rl.batching import RLMicroBatch, TrainSequence, pack_sequences
+from megatron_autothink.rl.rollout import ScoredResponse
+from megatron_autothink.rl.trainer import (
+    ReplayStore,
+    RLContext,
+    TrainingSet,
+    compute_advantages,
+    select_training_set,
+)
+from megatron_autothink.rl.types import TrainSample
+
+PNG = encode_image(Image.new("RGB", (56, 56), (200, 30, 30)))
+
+
+def _resp(reward: float, correct: bool = False, mode: str = "auto", n: int = 2) -> ScoredResponse:
+    return ScoredResponse(
+        prompt_index=0,
+        forced_mode=mode,
+        prefill_ids=[9] if mode != "auto" else [],
+        response_ids=list(range(10, 10 + n)),
+        engine_logprobs=[-0.5] * n,
+        text="",
+        finished=True,
+        reward=reward,
+        correct=correct,
+        thinking=mode == "long",
+    )
+
+
+def _prompt(pid: str, images: bool = True) -> PromptSample:
+    return PromptSample(
+        id=pid,
+        prompt="",
+        prompt_ids=[1, 2, 3],
+        vllm_prompt="",
+        image_bytes=[PNG] if images else [],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# compute_advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compute_advantages_per_algorithm() -> None:
+    groups = [[_resp(1.0), _resp(0.0), _resp(0.0), _resp(1.0)], []]
+    # GRPO: (r - 0.5) / (std + 1e-6), unbiased std of [1, 0, 0, 1] = sqrt(1/3)
+    grpo = compute_advantages(groups, RLConfig(algorithm="grpo"))
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-6)
+    assert grpo[0] == pytest.approx([a, -a, -a, a]) and grpo[1] == []
+    # REINFORCE with baseline (LMM-R1): mean only, even with std_normalize left on
+    one_right = [[_resp(1.0), _resp(0.0), _resp(0.0), _resp(0.0)]]
+    assert compute_advantages(one_right, RLConfig(algorithm="reinforce")) == [
+        [0.75, -0.25, -0.25, -0.25]
+    ]
+    # VL-Rethinker's GRPO without std
+    assert compute_advantages(one_right, RLConfig(std_normalize=False)) == [
+        [0.75, -0.25, -0.25, -0.25]
+    ]
+    # BPO: one baseline over the mixed group (thinking solves it, non-thinking does not)
+    bpo = [[_resp(1.0, mode="long"), _resp(1.0, mode="long"), _resp(0.0, mode="short")]]
+    out = compute_advantages(bpo, RLConfig(algorithm="bpo", std_normalize=False))
+    assert out[0] == pytest.approx([1 / 3, 1 / 3, -2 / 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# select_training_set
+# ---------------------------------------------------------------------------------------------
+
+
+def _two_groups() -> tuple[list[PromptSample], list[list[ScoredResponse]], list[list[float]]]:
+    prompts = [_prompt("a"), _prompt("b", images=False)]
+    groups = [
+        [_resp(1.0, True), _resp(0.0), _resp(1.0, True), _resp(0.0)],
+        [_resp(1.0, True, n=3) for _ in range(4)],  # solved by all: zero advantage
+    ]
+    return prompts, groups, [[0.5, -0.5, 0.5, -0.5], [0.0] * 4]
+
+
+def test_training_set_without_ssr() -> None:
+    prompts, groups, advs = _two_groups()
+    gen = torch.Generator().manual_seed(0)
+    ts = select_training_set(prompts, groups, advs, RLConfig(), None, gen, step=3)
+    assert [s.sample_id for s in ts.samples] == list(range(8))
+    assert ts.fresh == ts.samples and ts.is_replay == [False] * 8
+    assert ts.metrics == {"zero_adv_group_frac": 0.5}
+    s0, s4 = ts.samples[0], ts.samples[4]
+    assert s0.version == 3 and s0.advantage == 0.5 and s0.correct and s0.mode_id == 0
+    assert s0.prompt_ids.dtype == torch.int32 and s0.prompt_ids.tolist() == [1, 2, 3]
+    assert s0.response_ids.tolist() == [10, 11] and s4.response_ids.tolist() == [10, 11, 12]
+    assert s0.image_bytes == [PNG] and s4.image_bytes == []
+    assert s0.behaviour_logprobs is None  # the update computes them
+    # DAPO-style dynamic filter drops the zero-advantage group (no refill)
+    filtered = select_training_set(
+        prompts, groups, advs, RLConfig(dynamic_filter=True), None, gen, step=3
+    )
+    assert [s.advantage for s in filtered.samples] == [0.5, -0.5, 0.5, -0.5]
+
+
+def test_training_set_with_ssr_replays_buffered_samples() -> None:
+    rl = RLConfig(ssr={"enabled": True, "all_correct_share": 0.5})
+    store = ReplayStore(capacity=2)
+    gen = torch.Generator().manual_seed(0)
+    prompts, groups, advs = _two_groups()
+    ts = select_training_set(prompts, groups, advs, rl, store, gen, step=1)
+    # 8 rollouts -> 4 trained: min(4 non-zero, 4) fresh |A|-weighted draws, no room for more
+    assert len(ts.samples) == 4 and ts.is_replay == [False] * 4
+    assert all(s.advantage != 0 for s in ts.samples)
+    # FIFO of capacity 2 keeps the last two non-zero samples (ids 2, 3)
+    assert [r.sample_id for r in store.buffer.records()] == [2, 3]
+    assert sorted(store.samples) == ["s2", "s3"]
+    # behaviour log-probs are needed for everything trained now or replayed later, once each
+    need = {s.sample_id for s in ts.samples} | {2, 3}
+    assert sorted(s.sample_id for s in ts.fresh) == sorted(need)
+    for s in ts.fresh:
+        s.behaviour_logprobs = torch.full((2,), -1.0 - s.sample_id)
+    assert ts.metrics["ssr/buffer_size"] == 2.0 and "ssr/replay_age" not in ts.metrics
+    # Step 2: every group is flat, so the whole training set is replays from step 1
+    flat = [[_resp(1.0, True) for _ in range(4)], [_resp(0.0) for _ in range(4)]]
+    ts2 = select_training_set(prompts, flat, [[0.0] * 4] * 2, rl, store, gen, step=2)
+    assert len(ts2.samples) == 4 and ts2.is_replay == [True] * 4
+    assert {s.sample_id for s in ts2.samples} == {2, 3} and ts2.fresh == []
+    # the replays carry the step-1 behaviour log-probs, untouched
+    for s in ts2.samples:
+        assert s.behaviour_logprobs is not None
+        assert s.behaviour_logprobs.tolist() == [-1.0 - s.sample_id] * 2
+    assert ts2.metrics["ssr/replay_age"] == 1.0 and ts2.metrics["ssr/replay_share"] == 1.0
+    assert store.next_id == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay payloads
+# ---------------------------------------------------------------------------------------------
+
+
+def test_replay_store_checkpoint_is_weights_only_and_holds_no_pixels() -> None:
+    rl = RLConfig(ssr={"enabled": True})
+    store = ReplayStore(capacity=2)
+    gen = torch.Generator().manual_seed(0)
+    prompts, groups, advs = _two_groups()
+    sizes = []
+    for step in range(1, 6):  # the buffer (and the checkpoint) stay bounded over steps
+        ts = select_training_set(prompts, groups, advs, rl, store, gen, step=step)
+        for s in ts.fresh:
+            s.behaviour_logprobs = torch.full((2,), -0.25)
+        buf = io.BytesIO()
+        torch.save(store.state_dict(), buf)
+        sizes.append(buf.tell())
+    # two samples of 3 prompt + 2 response ids (int32), 2 + 2 float32 log-probs, one PNG each
+    assert store.nbytes() == 2 * (3 * 4 + 2 * 4 + 2 * 4 + 2 * 4 + len(PNG))
+    assert len(set(sizes)) == 1  # same size every step: nothing accumulates
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    again = ReplayStore(capacity=2)
+    again.load_state_dict(loaded)
+    assert again.samples == store.samples and again.next_id == store.next_id
+    assert again.buffer.records() == store.buffer.records()
+    # no decoded image anywhere: every float tensor is a [K] log-prob vector
+    for s in loaded["samples"].values():
+        assert s["image_bytes"] == [PNG]
+        assert all(v.dim() == 1 for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def test_pack_places_behaviour_logprobs_and_replay_mask_at_label_positions() -> None:
+    def seq(i: int, old: list[float] | None, prefill: list[int], rep: bool) -> TrainSequence:
+        return TrainSequence(
+            sample_index=i,
+            prompt_ids=[1, 2],
+            prefill_ids=prefill,
+            response_ids=[3, 4],
+            engine_logprobs=[-0.5, -0.5],
+            advantage=1.0,
+            mode_id=1,
+            train_prefill=bool(prefill),
+            old_logprobs=old,
+            replay=rep,
+        )
+
+    # Row: [1 2 3 4 | 1 2 9 3 4 | pad]; targets of sample 0 are tokens 3, 4 (labels at 1, 2);
+    # sample 1 trains its prefill 9 too (labels at 5, 6, 7).
+    (mb,) = pack_sequences(
+        [seq(0, [-0.1, -0.2], [], False), seq(1, [-0.3, -0.4, -0.6], [9], True)],
+        seq_length=10,
+        micro_batch_size=1,
+        pad_id=0,
+        image_token_id=99,
+    )
+    assert mb.old_logp is not None
+    assert mb.sample_index[0].tolist() == [-1, 0, 0, -1, -1, 1, 1, 1, -1, -1]
+    expected = [0.0, -0.1, -0.2, 0.0, 0.0, -0.3, -0.4, -0.6, 0.0, 0.0]
+    torch.testing.assert_close(mb.old_logp[0], torch.tensor(expected))
+    assert mb.replay_mask[0].tolist() == [False] * 5 + [True] * 3 + [False] * 2
+    with pytest.raises(ValueError, match="old_logprobs"):
+        pack_sequences(
+            [seq(0, [-0.1], [], False)], seq_length=10, micro_batch_size=1, pad_id=0,
+            image_token_id=99,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="every sequence"):
+        pack_sequences(
+            [seq(0, None, [], False), seq(1, [-0.1, -0.2], [], False)], seq_length=12,
+            micro_batch_size=1, pad_id=0, image_token_id=99,
+        )  # fmt: skip
+
+
+def test_update_policy_trains_replays_on_their_behaviour_logprobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fresh samples get their behaviour log-probs from the current policy (here a stub that
+    says -0.5 everywhere); a replay keeps the ones stored when it was generated (-2.0)."""
+    seen: dict[str, Any] = {}
+
+    def fake_logprobs(chunks: Any, batches: list[RLMicroBatch], ctx: Any, **kw: Any) -> list:
+        seen.setdefault("scored", []).append(batches)
+        return [-0.5 * mb.packed.loss_mask for mb in batches]
+
+    def fake_update(chunks: Any, opt: Any, batches: list[RLMicroBatch], *a: Any, **kw: Any):
+        seen["trained"] = batches
+        return {"actor/loss": 0.0}
+
+    monkeypatch.setattr(trainer, "compute_logprobs", fake_logprobs)
+    monkeypatch.setattr(trainer, "policy_update", fake_update)
+    cfg = AutothinkConfig()
+    cfg.data.seq_length, cfg.data.micro_batch_size = 64, 1
+    rc: Any = RLContext(
+        cfg=cfg, ctx=None, chunks=[], ref_chunks=None, opt=None, engine=None, tokenizer=None,
+        score=None, replay=None, rng=None, gen=None, pad_id=0, image_token_id=99,
+        image=ImageProcessingConfig(), weight_sync=None, comm=None,
+    )  # fmt: skip
+
+    def sample(i: int, old: torch.Tensor | None) -> TrainSample:
+        return TrainSample(
+            sample_id=i, version=1, prompt_ids=torch.tensor([1, 2], dtype=torch.int32),
+            prefill_ids=torch.zeros(0, dtype=torch.int32),
+            response_ids=torch.tensor([3, 4], dtype=torch.int32),
+            engine_logprobs=torch.tensor([-0.5, float("nan")]), advantage=1.0, mode_id=0,
+            correct=False, image_bytes=[], behaviour_logprobs=old,
+        )  # fmt: skip
+
+    fresh, replay = sample(0, None), sample(1, torch.tensor([-2.0, -2.0]))
+    trainer._update_policy(rc, TrainingSet([fresh, replay], [False, True], [fresh], {}))
+    assert fresh.behaviour_logprobs is not None
+    assert fresh.behaviour_logprobs.tolist() == [-0.5, -0.5]
+    assert len(seen["scored"]) == 1  # one scoring pass, over the fresh sample only
+    old = torch.cat([mb.old_logp[mb.packed.loss_mask > 0] for mb in seen["trained"]])
+    rep = torch.cat([mb.replay_mask[mb.packed.loss_mask > 0] for mb in seen["trained"]])
+    assert sorted(old[rep].tolist()) == [-2.0, -2.0] and old[~rep].tolist() == [-0.5, -0.5]
