@@ -49,6 +49,7 @@ __all__ = [
     "manifest",
     "read_dist_metadata",
     "read_json",
+    "save_dist",
     "verify_dist_dir",
     "verify_manifest",
 ]
@@ -240,6 +241,37 @@ def load_dist(
         raise CheckpointError(f"{dist_dir}: {e}") from e
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"{dist_dir}: failed to load ({describe_load_error(e)})") from e
+
+
+def save_dist(sharded_state_dict: dict[str, Any], dist_dir: str | Path) -> None:
+    """``megatron.core.dist_checkpointing.save`` (synchronous, torch_dist) without the
+    multiprocessing Manager server that megatron's writer starts for its results queue.
+
+    Why: ``filesystem_async._get_write_results_queue`` starts ``spawn`` ``Manager()`` (a ~285 MB
+    server process plus a resource tracker) at the first save and keeps it for the life of the
+    process. It sits in the trainer's process group, so the group-wide SIGTERM of ``scancel`` /
+    ``timeout`` / SLURM pre-emption kills it while the trainer's pre-emption save still needs it
+    (BrokenPipeError), and after a ``kill -9`` of the trainer it lives on under PID 1 with its
+    tracker. In a synchronous save the queue is written and read by this same process (the
+    writer's forked workers report through their own local queues), so an in-process queue does
+    the job and no helper outlives or dies before the save.
+    """
+    import queue
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # megatron reads the module global lazily and only creates the Manager while it is None.
+    slot = "_results_queue"
+    patched = hasattr(filesystem_async, slot)
+    saved = getattr(filesystem_async, slot, None)
+    if patched:
+        setattr(filesystem_async, slot, queue.Queue())
+    try:
+        dist_checkpointing.save(sharded_state_dict, str(dist_dir))
+    finally:
+        if patched:
+            setattr(filesystem_async, slot, saved)
 
 
 def describe_load_error(e: BaseException) -> str:

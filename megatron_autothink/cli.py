@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from megatron_autothink.config import ConfigError, dump_config, load_config
+from megatron_autothink.cpus import prepare_openmp_env
 
 EPILOG = """
 Recipes live in recipes/*.yaml (tiny_cpu is the default). Any config key can be overridden with
@@ -168,6 +169,8 @@ def _entry(entry: str, what: str, issue: str) -> Callable[[argparse.Namespace], 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything imports torch: libgomp reads its wait policy once, at load.
+    prepare_openmp_env()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -170,7 +170,14 @@ class TrainConfig(_Section):
     eval_steps: int = Field(4, ge=0)
     log_every: int = Field(1, ge=1)
     init_from: str = ""
-    """Empty: random init. A megatron checkpoint dir or a HF model dir (converted on the fly)."""
+    """The base model a fine-tuning run starts from (its first stage, when there is nothing to
+    resume): a Hugging Face Qwen2.5-VL directory (config.json + safetensors, converted on the
+    fly), a ``autothink convert hf-to-mcore`` output, or a training checkpoint's ``iter_N`` dir
+    or its ``dist/`` (model weights only). Later stages start from the stage before. Empty is a
+    config error unless ``from_scratch`` is true."""
+    from_scratch: bool = False
+    """Allow an empty ``init_from``: the run starts from random weights on purpose (the tiny
+    CPU recipes, pre-training experiments). Ignored when ``init_from`` is set."""
 
 
 class CheckpointConfig(_Section):
@@ -420,6 +427,26 @@ def check_static(cfg: AutothinkConfig) -> None:
             )
 
 
+def input_paths(cfg: AutothinkConfig) -> list[tuple[str, str]]:
+    """(key, local path) of everything a run reads: each stage's data (its ``train_path`` or
+    ``data.train_path``), the eval data, the tokenizer and the base model. Empty values and
+    object-store URLs (``s3://``, ``msc://``: the loader names the shard it cannot read) are
+    left out."""
+    stages = cfg.stages or [StageConfig(name="sft", kind="sft", steps=cfg.train.steps)]
+    named = [
+        (f"stages[{s.name}].train_path", s.train_path)
+        if s.train_path
+        else ("data.train_path", cfg.data.train_path)
+        for s in stages
+    ]
+    named += [
+        ("data.eval_path", cfg.data.eval_path),
+        ("data.tokenizer_path", cfg.data.tokenizer_path),
+        ("train.init_from", cfg.train.init_from),
+    ]
+    return list(dict.fromkeys((k, v) for k, v in named if v and "://" not in v))
+
+
 def _stage_value(cfg: AutothinkConfig, stage: StageConfig, dotted: str) -> Any:
     """``dotted``'s value in ``stage``: its override (dotted key, or nested under a section
     key), else the run's."""
@@ -518,7 +545,7 @@ def load_config(
         _set_dotted(tree, key, value)
     tree.setdefault("recipe", path.stem)
     try:
-        return AutothinkConfig.model_validate(tree)
+        cfg = AutothinkConfig.model_validate(tree)
     except ValidationError as err:
         # A ConfigError raised inside a validator arrives wrapped; surface its own message.
         for e in err.errors():
@@ -526,6 +553,29 @@ def load_config(
             if isinstance(ctx_err, ConfigError):
                 raise ConfigError(f"{path}: {ctx_err}") from None
         raise ConfigError(_format_validation_error(err, str(path))) from None
+    try:
+        check_run(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def check_run(cfg: AutothinkConfig) -> None:
+    """Checks on a run a user asks for (recipe + overrides, :func:`load_config`).
+
+    Kept out of :func:`check_static`, which every config passes through: configs built in code
+    (a conversion's throw-away layout) and run configs saved before ``train.from_scratch``
+    existed are read back without them.
+    """
+    t = cfg.train
+    if not t.init_from and not t.from_scratch:
+        _fail(
+            "train.init_from",
+            "empty, so the run would start from random weights. Name the base model: a Hugging "
+            "Face model dir (e.g. train.init_from=/models/Qwen2.5-VL-3B-Instruct), an "
+            "`autothink convert hf-to-mcore` output or a checkpoint's iter_N dir; or set "
+            "train.from_scratch=true to train from random weights on purpose",
+        )
 
 
 def dump_config(cfg: AutothinkConfig) -> str:

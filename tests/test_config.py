@@ -102,3 +102,26 @@ def test_rl_stage_whose_generation_cannot_fit_is_refused_by_name() -> None:
     assert load_config("lmm_r1_tiny", [f"stages={fits}"]).stages[2].name == "mgt"
     with pytest.raises(ConfigError, match=r"stages\[1\] \(fre\)"):
         load_config("lmm_r1_tiny", [f"stages={fits}", "rollout.max_new_tokens=512"])
+
+
+FULL_SCALE = sorted(
+    p.stem for p in RECIPES_DIR.glob("*.yaml") if load_config(p.stem).model.name != "tiny"
+)
+
+
+@pytest.mark.parametrize("recipe", FULL_SCALE)
+def test_full_scale_recipes_name_their_base(recipe: str) -> None:
+    """Qwen2.5-VL-sized recipes fine-tune: they start from a base model, never random init."""
+    cfg = load_config(recipe)
+    assert cfg.train.init_from and not cfg.train.from_scratch
+
+
+def test_a_run_without_a_base_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"r4b_bpo_3b.yaml: train\.init_from: empty") as e:
+        load_config("r4b_bpo_3b", ["train.init_from="])
+    assert "train.from_scratch=true" in str(e.value)
+    # a deliberate from-scratch run says so
+    assert load_config("r4b_bpo_3b", ["train.init_from=", "train.from_scratch=true"])
+    # the tiny recipes train from scratch on purpose; a base given on the command line is used
+    assert load_config("tiny_cpu").train.from_scratch
+    assert load_config("tiny_cpu", ["train.init_from=/m"]).train.init_from == "/m"

@@ -109,8 +109,7 @@ def hf_to_mcore(
         overwrite: replace an existing checkpoint in ``out_dir``.
         progress: tqdm progress bar (rank 0).
     """
-    from megatron.core import dist_checkpointing
-
+    from megatron_autothink.checkpoint_io import save_dist
     from megatron_autothink.train.setup import build_model_chunks
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -132,7 +131,7 @@ def hf_to_mcore(
         load_hf_weights(chunks, ckpt, model_cfg, ctx, progress=progress and ctx.rank == 0)
         ckpt.close()
         sharded = {f"chunk{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-        dist_checkpointing.save(sharded, str(out_dir))
+        save_dist(sharded, out_dir)
         del chunks, sharded
         if ctx.rank == 0:
             raw = read_hf_config(hf_dir)

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from megatron_autothink.config import AutothinkConfig, ConfigError
+from megatron_autothink.config import AutothinkConfig, ConfigError, input_paths
 from megatron_autothink.launch.options import SlurmOptions
 
 
@@ -123,6 +123,76 @@ def check_resume(cfg: AutothinkConfig, opts: SlurmOptions) -> list[str]:
     return warnings
 
 
+def check_time(opts: SlurmOptions) -> list[str]:
+    """Without ``--time`` the pre-emption signal may never come. Returns warnings."""
+    if not opts.requeue or opts.time:
+        return []
+    return [
+        f"no --time: SLURM sends USR1 {opts.signal_lead_s} s before the job's time limit, and "
+        "without --time that is the partition's default (often UNLIMITED or days), so the "
+        "checkpoint-and-requeue may never happen and the job is killed at the limit; pass "
+        "--time (e.g. --time 24:00:00) or set time: in the cluster profile"
+    ]
+
+
+def check_interpreter(opts: SlurmOptions) -> list[str]:
+    """Without a container the script names a host interpreter path. Returns warnings."""
+    if opts.container.runtime != "none":
+        return []
+    return [
+        f"no container: every node runs {opts.python} (written into the script), which must "
+        "exist there with this project's packages; pass --container pyxis|apptainer with "
+        "--container-image to run an image, or --python for the nodes' interpreter"
+    ]
+
+
+def _mounts(opts: SlurmOptions, workdir: Path, run_dir: Path) -> list[tuple[Path, Path]]:
+    """(host source, container destination) of every bind mount the script makes."""
+    out = [(workdir, workdir), (run_dir, run_dir)]
+    for m in opts.container.mounts:
+        src, dst = m.split(":")[:2]
+        out.append((Path(src).expanduser(), Path(dst)))
+    return out
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_paths(cfg: AutothinkConfig, opts: SlurmOptions, workdir: Path, run_dir: Path) -> None:
+    """The data and model paths of the recipe must exist, and, in a container, lie under a mount.
+
+    Checked on this machine, which must see the cluster's shared file system (as it does for the
+    run directory): a path only the compute nodes have cannot be checked here. Raises
+    :class:`LaunchError` for the first problem.
+    """
+    inputs, outputs = input_paths(cfg), [("checkpoint.dir", cfg.checkpoint.dir)]
+    outputs = [(k, v) for k, v in outputs if v and "://" not in v]
+    container = opts.container.runtime != "none"
+    mounts = _mounts(opts, workdir, run_dir)
+    for key, value in [*inputs, *outputs]:
+        path = Path(os.path.normpath(resolve(value, workdir)))
+        host = path
+        if container:
+            found = [(src, dst) for src, dst in mounts if _inside(path, dst)]
+            if not found:
+                raise LaunchError(
+                    f"{key}={value} is not inside the container: only WORKDIR ({workdir}), the "
+                    f"run directory ({run_dir}) and the container mounts "
+                    f"{list(opts.container.mounts)} are; add --mount {path}:{path} (or list it "
+                    "under container.mounts in the cluster profile)"
+                )
+            # The longest destination wins, as the innermost bind mount does.
+            src, dst = max(found, key=lambda m: len(m[1].parts))
+            host = src / path.relative_to(dst)
+        if key in dict(inputs) and not host.exists():
+            where = f" (host path {host}, through the mount)" if host != path else ""
+            raise LaunchError(
+                f"{key}={value} does not exist{where}: the ranks would fail at start-up; point "
+                f"{key} at an existing path (override it on the command line: {key}=PATH)"
+            )
+
+
 def check_sbatch() -> str:
     sbatch = shutil.which("sbatch")
     if sbatch is None:
@@ -143,8 +213,15 @@ def preflight(
     """Every check that can fail before submission; returns warnings for the user."""
     check_container(opts)
     check_layout(cfg, opts)
-    warnings = check_resume(cfg, opts)
+    warnings = check_resume(cfg, opts) + check_time(opts) + check_interpreter(opts)
     run_dir = resolve(cfg.logging.run_dir, workdir)
+    try:
+        check_paths(cfg, opts, workdir, run_dir)
+    except LaunchError as e:
+        if create:
+            raise
+        # --dry-run: still show the script (e.g. a recipe's placeholder paths), but say so.
+        warnings.append(f"{e} (an error when submitting)")
     check_writable_dir(run_dir, "run directory (logging.run_dir)", create=create)
     if cfg.checkpoint.dir:
         check_writable_dir(resolve(cfg.checkpoint.dir, workdir), "checkpoint.dir", create=create)

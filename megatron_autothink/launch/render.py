@@ -153,15 +153,26 @@ def _environment(opts: SlurmOptions) -> list[str]:
         cpus,
         "export OMP_NUM_THREADS=${CPUS_PER_RANK}",
         "export PYTHONUNBUFFERED=1",
-        "# the checkout in WORKDIR is what runs, also inside a container",
-        'export PYTHONPATH="${WORKDIR}${PYTHONPATH:+:${PYTHONPATH}}"',
+        "# A checkout in WORKDIR is what runs, also inside a container; any other WORKDIR stays off",
+        "# PYTHONPATH (its files would shadow the installed package's modules)",
+        'if [[ -f "${WORKDIR}/megatron_autothink/__init__.py" ]]; then',
+        '  export PYTHONPATH="${WORKDIR}${PYTHONPATH:+:${PYTHONPATH}}"',
+        "fi",
         'export AUTOTHINK_RUN_DIR="${RUN_DIR}" AUTOTHINK_PREEMPT_MARKER="${MARKER}"',
         'export AUTOTHINK_RESTART_COUNT="${RESTART}"',
+        "# Per-job, node-local caches: ranks of concurrent jobs sharing one $HOME do not contend for",
+        "# one cache. Defaults only: a value set where sbatch runs (or in env: below) wins.",
+        'JOB_CACHE="${TMPDIR:-/tmp}/autothink-${SLURM_JOB_ID}"',
+        'export HF_HOME="${HF_HOME:-${JOB_CACHE}/huggingface}"',
+        'export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${JOB_CACHE}/triton}"',
     ]
     if opts.gpus_per_node:
         lines += [
             "# megatron-core: keeps TP/SP communication kernels ordered ahead of compute",
             "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+            "# a failed or timed-out NCCL collective aborts the rank (and, with --kill-on-bad-exit,",
+            "# the step) instead of hanging it until the time limit; overridable like the caches",
+            'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"',
         ]
     if opts.launcher == "torchrun":
         lines += [
@@ -286,6 +297,11 @@ def _launch_cmd(opts: SlurmOptions, config_path: str, overrides: Sequence[str]) 
             'MOUNTS="${WORKDIR}:${WORKDIR},${RUN_DIR}:${RUN_DIR}"',
         ]
         lines += [f"MOUNTS+={q(',' + m)}" for m in c.mounts]
+    else:
+        lines += [
+            f"# No container: every node must have {opts.python} (by default the submitting",
+            "# machine's interpreter) with this project's packages; --container runs an image.",
+        ]
     lines += explain
     survivors = (
         "torchrun and the ranks' helper processes" if torchrun else "the ranks' helper processes"

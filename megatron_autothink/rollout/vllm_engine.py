@@ -47,6 +47,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from megatron_autothink.cpus import configure_threads
 from megatron_autothink.rollout.engine import (
     MEMORY_PARTS,
     EngineStartError,
@@ -109,7 +110,9 @@ class VLLMEngineConfig:
     """CPU only: KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
     cpu_threads: int | None = None
     """CPU only: torch intra-op threads, set *before* vLLM starts (its CPU worker then disables
-    ``torch.set_num_threads`` for the whole process). None keeps torch's default (one per core).
+    ``torch.set_num_threads`` for the whole process), in this process and, through
+    ``OMP_NUM_THREADS``, in vLLM's engine process. None: ``cpus.thread_count()`` (the
+    ``AUTOTHINK_THREADS`` knob, else the CPUs this process may use; docs/benchmarks.md).
     1 is much faster when the cores are shared with other busy processes (OpenMP threads wait
     for each other at every op); this is process-wide, the trainer in the same process too."""
     sleep_level: Literal[1, 2] = 1
@@ -271,9 +274,10 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         self.device = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
-        if self.device == "cpu" and config.cpu_threads is not None:
-            # Before vLLM starts: its CPU worker turns torch.set_num_threads into a no-op.
-            torch.set_num_threads(config.cpu_threads)
+        if self.device == "cpu":
+            # Before vLLM starts: its CPU worker turns torch.set_num_threads into a no-op. The
+            # engine process (multiprocess mode) inherits the count through OMP_NUM_THREADS.
+            configure_threads(config.cpu_threads)
         kwargs = self._engine_kwargs()
         t0 = time.perf_counter()
         try:

@@ -43,6 +43,7 @@ from megatron_autothink.checkpoint_io import (
     load_dist,
     manifest,
     read_json,
+    save_dist,
     verify_manifest,
 )
 from megatron_autothink.fileio import atomic_write_text
@@ -208,7 +209,7 @@ class CheckpointManager:
         if extra_sharded:
             state.update(extra_sharded)
         with serial_gloo_workers():
-            dist_checkpointing.save(state, str(tmp / "dist"))
+            save_dist(state, tmp / "dist")
         rank_state = {**rank_state, "rng": rng_state()}
         torch.save(rank_state, tmp / f"rank_{self.ctx.rank:05d}.pt")
         _barrier(self.ctx)

@@ -19,10 +19,17 @@ from typing import Any
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config, stage_config
+from megatron_autothink.config import (
+    AutothinkConfig,
+    StageConfig,
+    dump_config,
+    input_paths,
+    stage_config,
+)
 
 # Moved down to data/ (convert and eval need them without importing train/); re-exported here
 # for callers that import them from train.run.
+from megatron_autothink.cpus import configure_threads
 from megatron_autothink.data.image_processing import image_config
 from megatron_autothink.data.tokenizer import hf_token_ids as hf_token_ids
 from megatron_autothink.data.tokenizer import resolve_tokenizer_dir
@@ -245,18 +252,8 @@ def check_input_paths(cfg: AutothinkConfig) -> None:
     """Every local input the config names must exist: a typo is reported in a second, not after
     the process groups, the model and the loader workers are set up. (Object-store URLs are
     left to the loader, which names the shard it cannot read.)"""
-    named = [
-        (f"stages[{s.name}].train_path", s.train_path)
-        if s.train_path
-        else ("data.train_path", cfg.data.train_path)
-        for s in stages_of(cfg)
-    ]
-    named += [
-        ("data.eval_path", cfg.data.eval_path),
-        ("data.tokenizer_path", cfg.data.tokenizer_path),
-    ]
-    for key, value in named:
-        if value and "://" not in value and not Path(value).exists():
+    for key, value in input_paths(cfg):
+        if not Path(value).exists():
             raise SystemExit(f"autothink train: {key}={value} does not exist")
 
 
@@ -269,6 +266,9 @@ def main(cfg: AutothinkConfig) -> int:
     # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
     watcher = PreemptionWatcher().install() if cfg.checkpoint.save_on_signal else None
     setup_logging(int(os.environ.get("RANK", "0")))
+    # Threads from the CPUs this rank may use (or AUTOTHINK_THREADS), before any worker, process
+    # group or engine exists, so they inherit the same budget (megatron_autothink/cpus.py).
+    log.info("torch threads: %d", configure_threads())
     from megatron_autothink.data.loader import DataQualityError
     from megatron_autothink.data.tokenizer import load_tokenizer
 

@@ -133,5 +133,90 @@ def test_options_validation_messages() -> None:
 
 def test_preflight_resolves_relative_run_dir(tmp_path: Path) -> None:
     cfg = load_config("tiny_cpu", ["logging.run_dir=runs/x"])
-    assert preflight(cfg, SlurmOptions(gpus_per_node=0), tmp_path, create=True) == []
+    image = {"runtime": "apptainer", "image": "docker://a/b:1"}
+    opts = SlurmOptions(gpus_per_node=0, time="01:00:00", container=image)
+    assert preflight(cfg, opts, tmp_path, create=True) == []
     assert (tmp_path / "runs" / "x").is_dir()
+
+
+def test_no_time_limit_and_no_container_are_warned_about() -> None:
+    cfg = load_config("tiny_cpu")
+    opts = SlurmOptions(gpus_per_node=0, python="/home/me/venv/bin/python")
+    time_warning, host_warning = preflight(cfg, opts, Path("/tmp"), create=False)
+    assert "no --time" in time_warning and "pass --time" in time_warning
+    assert "/home/me/venv/bin/python" in host_warning and "--container" in host_warning
+    # with a time limit and an image: nothing to say
+    image = {"runtime": "pyxis", "image": "nvcr.io#x/y:1"}
+    opts = SlurmOptions(gpus_per_node=0, time="4:00:00", container=image)
+    assert preflight(cfg, opts, Path("/tmp"), create=False) == []
+
+
+def _data_tree(tmp_path: Path) -> dict[str, Path]:
+    paths = {
+        "shards": tmp_path / "lustre" / "data" / "shards",
+        "model": tmp_path / "lustre" / "models" / "qwen",
+        "work": tmp_path / "work",
+    }
+    for p in paths.values():
+        p.mkdir(parents=True)
+    return paths
+
+
+def test_recipe_paths_must_exist(tmp_path: Path) -> None:
+    t = _data_tree(tmp_path)
+    opts = SlurmOptions(gpus_per_node=0, time="1:00:00")
+    ok = [f"data.train_path={t['shards']}", f"train.init_from={t['model']}"]
+    preflight(load_config("tiny_cpu", ok), opts, t["work"], create=True)
+    missing = t["model"].parent / "qwen-typo"
+    cfg = load_config("tiny_cpu", [ok[0], f"train.init_from={missing}"])
+    with pytest.raises(LaunchError, match=r"train\.init_from=.*qwen-typo does not exist"):
+        preflight(cfg, opts, t["work"], create=True)
+    cfg = load_config("tiny_cpu", ["data.train_path=shards-typo"])  # relative to WORKDIR
+    with pytest.raises(LaunchError, match=r"data\.train_path=shards-typo does not exist"):
+        preflight(cfg, opts, t["work"], create=True)
+
+
+def test_recipe_paths_must_be_inside_the_container(tmp_path: Path) -> None:
+    t = _data_tree(tmp_path)
+    lustre = tmp_path / "lustre"
+    cfg = load_config(
+        "tiny_cpu", [f"data.train_path={t['shards']}", f"data.tokenizer_path={t['model']}"]
+    )
+    opts = SlurmOptions(
+        gpus_per_node=0,
+        time="1:00:00",
+        container={
+            "runtime": "pyxis",
+            "image": "nvcr.io#x/y:1",
+            "mounts": [f"{lustre}/data:{lustre}/data"],
+        },
+    )
+    with pytest.raises(LaunchError) as e:
+        preflight(cfg, opts, t["work"], create=True)
+    msg = str(e.value)
+    assert f"data.tokenizer_path={t['model']} is not inside the container" in msg
+    assert f"--mount {t['model']}:{t['model']}" in msg
+    # mounted somewhere else: the host side of the mount must hold it
+    opts.container.mounts = [
+        f"{lustre}/data:{lustre}/data",
+        f"{tmp_path}/elsewhere:{lustre}/models",
+    ]
+    with pytest.raises(LaunchError, match=r"host path .*elsewhere/qwen, through the mount"):
+        preflight(cfg, opts, t["work"], create=True)
+    opts.container.mounts = [f"{lustre}:{lustre}"]
+    preflight(cfg, opts, t["work"], create=True)
+    # what the ranks write must be mounted too
+    cfg = load_config("tiny_cpu", [f"checkpoint.dir={tmp_path}/ckpt"])
+    with pytest.raises(LaunchError, match=r"checkpoint\.dir=.*ckpt is not inside the container"):
+        preflight(cfg, opts, t["work"], create=True)
+
+
+def test_dry_run_reports_path_problems_as_warnings(tmp_path: Path) -> None:
+    """--dry-run still prints the script of a recipe with placeholder paths, and says why it
+    would not submit."""
+    cfg = load_config("tiny_cpu", [f"data.train_path={tmp_path}/nope"])
+    opts = SlurmOptions(gpus_per_node=0, time="1:00:00")
+    *_, warning = preflight(cfg, opts, tmp_path, create=False)
+    assert "nope does not exist" in warning and "an error when submitting" in warning
+    with pytest.raises(LaunchError, match="nope does not exist"):
+        preflight(cfg, opts, tmp_path, create=True)

@@ -125,6 +125,95 @@ def test_install_refuses_other_threads() -> None:
     assert errors and "main thread" in str(errors[0])
 
 
+SAVER = textwrap.dedent(
+    """
+    import os, sys, time
+    import torch
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron_autothink.checkpoint_io import save_dist
+    from megatron_autothink.compat import cpu
+    from megatron_autothink.launch.preempt import PreemptionWatcher
+
+    def state():
+        return {"w": ShardedTensor.from_rank_offsets("w", torch.ones(256, 256), replica_id=0)}
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        watcher = PreemptionWatcher().install()
+        cpu.activate()
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0,
+                                world_size=1)
+        os.makedirs(out + "/periodic")
+        save_dist(state(), out + "/periodic")  # megatron started its helpers at the first save
+        print("saved periodic", flush=True)
+        while not watcher.requested:
+            time.sleep(0.05)
+        os.makedirs(out + "/preempt")
+        save_dist(state(), out + "/preempt")
+        print("saved on", watcher.signal_name, flush=True)
+    """
+)
+
+
+def _group_members(pgid: int) -> list[str]:
+    """Command lines of the live (not zombie) processes in process group ``pgid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            found.append(f"{stat.parent.name}: {cmd}")
+    return found
+
+
+def _start_saver(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    import socket
+
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        start_new_session=True,  # its own process group, as srun / a batch step gives it
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "saved periodic", proc.communicate(timeout=30)[1]
+    return proc, out
+
+
+def test_preemption_save_survives_a_group_wide_term(tmp_path: Path) -> None:
+    """scancel / timeout / SLURM send TERM to every process of the job, the checkpoint writer's
+    helpers included: the save after the signal still completes and nothing is left behind."""
+    proc, out = _start_saver(tmp_path)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.strip() == "saved on SIGTERM"
+    assert (out / "preempt" / ".metadata").is_file()
+    assert _group_members(proc.pid) == []
+
+
+def test_no_checkpoint_helper_outlives_a_killed_trainer(tmp_path: Path) -> None:
+    """kill -9 after a save must not leave megatron's helper processes running forever."""
+    proc, _ = _start_saver(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert _group_members(proc.pid) == []
+
+
 STUCK = textwrap.dedent(
     """
     import sys, time

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +138,62 @@ def test_layout_that_does_not_fit_raises() -> None:
     cfg = load_config("tiny_cpu", ["parallel.tp=2"])
     with pytest.raises(ConfigError, match="world size 3"):
         render_sbatch(cfg, SlurmOptions(gpus_per_node=0, procs_per_node=3), config_path="c")
+
+
+def _run_environment(script: str, tmp_path: Path, workdir: Path, **env: str) -> dict[str, str]:
+    """Run the script's environment block under bash as a node would; return what it exports."""
+    block = script.split("# ---- environment of every rank\n", 1)[1].split("\n\n# ---- ", 1)[0]
+    keys = ["PYTHONPATH", "HF_HOME", "TRITON_CACHE_DIR", "TORCH_NCCL_ASYNC_ERROR_HANDLING"]
+    show = "; ".join(f'echo "{k}=${{{k}:-}}"' for k in keys)
+    base = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "77", "SLURM_CPUS_ON_NODE": "2"}
+    r = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"set -u\nWORKDIR={shlex.quote(str(workdir))} RUN_DIR=/r MARKER=/r/M RESTART=0\n{block}\n{show}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**base, "TMPDIR": str(tmp_path), **env},
+    )
+    assert r.returncode == 0, r.stderr
+    return dict(line.split("=", 1) for line in r.stdout.splitlines())
+
+
+def test_environment_defaults_a_user_can_override(tmp_path: Path) -> None:
+    cfg = load_config("tiny_cpu", ["logging.run_dir=/r", "data.global_batch_size=64"])
+    gpu = render_sbatch(cfg, SlurmOptions(nodes=1), config_path="c.yaml")
+    env = _run_environment(gpu, tmp_path, REPO)
+    assert env["HF_HOME"] == f"{tmp_path}/autothink-77/huggingface"  # per job, node-local
+    assert env["TRITON_CACHE_DIR"] == f"{tmp_path}/autothink-77/triton"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    # set where sbatch runs (sbatch passes the environment on): the user's values stay
+    mine = {
+        "HF_HOME": "/my/hf",
+        "TRITON_CACHE_DIR": "/my/t",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+    }
+    assert {
+        k: v for k, v in _run_environment(gpu, tmp_path, REPO, **mine).items() if k in mine
+    } == mine
+    # or set in the profile's env:
+    site = render_sbatch(cfg, SlurmOptions(nodes=1, env={"HF_HOME": "/site/hf"}), config_path="c")
+    assert _run_environment(site, tmp_path, REPO)["HF_HOME"] == "/site/hf"
+    # CPU jobs have no NCCL
+    cpu = render_sbatch(cfg, SlurmOptions(gpus_per_node=0), config_path="c.yaml")
+    assert _run_environment(cpu, tmp_path, REPO)["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == ""
+
+
+def test_workdir_goes_on_pythonpath_only_when_it_is_a_checkout(tmp_path: Path) -> None:
+    cfg = load_config("tiny_cpu", ["logging.run_dir=/r"])
+    s = render_sbatch(cfg, SlurmOptions(gpus_per_node=0), config_path="c.yaml")
+    assert _run_environment(s, tmp_path, REPO, PYTHONPATH="/x")["PYTHONPATH"] == f"{REPO}:/x"
+    assert _run_environment(s, tmp_path, tmp_path, PYTHONPATH="/x")["PYTHONPATH"] == "/x"
+    assert _run_environment(s, tmp_path, tmp_path)["PYTHONPATH"] == ""
+
+
+def test_a_host_interpreter_is_pointed_out() -> None:
+    s = _render(python="/home/me/venv/bin/python")
+    assert "# No container: every node must have /home/me/venv/bin/python" in s
+    s = _render(container={"runtime": "apptainer", "image": "/i.sif"}, python="python")
+    assert "No container" not in s
