@@ -93,6 +93,16 @@ def _model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(mods)}  # type: ignore[operator]
 
 
+def _load_model_state(chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
+    """Load what :func:`_model_state` described back into the chunks (call under no_grad)."""
+    mods = [getattr(c, "module", c) for c in chunks]
+    if len(mods) == 1:
+        mods[0].load_state_dict(loaded["model"])
+        return
+    for i, m in enumerate(mods):
+        m.load_state_dict(loaded[f"model{i}"])
+
+
 def _ensure_optimizer_state(opt: OptimizerBundle) -> None:
     """torch's Adam creates its state lazily at the first step; megatron's distributed optimizer
     needs it to exist to describe (save or load) its state. Create it with megatron's zero-grad
@@ -265,13 +275,8 @@ class CheckpointManager:
         state = _model_state(chunks)
         with torch.no_grad(), serial_gloo_workers():
             loaded = load_dist(state, path, verify=False)  # verified above; restricted readers
-        mods = [getattr(c, "module", c) for c in chunks]
         with torch.no_grad():
-            if len(mods) == 1:
-                mods[0].load_state_dict(loaded["model"])
-            else:
-                for i, m in enumerate(mods):
-                    m.load_state_dict(loaded[f"model{i}"])
+            _load_model_state(chunks, loaded)
         log.info("reference weights from %s", path)
 
     # ------------------------------------------------------------------ load
@@ -342,14 +347,9 @@ class CheckpointManager:
         # BaseException) carries the reader's, e.g. a refused unpickle.
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"{path}: failed to load ({describe_load_error(e)})") from e
-        mods = [getattr(c, "module", c) for c in chunks]
         # no_grad: the distributed optimizer copies into views of leaf parameters.
         with torch.no_grad():
-            if len(mods) == 1:
-                mods[0].load_state_dict(loaded["model"])
-            else:
-                for i, m in enumerate(mods):
-                    m.load_state_dict(loaded[f"model{i}"])
+            _load_model_state(chunks, loaded)
             if load_optimizer:
                 assert opt is not None
                 opt.optimizer.load_state_dict(loaded["optimizer"])
