@@ -32,6 +32,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -388,7 +389,7 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
     # Every data-parallel rank steps the optimizer (DDP), also one whose samples were all
     # filtered out: it then packs one empty micro-batch and contributes no tokens.
     if rc.comm.global_count(len(ts.samples)):
-        metrics.update(_update_policy(rc, ts))
+        metrics.update(_update_policy(rc, ts, prompts))
     t_train = time.perf_counter() - t2
     if rc.replay is not None:  # after the update: the buffered samples' log-probs count too
         metrics["ssr/buffer_mb"] = rc.replay.nbytes() / 2**20
@@ -409,14 +410,22 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
     return metrics
 
 
+# A sample's images (its shard bytes) -> (pixel_values, image_grid_thw), decoded once per step.
+_Images = dict[tuple[bytes, ...], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
 def _sequences(
-    rc: RLContext, samples: list[TrainSample], is_replay: list[bool], *, with_old: bool
+    rc: RLContext,
+    samples: list[TrainSample],
+    is_replay: list[bool],
+    decoded: _Images,
+    *,
+    with_old: bool,
 ) -> list[TrainSequence]:
-    """Decode each distinct image list once (from the shard bytes, for fresh samples and replays
-    alike) and build the packing input; ``with_old`` packs the behaviour log-probs."""
+    """The packing input; images come from ``decoded`` or are decoded from the shard bytes
+    (replays) into it; ``with_old`` packs the behaviour log-probs."""
     rl = rc.cfg.rl
     train_prefill = rl.algorithm == "bpo" and rl.bpo.train_decision
-    decoded: dict[tuple[bytes, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     seqs = []
     for i, (s, rep) in enumerate(zip(samples, is_replay, strict=True)):
         key = tuple(s.image_bytes)
@@ -449,8 +458,14 @@ def _sequences(
     return seqs
 
 
-def _update_policy(rc: RLContext, ts: TrainingSet) -> dict[str, float]:
+def _update_policy(
+    rc: RLContext, ts: TrainingSet, prompts: Sequence[PromptSample] = ()
+) -> dict[str, float]:
     """Behaviour log-probs of this step's samples, then the update on the training set.
+
+    ``prompts`` (the step's) lend their already decoded pixels to this step's samples, which
+    hold the same shard bytes (the loader's decoding is bit-identical to a replay's), so only
+    replays decode images here, once for both packings.
 
     1. ``ts.fresh`` (this step's samples, each once) under the current weights, which generated
        them: their ``behaviour_logprobs``, compared with the engine's (``mismatch/*``).
@@ -466,15 +481,20 @@ def _update_policy(rc: RLContext, ts: TrainingSet) -> dict[str, float]:
         pad_id=rc.pad_id,
         image_token_id=rc.image_token_id,
     )
+    decoded: _Images = {
+        tuple(p.image_bytes): (p.pixel_values, p.image_grid_thw)
+        for p in prompts
+        if len(p.image_bytes) == len(p.images)  # every image has its shard bytes
+    }
     metrics: dict[str, float] = {}
     if ts.fresh:  # the same on every rank of a model-parallel group (collectives inside)
-        scoring = pack(_sequences(rc, ts.fresh, [False] * len(ts.fresh), with_old=False))
+        scoring = pack(_sequences(rc, ts.fresh, [False] * len(ts.fresh), decoded, with_old=False))
         behaviour = compute_logprobs(rc.chunks, scoring, ctx, seq_length=cfg.data.seq_length)
         metrics.update(logprob_mismatch(scoring, behaviour))
         values = per_sample_values(scoring, behaviour, len(ts.fresh))
         for s, v in zip(ts.fresh, values, strict=True):
             s.behaviour_logprobs = torch.tensor(v, dtype=torch.float32)
-    batches = pack(_sequences(rc, ts.samples, ts.is_replay, with_old=True))
+    batches = pack(_sequences(rc, ts.samples, ts.is_replay, decoded, with_old=True))
     if rc.ref_chunks is not None:
         ref = compute_logprobs(rc.ref_chunks, batches, ctx, seq_length=cfg.data.seq_length)
         for mb, r in zip(batches, ref, strict=True):
