@@ -258,7 +258,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier(self.ctx)
         with serial_gloo_workers():
-            dist_checkpointing.save(_model_state(chunks), str(tmp))
+            save_dist(_model_state(chunks), tmp)  # as save(): no megatron Manager process
         _barrier(self.ctx)
         if self.ctx.rank == 0:
             meta = {"layout": {"tp": self.ctx.tp, "pp": self.ctx.pp}, "manifest": manifest(tmp)}
@@ -275,7 +275,6 @@ class CheckpointManager:
         state = _model_state(chunks)
         with torch.no_grad(), serial_gloo_workers():
             loaded = load_dist(state, path, verify=False)  # verified above; restricted readers
-        with torch.no_grad():
             _load_model_state(chunks, loaded)
         log.info("reference weights from %s", path)
 
