@@ -122,9 +122,9 @@ def _phase_export(out: Path, s: DemoSettings, cfg: AutothinkConfig) -> dict[str,
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+    from megatron_autothink.data.image_processing import image_config
     from megatron_autothink.eval.model import export_training_checkpoint, latest_iter
     from megatron_autothink.eval.runner import load_prompts
-    from megatron_autothink.train.run import image_config
 
     last = cfg.stages[-1].name
     hf = out / "hf_model"

@@ -71,11 +71,9 @@ def load_prompts(
 
 def _image_config(hf_dir: Path, run_cfg: Any) -> Any:
     """The preprocessing the model was trained with: the run's, else the HF dir's."""
-    from megatron_autothink.data.image_processing import ImageProcessingConfig
+    from megatron_autothink.data.image_processing import ImageProcessingConfig, image_config
 
     if run_cfg is not None:
-        from megatron_autothink.train.run import image_config
-
         return image_config(run_cfg)
     pp = hf_dir / "preprocessor_config.json"
     if not pp.is_file():

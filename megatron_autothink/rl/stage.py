@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from megatron_autothink.config import AutothinkConfig, StageConfig, stage_config
-from megatron_autothink.data.image_processing import write_preprocessor_config
+from megatron_autothink.data.image_processing import image_config
+from megatron_autothink.data.tokenizer import hf_token_ids, resolve_tokenizer_dir
 from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.comm import RLComm, engine_owner
@@ -63,18 +64,14 @@ def export_hf(
             writer.add(name, t)
     if writer is not None:
         writer.close()
-        from megatron_autothink.train.run import hf_token_ids
-
         write_hf_assets(
             out_dir,
             cfg.model,
             dtype=torch.float32,
             hf_base=hf_token_ids(tokenizer),
             tokenizer_dir=Path(tokenizer_dir),
+            image=image_config(cfg),
         )
-        from megatron_autothink.train.run import image_config
-
-        write_preprocessor_config(out_dir, image_config(cfg))
     if ctx.world_size > 1:
         torch.distributed.barrier()  # readers start only once the directory is complete
 
@@ -145,12 +142,7 @@ def run_stage(
     """One RL stage. ``engine_slot`` carries the run's rollout engine across its RL stages; the
     caller shuts it down after the last one."""
     from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
-    from megatron_autothink.train.run import (
-        checkpoint_root,
-        image_config,
-        loader_options,
-        resolve_tokenizer_dir,
-    )
+    from megatron_autothink.train.run import checkpoint_root, loader_options
 
     run_cfg, cfg = cfg, stage_config(cfg, stage)
     rl = cfg.rl

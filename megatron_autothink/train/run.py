@@ -26,12 +26,8 @@ from megatron_autothink.config import (
     input_paths,
     stage_config,
 )
-
-# Moved down to data/ (convert and eval need them without importing train/); re-exported here
-# for callers that import them from train.run.
 from megatron_autothink.cpus import configure_threads
 from megatron_autothink.data.image_processing import image_config
-from megatron_autothink.data.tokenizer import hf_token_ids as hf_token_ids
 from megatron_autothink.data.tokenizer import resolve_tokenizer_dir
 from megatron_autothink.launch.preempt import PreemptionWatcher, marker_path, write_marker
 from megatron_autothink.models.specs import resolve_backend
