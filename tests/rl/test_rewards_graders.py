@@ -8,14 +8,6 @@ from megatron_autothink.rl.rewards import graders as G
 from megatron_autothink.rl.rewards.verifier import MathVerifier
 
 
-@pytest.fixture(scope="module")
-def verifier():
-    v = MathVerifier(timeout_s=10.0, inner_timeout_s=2)
-    v.warm_up()
-    yield v
-    v.close()
-
-
 @pytest.mark.parametrize(
     ("response", "gt", "correct"),
     [

@@ -14,14 +14,6 @@ BOXED_7 = r"<think>" + "\n3+4=7\n" + r"</think>" + "\n\n" + r"The answer is \box
 CUT_MID_THOUGHT = "<think>\nFirst, 3+4=7"  # stopped by the token limit, no answer yet
 
 
-@pytest.fixture(scope="module")
-def verifier():
-    v = MathVerifier(timeout_s=10.0, inner_timeout_s=2)
-    v.warm_up()
-    yield v
-    v.close()
-
-
 def _rubric(recipe: str, verifier: MathVerifier) -> Rubric:
     return Rubric(load_config(recipe).rl.rewards, verifier=verifier)
 

@@ -22,14 +22,6 @@ def _broken_target(pred: str, gold: str, inner_timeout_s: int) -> tuple[str, boo
     raise ImportError("math_verify not installed")
 
 
-@pytest.fixture(scope="module")
-def verifier():
-    v = V.MathVerifier(timeout_s=10.0, inner_timeout_s=2)
-    v.warm_up()
-    yield v
-    v.close()
-
-
 @pytest.mark.parametrize(
     ("pred", "gold", "correct"),
     [
