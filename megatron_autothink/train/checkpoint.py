@@ -33,13 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
-from torch.distributed.checkpoint.api import CheckpointException
+from megatron.core import tensor_parallel
 
 from megatron_autothink.checkpoint_io import (
     CheckpointError,
     describe_load_error,
-    install_restricted_reader,
     load_dist,
     manifest,
     read_json,
@@ -337,15 +335,14 @@ class CheckpointManager:
             state.update(extra_sharded)
         rank_file = path / f"rank_{self.ctx.rank:05d}.pt"
         same_world = meta["world_size"] == self.ctx.world_size
+        # self.verify has just checked every CRC; load_dist reads through the restricted
+        # readers and turns any reader error into a CheckpointError naming the folder.
+        with torch.no_grad(), serial_gloo_workers():
+            loaded = load_dist(state, path / "dist", verify=False)
         try:
-            install_restricted_reader()  # .metadata and bytes items: no arbitrary unpickling
-            with torch.no_grad(), serial_gloo_workers():
-                loaded = dist_checkpointing.load(state, str(path / "dist"))
             rank_state = torch.load(rank_file, weights_only=True) if same_world else {}
-        # Any reader error means this checkpoint is unusable; torch's CheckpointException (a
-        # BaseException) carries the reader's, e.g. a refused unpickle.
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"{path}: failed to load ({describe_load_error(e)})") from e
+        except Exception as e:
+            raise CheckpointError(f"{rank_file}: failed to load ({describe_load_error(e)})") from e
         # no_grad: the distributed optimizer copies into views of leaf parameters.
         with torch.no_grad():
             _load_model_state(chunks, loaded)
