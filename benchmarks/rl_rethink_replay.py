@@ -13,7 +13,7 @@ with probability ~1/2, whatever it learned:
   when it is 30+ tokens, finished and correct. Half of the annealing responses carry a rethink
   themselves (an answer, one of the recipe's four triggers, a 30-token re-read, the final
   answer), so the model continues a trigger that way, and its final answer is right ~1/2 of the
-  time. Measured (docs/benchmarks.md): 1.3-2.0 continuations issued per step, 21-37 % of them
+  time. Measured (docs/benchmarks.md): 1.3-2.0 continuations issued per step, 21-50 % of them
   accepted (the rest: wrong answer, or too short after a response that had rethought already).
   At the worst measured rates, 24 steps issue >= 31 continuations, none accepted with
   probability 0.79^31 = 7e-4.
@@ -23,7 +23,7 @@ with probability ~1/2, whatever it learned:
   buffer, i.e. a replay, when the group is uniform (zero advantages). With u the chance that a
   step's group is mixed, a run of S steps has no replay only if no uniform step follows a mixed
   one: the S+1 sequences U^k M^(S-k), probability sum_k (1-u)^k u^(S-k). Measured u is
-  0.44-0.69; at S=24 that sum is 1.5e-6 at u=0.5, 1.4e-5 at u=0.4 or 0.6, 3.4e-4 at u=0.3
+  0.38-0.69; at S=24 that sum is 1.5e-6 at u=0.5, 1.4e-5 at u=0.4 or 0.6, 3.4e-4 at u=0.3
   or 0.7.
 
 The runs anneal in the same process (an SFT stage on the coin set), then run the recipe's RL
