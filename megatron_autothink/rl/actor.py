@@ -197,4 +197,6 @@ def policy_update(
     metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["actor/lr"] = float(opt.optimizer.param_groups[0]["lr"])
     metrics["actor/tokens"] = total
+    # Target tokens of SSR replays in the update (0: none was trained), summed over data ranks.
+    metrics["actor/replay/tokens"] = float(vec[keys.index("replay/ratio"), 1])
     return metrics

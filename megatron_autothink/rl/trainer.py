@@ -227,6 +227,8 @@ def select_training_set(
             "ssr/buffer_size": float(len(replay.buffer.records())),
             "ssr/replay_share": sel.replay_share,
             "ssr/selected": float(len(chosen)),
+            # Samples of the training set replayed from earlier steps (they are trained now).
+            "ssr/replayed": float(sum(sel.is_replay)),
         }
     )
     if ages:
@@ -331,6 +333,7 @@ def log_rollouts(path: Path, records: list[dict[str, Any]]) -> None:
 SUMMED_METRICS = (
     "samples_trained",
     "ssr/selected",
+    "ssr/replayed",
     "ssr/buffer_size",
     "ssr/buffer_mb",
     "rollout/vision_token_cuts",

@@ -1,7 +1,10 @@
 """A few RL steps of every recipe with real vLLM rollouts, and an exact resume after SIGKILL.
 
 Each run anneals the tiny model for a couple of steps (so it emits the chat format at all), then
-runs the recipe's RL stage(s) on digits shards with small groups and short generations.
+runs the recipe's RL stage(s) on digits shards with small groups and short generations. The
+VL-Rethinker behaviour test (accepted rethinks, trained replays) runs on the "coin" set of
+``benchmarks/rl_rethink_replay.py`` instead, which a barely trained model answers right half the
+time.
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import rl_rethink_replay as rethink_replay
+from megatron_autothink.rl.rethinking import (
+    TRIGGER_DOUBLE_CHECK,
+    TRIGGER_MISTAKE,
+    TRIGGER_SEEM_RIGHT,
+    TRIGGER_WAIT,
+)
 from tests.dist_utils import python_launcher, sigkill_job
 
 pytestmark = [pytest.mark.vllm]
+
+COIN_SEED = 1  # of the seeds the study measured (docs/benchmarks.md)
 
 SMALL = [
     "data.seq_length=256",
@@ -186,6 +198,9 @@ def test_vl_rethinker_resume_after_sigkill(data: dict[str, Path], tmp_path: Path
         assert m["rethink/attempted"] == len(issued), (m, verdicts)
         assert m["rethink/accepted"] == verdicts.count("accepted"), (m, verdicts)
         assert m["samples_trained"] == m["ssr/selected"] <= len(verdicts), m
+        # Replays counted in the selection are the ones whose tokens reach the update.
+        assert m["ssr/replayed"] == round(m["ssr/replay_share"] * m["ssr/selected"]), m
+        assert (m.get("actor/replay/tokens", 0.0) > 0) == (m["ssr/replayed"] > 0), m
 
     def buffer(r: Path) -> dict:
         st = torch.load(
@@ -194,6 +209,64 @@ def test_vl_rethinker_resume_after_sigkill(data: dict[str, Path], tmp_path: Path
         return st["replay"]["buffer"]
 
     assert buffer(run) == buffer(ref)
+
+
+@pytest.fixture(scope="module")
+def coin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return rethink_replay.prep_coin(tmp_path_factory.mktemp("coin"))
+
+
+# slow: one run of ~3-4 min on the shared 2-core machine (60 annealing steps, so the model writes
+# the answer format; 24 RL steps, so the odds above), over the default suite's budget. The
+# default suite checks the same logged counts against the rollouts log in the resume test above.
+@pytest.mark.slow
+def test_vl_rethinker_accepts_rethinks_trains_replays(
+    coin: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """VL-Rethinker end to end on the "coin" set, whose ground truth (1 or 2) is random, so any
+    model that writes the answer format is right about half the time: forced rethinks of its
+    responses get accepted, and with one prompt and groups of two per step, every uniform group
+    (zero advantages) after a mixed one trains a replay (benchmarks/rl_rethink_replay.py has
+    the settings and the odds, at the worst rates its seed study measured (docs/benchmarks.md):
+    no acceptance 7e-4, no replay 3.4e-4). The counts are the trainer's logs, checked against
+    the rollouts log; with rethinking or SSR off the test fails."""
+    data, tok = coin
+    run = tmp_path / "coin_run"
+    rethink_replay.run_train(
+        rethink_replay.train_command(data, tok, run, COIN_SEED), run, timeout=1200
+    )
+    _check_rethinks_and_replays(run)
+
+
+def _check_rethinks_and_replays(run: Path) -> None:
+    """The assertions of the test above on a finished run directory."""
+    steps = _metrics(run, "grpo_ssr")
+    assert [m["step"] for m in steps] == list(range(1, rethink_replay.RL_STEPS + 1))
+    rows = [json.loads(x) for x in (run / "rollouts" / "grpo_ssr.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * rethink_replay.RL_STEPS  # one prompt, groups of two
+
+    # Rethinks accepted: the logged count is the rollouts' verdicts, and each accepted response
+    # is its original text, a trigger and a continuation that made it correct.
+    accepted = [r for r in rows if r["rethink"] == "accepted"]
+    assert sum(m.get("rethink/accepted", 0.0) for m in steps) == len(accepted) > 0, steps
+    triggers = (TRIGGER_WAIT, TRIGGER_SEEM_RIGHT, TRIGGER_DOUBLE_CHECK, TRIGGER_MISTAKE)
+    for r in accepted:
+        assert r["correct"] and r["finished"] and r["reward"] == 1.0, r
+        assert any(t in r["text"] for t in triggers), r
+
+    # Replays trained. SSR's training set is one sample: the step's own when its group's rewards
+    # differ, else one from the buffer (filled by the mixed steps before it). The logged replay
+    # count follows exactly from the rollouts log, and replayed tokens reach the update.
+    mixed_before = False
+    for m in steps:
+        rewards = {r["reward"] for r in rows if r["step"] == m["step"]}
+        mixed = len(rewards) > 1
+        expected = 0.0 if mixed or not mixed_before else 1.0
+        assert m.get("ssr/replayed") == expected, (m, rewards)
+        assert m["samples_trained"] == (1.0 if mixed or mixed_before else 0.0), m
+        assert (m.get("actor/replay/tokens", 0.0) > 0) == (expected > 0), m
+        mixed_before |= mixed
+    assert sum(m["ssr/replayed"] for m in steps) > 0, steps  # a uniform step after a mixed one
 
 
 @pytest.mark.dist
