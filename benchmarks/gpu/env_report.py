@@ -148,6 +148,15 @@ def nvidia_smi() -> dict[str, Any]:
     return {"available": True, "gpus": [dict(zip(query.split(","), r, strict=False)) for r in rows]}
 
 
+def nccl_version() -> str | None:
+    """torch's NCCL version (a tuple in recent torch, an int in older ones)."""
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple | list) else str(v)
+
+
 def report() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     gpus = []
@@ -177,7 +186,7 @@ def report() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "nccl": nccl_version() if cuda else None,
         "cuda_available": cuda,
         "gpus": gpus,
         "bf16_dense_peak_tflops": peak / 1e12 if peak else None,
