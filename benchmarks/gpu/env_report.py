@@ -76,9 +76,12 @@ def probe_dep(module: str) -> dict[str, Any]:
     return {"ok": found, "note": "dry run: located, not imported"}
 
 
-def probe_in_child(module: str, timeout_s: float = 30.0) -> dict[str, Any]:
+def probe_in_child(module: str, timeout_s: float | None = None) -> dict[str, Any]:
     """Import ``module`` in a fresh bare interpreter: a GPU library's import may start threads
-    or processes (vLLM does) that would keep this one from exiting, or hang."""
+    or processes (vLLM does) that would keep this one from exiting, or hang. Default limit
+    20 s (a CUDA vLLM imports in ~10 s), times run.sh's ``GPU_BENCH_TIME_SCALE``."""
+    if timeout_s is None:
+        timeout_s = 20.0 * float(os.environ.get("GPU_BENCH_TIME_SCALE") or 1)
     code = (
         "import importlib, json, time\n"
         "t0 = time.perf_counter()\n"

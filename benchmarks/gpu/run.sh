@@ -52,6 +52,7 @@ PY=${PYTHON:-python3}
 # The 5-minute budget is the GPU run's; a dry run on a shared CPU gets 3x the limits.
 SCALE=${GPU_BENCH_TIME_SCALE:-1}
 [[ "$DRY" != "0" ]] && SCALE=${GPU_BENCH_TIME_SCALE:-3}
+export GPU_BENCH_TIME_SCALE=$SCALE
 T_START=$(date +%s)
 STATUS=()
 
