@@ -7,8 +7,20 @@ from torch import Tensor
 
 from megatron_autothink.config import ModelConfig
 
-# Dense bf16 tensor-core peaks (no sparsity), per GPU.
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks (no sparsity), per GPU, from NVIDIA's data sheets; the first name
+# contained in the device's name wins, so variants come before their family.
+_PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "GH200": 989e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "H800": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+}
 
 
 def attended_length(segment_ids: Tensor) -> float:
@@ -51,11 +63,21 @@ def train_flops_per_token(m: ModelConfig, seq_length: float, head_share: float =
     return 3.0 * (layers * (per_layer + attention) + head * head_share)
 
 
+def peak_flops_for(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its CUDA name; None when not in the table.
+
+    >>> peak_flops_for("NVIDIA H200") / 1e12, peak_flops_for("NVIDIA H100 PCIe") / 1e12
+    (989.0, 756.0)
+    >>> peak_flops_for("cpu") is None
+    True
+    """
+    return next((v for k, v in _PEAK_BF16.items() if k in device_name), None)
+
+
 def peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+    return peak_flops_for(torch.cuda.get_device_name())
 
 
 def mfu(achieved_flops_per_gpu: float) -> float:
