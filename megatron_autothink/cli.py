@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from megatron_autothink.compat.quiet import silence_known_warnings
 from megatron_autothink.config import ConfigError, dump_config, load_config
 from megatron_autothink.cpus import prepare_openmp_env
 
@@ -60,6 +61,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from megatron_autothink.train.progress import phase
+
+    phase("importing torch and megatron-core")
     run = _resolve("megatron_autothink.train.run:main")
     if run is None:
         return _not_yet("train", "issue #4: the training loop")(args)
@@ -132,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_entry("megatron_autothink.eval.cli:main", "eval", "issue #9: eval"))
 
     p = sub.add_parser(
+        "serve",
+        help="answer with an exported model (one-shot or an OpenAI-compatible server) in "
+        "auto/long/short thinking modes",
+        description="Serve a HF directory from `autothink convert mcore-to-hf` on vLLM: "
+        "`--prompt TEXT [--image PATH]` answers once per --mode and exits; without --prompt, "
+        "vLLM's OpenAI-compatible server (docs/serving.md).",
+    )
+    add_serve = _resolve("megatron_autothink.serve:add_arguments")
+    if add_serve is not None:
+        add_serve(p)
+    p.set_defaults(func=_entry("megatron_autothink.serve:main", "serve", "issue #22"))
+
+    p = sub.add_parser(
         "convert",
         help="convert checkpoints between Hugging Face Qwen2.5-VL and megatron",
         description="hf-to-mcore / mcore-to-hf checkpoint conversion at any TP/PP.",
@@ -171,6 +188,7 @@ def _entry(entry: str, what: str, issue: str) -> Callable[[argparse.Namespace], 
 def main(argv: Sequence[str] | None = None) -> int:
     # Before anything imports torch: libgomp reads its wait policy once, at load.
     prepare_openmp_env()
+    silence_known_warnings()  # megatron-core's TE/Apex fallback notes & co. (compat/quiet.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

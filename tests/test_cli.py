@@ -9,7 +9,7 @@ import pytest
 
 from megatron_autothink.cli import main
 
-SUBCOMMANDS = ["demo", "prep", "train", "eval", "convert", "launch"]
+SUBCOMMANDS = ["demo", "prep", "train", "eval", "serve", "convert", "launch"]
 
 
 def test_top_level_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

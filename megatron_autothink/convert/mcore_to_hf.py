@@ -10,6 +10,7 @@ build: TP=1/PP=1 in one process, or the ``torchrun`` layout), then
     generation_config.json  copied, or derived from config.json
     tokenizer / processor files, copied from the checkpoint's tokenizer/ (or --tokenizer-dir)
     preprocessor_config.json  copied, or from the training run's data.min/max_pixels
+    video_preprocessor_config.json  copied, or the stock video processor (stock AutoProcessor)
     chat_template.jinja     Qwen2.5-VL template + thinking_mode auto/long/short
 
 The source may be a converted checkpoint or a training run (see :mod:`.source`). For a training
@@ -62,6 +63,7 @@ from megatron_autothink.data.image_processing import (
     ImageProcessingConfig,
     image_config,
     write_preprocessor_config,
+    write_video_preprocessor_config,
 )
 from megatron_autothink.parallel import ParallelContext
 
@@ -112,17 +114,16 @@ def write_hf_assets(
     copied = copy_hf_assets(tokenizer_dir, out_dir, skip=skip) if tokenizer_dir else []
     if "generation_config.json" not in copied:
         GenerationConfig.from_model_config(config.text_config).save_pretrained(out_dir)
+    v = model_cfg.vision
+    geometry = image or ImageProcessingConfig(
+        patch_size=v.patch_size,
+        temporal_patch_size=v.temporal_patch_size,
+        merge_size=v.spatial_merge_size,
+    )
     if image is not None or "preprocessor_config.json" not in copied:
-        v = model_cfg.vision
-        write_preprocessor_config(
-            out_dir,
-            image
-            or ImageProcessingConfig(
-                patch_size=v.patch_size,
-                temporal_patch_size=v.temporal_patch_size,
-                merge_size=v.spatial_merge_size,
-            ),
-        )
+        write_preprocessor_config(out_dir, geometry)
+    if "video_preprocessor_config.json" not in copied:  # for stock AutoProcessor (torchvision)
+        write_video_preprocessor_config(out_dir, geometry)
     if chat_template == "thinking":
         (out_dir / "chat_template.jinja").write_text(THINKING_CHAT_TEMPLATE)
         # One source of truth: a template embedded in these files would shadow the .jinja file

@@ -228,6 +228,28 @@ def write_preprocessor_config(out_dir: str | os.PathLike[str], cfg: ImageProcess
         json.dump(conf, f, indent=2)
 
 
+def write_video_preprocessor_config(
+    out_dir: str | os.PathLike[str], cfg: ImageProcessingConfig
+) -> None:
+    """``video_preprocessor_config.json``: the stock video processor (``Qwen2VLVideoProcessor``)
+    with the model's patch geometry, its own frame-size defaults. Stock ``AutoProcessor`` and
+    vLLM load a Qwen2.5-VL processor with a video part (which needs torchvision); naming it
+    here means they need not infer it from the image processor's name. Nothing here trains on
+    video, and without torchvision nothing reads this file."""
+    conf = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "patch_size": cfg.patch_size,
+        "temporal_patch_size": cfg.temporal_patch_size,
+        "merge_size": cfg.merge_size,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    path = os.path.join(os.fspath(out_dir), "video_preprocessor_config.json")
+    with open(path, "w") as f:
+        json.dump(conf, f, indent=2)
+
+
 def image_config(cfg: AutothinkConfig) -> ImageProcessingConfig:
     """The image preprocessing of a recipe (data.min_pixels / data.max_pixels, model patches);
     the loaders, the rollout engine and exported HF dirs all use this one."""

@@ -39,6 +39,7 @@ from megatron_autothink.rollout.engine import colocated_weight_sync
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.loop import LoopState, data_metrics
+from megatron_autothink.train.progress import phase
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,11 @@ def run_stage(
     tokenizer_dir = resolve_tokenizer_dir(cfg, path)
     if rl.prompts_per_step % ctx.dp:
         raise ValueError(f"rl.prompts_per_step={rl.prompts_per_step} not divisible by dp={ctx.dp}")
+    phase(
+        f"stage {stage.name} ({stage.kind}, {stage.steps} steps): optimizer and prompt loader "
+        f"({path})",
+        rank=ctx.rank,
+    )
     loader = build_prompt_loader(
         PromptLoaderConfig(
             path=path,
@@ -232,6 +238,10 @@ def run_stage(
         # One engine for the whole run: an in-process vLLM's shutdown tears down the default
         # process group, so the run shuts it down once, after its last stage.
         engine_dir = run_dir / "rollout_engine"
+        phase(
+            f"stage {stage.name}: exporting the policy, starting the vLLM rollout engine",
+            rank=ctx.rank,
+        )
         if ctx.rank == 0:
             engine_dir.mkdir(parents=True, exist_ok=True)
         export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
@@ -249,7 +259,10 @@ def run_stage(
         )
         engine_slot.engine = engine
         engine_slot.started = True
-        log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, engine_dir)
+        phase(
+            f"stage {stage.name}: rollout engine up in {time.perf_counter() - t0:.1f}s",
+            rank=ctx.rank,
+        )
 
     def weight_sync(version: int) -> float:
         from megatron_autothink.convert.gather import iter_hf_weights
@@ -287,6 +300,7 @@ def run_stage(
         rollout_log=rollout_log if ctx.rank == 0 else None,
     )
     callbacks = standard_callbacks(cfg, evaluate=False)
+    phase(f"stage {stage.name}: training steps {state.step + 1}-{stage.steps}", rank=ctx.rank)
     for cb in callbacks:
         cb.on_train_start(state)
     try:

@@ -356,13 +356,7 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.is_vision_language:
             from megatron_autothink.rollout import vllm_qwen2_5_vl
 
-            kwargs.update(
-                hf_overrides={"architectures": [vllm_qwen2_5_vl.register()]},
-                limit_mm_per_prompt={"image": cfg.max_images_per_prompt},
-                # Accept dict inputs (preprocessed pixel_values) and take them as normalised.
-                enable_mm_embeds=True,
-                mm_device_do_normalize=False,
-            )
+            kwargs.update(vllm_qwen2_5_vl.engine_kwargs(cfg.max_images_per_prompt))
         kwargs.update(cfg.engine_kwargs)
         return kwargs
 

@@ -197,6 +197,24 @@ class AutothinkQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
     supports_mm_device_do_normalize = False
 
 
+def engine_kwargs(max_images_per_prompt: int) -> dict[str, Any]:
+    """``vllm.LLM`` / ``vllm serve`` settings that serve a HF Qwen2.5-VL directory through
+    :data:`ARCH` (registered here): our architecture instead of the one in ``config.json``,
+    dict (preprocessed ``pixel_values``) image inputs, no second normalisation on the device.
+
+    The rollout engine and ``autothink serve`` both start vLLM with these; the export's
+    ``config.json`` keeps the stock architecture, so stock loaders (transformers, vLLM with
+    torchvision) load it unchanged.
+    """
+    return {
+        "hf_overrides": {"architectures": [register()]},
+        "limit_mm_per_prompt": {"image": max_images_per_prompt},
+        # Accept dict inputs (preprocessed pixel_values) and take them as normalised.
+        "enable_mm_embeds": True,
+        "mm_device_do_normalize": False,
+    }
+
+
 def register() -> str:
     """Register :data:`ARCH` with vLLM's model registry (idempotent).
 

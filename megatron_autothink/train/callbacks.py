@@ -55,22 +55,34 @@ class MetricsFile(Callback):
 
 
 class ConsoleLogger(Callback):
-    """A progress line every ``every`` steps: loss per mode, lr, grad norm, tokens/s (+ MFU and
-    memory on GPU)."""
+    """A progress line every ``every`` steps, after the first step of a start and after the
+    last: step/total and percentage, loss per mode, lr, grad norm, tokens/s (+ MFU and memory
+    on GPU), elapsed time and ETA (from the mean step time of this start)."""
 
     def __init__(self, every: int) -> None:
         self.every = every
         self.t0 = time.perf_counter()
+        self.start_step = 0
 
     def on_train_start(self, state: LoopState) -> None:
         self.t0 = time.perf_counter()
+        self.start_step = state.step
 
     def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None:
         if not state.ctx.is_logging_rank:
             return
-        if state.step % self.every and state.step != state.total_steps:
+        first = state.step == self.start_step + 1
+        if state.step % self.every and state.step != state.total_steps and not first:
             return
-        parts = [f"[{state.stage}] step {state.step}/{state.total_steps}"]
+        from megatron_autothink.train.progress import format_duration
+
+        total = max(state.total_steps, 1)
+        elapsed = time.perf_counter() - self.t0
+        done = max(state.step - self.start_step, 1)
+        eta = elapsed / done * max(state.total_steps - state.step, 0)
+        parts = [
+            f"[{state.stage}] step {state.step}/{state.total_steps} ({state.step / total:.0%})"
+        ]
         for key, fmt in [
             ("loss", ".4f"),
             ("loss_thinking", ".4f"),
@@ -85,6 +97,7 @@ class ConsoleLogger(Callback):
             v = metrics.get(key)
             if v is not None and not (isinstance(v, float) and math.isnan(v)):
                 parts.append(f"{key} {v:{fmt}}")
+        parts.append(f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}")
         print(" | ".join(parts), flush=True)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from megatron_autothink.compat.quiet import silence_known_warnings
 from megatron_autothink.config import (
     AutothinkConfig,
     StageConfig,
@@ -41,6 +41,7 @@ from megatron_autothink.parallel import (
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
 from megatron_autothink.train.loop import LoopState, run_sft
+from megatron_autothink.train.progress import phase
 from megatron_autothink.train.resume import ResumeRefused
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
 from megatron_autothink.train.step import train_step
@@ -54,11 +55,11 @@ def setup_logging(rank: int) -> None:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # megatron-core logs its whole optimizer config at INFO and warns about missing apex/TE on
-    # every import (expected on CPU); keep the console for our own progress lines.
+    # megatron-core logs its whole optimizer config at INFO; keep the console for our own
+    # progress lines. Its TE/Apex warnings: compat/quiet.py (installed by the CLI; again here
+    # for callers of main() that did not come through it).
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    silence_known_warnings()
 
 
 def stages_of(cfg: AutothinkConfig) -> list[StageConfig]:
@@ -197,6 +198,11 @@ def run_sft_stage(
     d = cfg.data
     path = stage.train_path or d.train_path
     n_micro = d.global_batch_size // (d.micro_batch_size * ctx.dp)
+    phase(
+        f"stage {stage.name} ({stage.kind}, {stage.steps} steps): optimizer and data loader "
+        f"({path})",
+        rank=ctx.rank,
+    )
     opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
     loader = build_sft_loader(cfg, ctx, path, tokenizer, training=True, split="train")
     ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
@@ -218,6 +224,7 @@ def run_sft_stage(
     eval_path = d.eval_path or path
     state.eval_fn = make_eval_fn(cfg, ctx, chunks, opt, eval_path, tokenizer)
     callbacks = standard_callbacks(cfg, evaluate=True)
+    phase(f"stage {stage.name}: training steps {state.step + 1}-{stage.steps}", rank=ctx.rank)
     run_sft(state, callbacks, num_micro_batches=n_micro, watcher=watcher)
     return state, ckpt
 
@@ -279,7 +286,13 @@ def main(cfg: AutothinkConfig) -> int:
         tokenizer_dir = resolve_tokenizer_dir(cfg, first_path)
     except FileNotFoundError as e:
         raise SystemExit(f"autothink train: {e}") from None
+    phase("process groups")
     ctx = init_distributed(cfg)
+    phase(
+        f"{ctx.world_size} rank(s) (tp {ctx.tp}, pp {ctx.pp}, dp {ctx.dp}), "
+        f"{torch.get_num_threads()} torch thread(s) each",
+        rank=ctx.rank,
+    )
     from megatron_autothink.rl.stage import EngineSlot
 
     engine_slot = EngineSlot()  # one rollout engine for all RL stages of the run
@@ -305,12 +318,19 @@ def main(cfg: AutothinkConfig) -> int:
                 f"<|image_pad|> is {image_token_id}"
             )
         seed_everything(cfg.train.seed, ctx)
+        m = cfg.model
+        phase(
+            f"building the model ({m.name}: {m.num_layers} layers, hidden {m.hidden_size}, "
+            f"vision {m.vision.depth} layers)",
+            rank=ctx.rank,
+        )
         chunks = build_model_chunks(
             cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=image_token_id
         )
         first_ckpt = checkpoint_root(cfg) / stages[0].name
         fresh = not (cfg.checkpoint.resume and CheckpointManager(first_ckpt, ctx).candidates())
         if cfg.train.init_from and fresh:
+            phase(f"loading the initial weights from {cfg.train.init_from}", rank=ctx.rank)
             load_initial_weights(cfg, ctx, chunks)
         chunks = wrap_ddp(cfg, chunks, ctx)
         offset, previous = 0, None
@@ -344,6 +364,7 @@ def main(cfg: AutothinkConfig) -> int:
                 )
                 return 0
             offset += stage.steps
+        phase(f"done: {', '.join(s.name for s in stages)}", rank=ctx.rank)
         return 0
     except CheckpointError as e:
         if isinstance(e, ResumeRefused) and undo_config_record is not None:

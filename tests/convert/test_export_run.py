@@ -1,7 +1,8 @@
 """`autothink convert mcore-to-hf` on a real (tiny) training run: the run dir, a stage dir and an
 iter dir all export; transformers loads the result with every weight, its special ids are the
-tokenizer's, generate stops at the end-of-turn token, and bad inputs are refused before any
-output exists."""
+tokenizer's, generate stops at the end-of-turn token, `autothink serve` answers with it in the
+auto/long/short modes, and bad inputs are refused before any output exists. The training run's
+stdout shows its set-up phases and per-step progress lines."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def train_stdout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """The tiny training run and what `autothink train` printed (stdout, stderr), run with the
+    interpreter's default warning filters."""
     root = tmp_path_factory.mktemp("export")
     data, run = root / "data", root / "run"
     subprocess.run(
@@ -34,7 +37,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env=ENV,
         capture_output=True,
     )
-    subprocess.run(
+    proc = subprocess.run(
         [
             *CLI,
             "train",
@@ -49,11 +52,26 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "logging.tensorboard=false",
         ],
         check=True,
-        env=ENV,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
         capture_output=True,
+        text=True,
         timeout=900,
     )
-    return run
+    return run, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(train_stdout: tuple[Path, str, str]) -> Path:
+    return train_stdout[0]
+
+
+@pytest.fixture(scope="module")
+def export(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run dir exported once, through the CLI."""
+    out = tmp_path_factory.mktemp("export_out") / "hf"
+    res = _export(run_dir, out)
+    assert res.returncode == 0, res.stderr
+    return out
 
 
 def _export(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -73,7 +91,26 @@ def _digest(hf: Path) -> str:
     return h.hexdigest()
 
 
-def test_run_stage_and_iter_dirs_export_a_loadable_model(run_dir: Path, tmp_path: Path) -> None:
+def test_train_prints_phases_and_progress(train_stdout: tuple[Path, str, str]) -> None:
+    """Set-up phases as they happen, then a progress line per log step (step/total, tokens/s,
+    ETA), on stdout; megatron-core's known TE/Apex notes are not printed (compat/quiet.py)."""
+    _, out, err = train_stdout
+    assert "Apex is not installed" not in err and "Transformer Engine and Apex" not in err, err
+    lines = out.splitlines()
+    phases = [ln for ln in lines if ln.startswith("autothink train [")]
+    for want in ("importing torch", "building the model", "optimizer and data loader", "training"):
+        assert any(want in ln for ln in phases), (want, out)
+    assert phases[-1].endswith("done: sft"), out
+    steps = [ln for ln in lines if ln.startswith("[sft] step ")]
+    assert [ln.split()[2] for ln in steps] == ["1/2", "2/2"], out
+    for ln in steps:
+        assert "tokens_per_s " in ln and " eta " in ln and "loss " in ln, ln
+    assert steps[-1].endswith("eta 0:00"), steps[-1]
+
+
+def test_run_stage_and_iter_dirs_export_a_loadable_model(
+    run_dir: Path, export: Path, tmp_path: Path
+) -> None:
     import torch
     from PIL import Image
     from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
@@ -84,8 +121,8 @@ def test_run_stage_and_iter_dirs_export_a_loadable_model(run_dir: Path, tmp_path
 
     stage = run_dir / "checkpoints" / "sft"
     iter_dir = stage / "iter_00000002"
-    outs = {}
-    for name, src in (("run", run_dir), ("stage", stage), ("iter", iter_dir)):
+    outs = {"run": export}
+    for name, src in (("stage", stage), ("iter", iter_dir)):
         res = _export(src, tmp_path / name)
         assert res.returncode == 0, res.stderr
         assert res.stdout.count("wrote ") == 1, res.stdout
@@ -95,7 +132,7 @@ def test_run_stage_and_iter_dirs_export_a_loadable_model(run_dir: Path, tmp_path
     assert len({_digest(p) for p in outs.values()}) == 1  # the same checkpoint each time
     assert not list(tmp_path.glob(".*.partial"))
 
-    hf = outs["run"]
+    hf = export
     model, info = Model.from_pretrained(hf, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     tok = AutoTokenizer.from_pretrained(hf)
@@ -154,3 +191,46 @@ def test_bad_inputs_are_refused_before_writing(run_dir: Path, tmp_path: Path) ->
     res = _export(run_dir, tmp_path / "used")
     assert res.returncode == 2 and "--overwrite" in res.stderr, res.stderr
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["notes.txt"]
+
+
+def test_export_keeps_the_stock_architecture_and_processor_files(export: Path) -> None:
+    """Stock loaders (transformers, vLLM with torchvision) get the stock Qwen2.5-VL class and a
+    named video processor; only `autothink serve` / the rollout engine swap the architecture."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    cfg = json.loads((export / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    video, _ = BaseVideoProcessor.get_video_processor_dict(str(export))
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    image = json.loads((export / "preprocessor_config.json").read_text())
+    for key in ("patch_size", "temporal_patch_size", "merge_size"):
+        assert video[key] == image[key], key
+
+
+@pytest.mark.vllm  # one vLLM start (~30-60 s on 2 shared cores)
+def test_serve_answers_in_auto_long_and_short(export: Path, tmp_path: Path) -> None:
+    """The documented one-shot command (docs/serving.md) on the export: one engine start, one
+    answer per mode; long opens a think block that the model goes on writing, short has the
+    empty think block, auto starts the turn itself."""
+    from PIL import Image
+
+    img = tmp_path / "digit.png"
+    Image.new("RGB", (56, 56), "white").save(img)
+    cmd = [*CLI, "serve", str(export), "--prompt", "What is 3 + 4?", "--image", str(img)]
+    res = subprocess.run(
+        [*cmd, "--mode", "auto,long,short", "--max-new-tokens", "6", "--json"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    answers = {a["mode"]: a for a in map(json.loads, res.stdout.splitlines())}
+    assert list(answers) == ["auto", "long", "short"], res.stdout
+    for a in answers.values():
+        assert a["num_tokens"] > 0 and a["text"] and a["turn"] == a["prefill"] + a["text"], a
+    assert answers["auto"]["prefill"] == "" and answers["auto"]["turn"] == answers["auto"]["text"]
+    # The prefills are the command's; what follows is the (barely trained) model's.
+    assert answers["long"]["prefill"] == "<think>\n" and answers["long"]["text"]
+    assert answers["short"]["prefill"] == "<think>\n\n</think>\n\n"
+    assert answers["short"]["turn"].startswith("<think>\n\n</think>\n\n")
