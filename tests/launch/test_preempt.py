@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -248,6 +249,61 @@ def test_second_sigterm_ends_a_process_stuck_before_the_step_boundary() -> None:
         assert proc.wait(timeout=10) == 128 + signal.SIGTERM
         assert proc.stderr is not None
         assert "second signal: exiting without checkpoint" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+BOUNDED = textwrap.dedent(
+    """
+    import sys, time
+    import torch.distributed  # as in a trainer: should_stop's import is not timed here
+    from megatron_autothink.launch.preempt import PreemptionWatcher
+    w = PreemptionWatcher(boundary_timeout_s=float(sys.argv[1])).install()
+    print("ready", flush=True)
+    while not w.requested:
+        time.sleep(0.01)
+    if sys.argv[2] == "boundary":  # the ranks reach the boundary, then save for a while
+        assert w.should_stop()
+        time.sleep(3 * float(sys.argv[1]))
+        print("saved", flush=True)
+        sys.exit(0)
+    time.sleep(60)  # a step that never ends (one collective, one data wait)
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["stuck", "boundary"])
+def test_step_boundary_timeout_exits_without_checkpoint(case: str) -> None:
+    """A single SIGTERM and no step boundary: the process exits by itself once
+    ``boundary_timeout_s`` has passed, with the reason; a boundary reached in time disarms the
+    timer (the save that follows is not timed)."""
+    limit = 1.0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BOUNDED, str(limit), case],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        elapsed = time.monotonic() - t0
+        stdout, stderr = proc.communicate()
+        if case == "stuck":
+            assert rc == 128 + signal.SIGTERM, stderr
+            assert limit <= elapsed < limit + 2.0, elapsed
+            assert (
+                "SIGTERM: no step boundary within 1 s of the signal "
+                "(checkpoint.preempt_timeout_s): exiting without checkpoint"
+            ) in stderr
+        else:
+            assert rc == 0 and stdout.strip() == "saved", stderr
+            assert elapsed >= 3 * limit and "no step boundary" not in stderr
     finally:
         proc.kill()
         proc.wait()
