@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -186,9 +187,10 @@ class PreemptionWatcher:
         All ranks must call this at the same point of the loop. ``device`` is where the flag
         tensor lives (a CUDA device for NCCL groups); CPU by default.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        # No process group can exist before torch.distributed is imported: then no import
+        # (seconds) between a signal and its boundary.
+        dist: Any = sys.modules.get("torch.distributed")
+        if dist is None or not (dist.is_available() and dist.is_initialized()):
             stop = self.requested
         else:
             import torch

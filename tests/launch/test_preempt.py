@@ -257,7 +257,6 @@ def test_second_sigterm_ends_a_process_stuck_before_the_step_boundary() -> None:
 BOUNDED = textwrap.dedent(
     """
     import sys, time
-    import torch.distributed  # as in a trainer: should_stop's import is not timed here
     from megatron_autothink.launch.preempt import PreemptionWatcher
     w = PreemptionWatcher(boundary_timeout_s=float(sys.argv[1])).install()
     print("ready", flush=True)
@@ -307,3 +306,49 @@ def test_step_boundary_timeout_exits_without_checkpoint(case: str) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+FORKER = textwrap.dedent(
+    """
+    import multiprocessing as mp, os, sys, time
+    from megatron_autothink.checkpoint_io import _forks_die_with_parent
+
+    def writer():
+        time.sleep(60)  # a checkpoint writer still writing when the trainer dies
+
+    if __name__ == "__main__":
+        ctx = mp.get_context("fork")  # as megatron's FileSystemWriterAsync forks its writers
+        with _forks_die_with_parent():
+            bound = ctx.Process(target=writer)
+            bound.start()
+        free = ctx.Process(target=writer)  # forked outside a save: not bound
+        free.start()
+        print(bound.pid, free.pid, flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_checkpoint_writers_forked_during_a_save_die_with_a_killed_trainer() -> None:
+    """kill -9 of the trainer alone mid-save: its forked writers get SIGKILL too (they would
+    go on writing into the unfinished checkpoint the next start removes)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKER],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    bound, free = map(int, proc.stdout.readline().split())
+    try:
+        proc.kill()  # the trainer only, not its group
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{bound}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{bound}").exists() or "Z" in Path(f"/proc/{bound}/stat").read_text()
+        assert Path(f"/proc/{free}").exists()  # the control: unbound forks outlive it
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
