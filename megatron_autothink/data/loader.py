@@ -876,7 +876,12 @@ class _EnergonLoader(Generic[T]):
             if self._it is None:
                 self._it = iter(self._loader)
             try:
-                batch = next(self._it)
+                # torch's DataLoader draws its base seed from the global torch RNG whenever an
+                # iterator starts (every start of a stage, resumes included, and each epoch):
+                # kept off the trainer's stream, or a resumed run's torch RNG drifts from the
+                # uninterrupted run's (found by benchmarks/soak.py). Energon seeds itself.
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(self._it)
             except Exception as e:
                 quality = _unwrap_quality_error(e)
                 if quality is None:
