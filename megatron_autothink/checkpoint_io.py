@@ -25,13 +25,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import io
 import json
 import logging
+import os
 import pickle
+import signal
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +247,40 @@ def load_dist(
         raise CheckpointError(f"{dist_dir}: failed to load ({describe_load_error(e)})") from e
 
 
+_FORKS_DIE_WITH_PARENT: list[int] = []
+"""While non-empty: the pid whose forked children must die with it (see :func:`save_dist`)."""
+
+
+def _after_fork_in_child() -> None:
+    if not _FORKS_DIE_WITH_PARENT:
+        return
+    parent = _FORKS_DIE_WITH_PARENT[-1]
+    _FORKS_DIE_WITH_PARENT.clear()  # this child's own forks are not ours to bind
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to bind with
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def _forks_die_with_parent() -> Iterator[None]:
+    """Processes forked in this block get SIGKILL when the forking thread's process dies."""
+    _FORKS_DIE_WITH_PARENT.append(os.getpid())
+    try:
+        yield
+    finally:
+        _FORKS_DIE_WITH_PARENT.pop()
+
+
 def save_dist(sharded_state_dict: dict[str, Any], dist_dir: str | Path) -> None:
     """``megatron.core.dist_checkpointing.save`` (synchronous, torch_dist) without the
     multiprocessing Manager server that megatron's writer starts for its results queue.
@@ -255,6 +293,11 @@ def save_dist(sharded_state_dict: dict[str, Any], dist_dir: str | Path) -> None:
     tracker. In a synchronous save the queue is written and read by this same process (the
     writer's forked workers report through their own local queues), so an in-process queue does
     the job and no helper outlives or dies before the save.
+
+    The writer forks one process per write bucket; forked here, they die with the trainer
+    (``PR_SET_PDEATHSIG``): after a ``kill -9`` of the trainer alone mid-save they would
+    otherwise go on writing into the unfinished ``.tmp`` checkpoint the next start removes
+    (found by ``benchmarks/soak.py``).
     """
     import queue
 
@@ -268,7 +311,8 @@ def save_dist(sharded_state_dict: dict[str, Any], dist_dir: str | Path) -> None:
     if patched:
         setattr(filesystem_async, slot, queue.Queue())
     try:
-        dist_checkpointing.save(sharded_state_dict, str(dist_dir))
+        with _forks_die_with_parent():
+            dist_checkpointing.save(sharded_state_dict, str(dist_dir))
     finally:
         if patched:
             setattr(filesystem_async, slot, saved)

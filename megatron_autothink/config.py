@@ -187,6 +187,12 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(2, ge=1)
     save_on_signal: bool = True
     """Save when SIGTERM/SIGUSR1 arrives (SLURM pre-emption), then exit."""
+    preempt_timeout_s: float = Field(900.0, ge=0)
+    """After such a signal, the ranks wait for the end of the current step to save. When no
+    step boundary comes within this many seconds (a rank stuck in data loading or in a
+    collective), the process exits without a checkpoint, status 128 + the signal, with "no step
+    boundary within N s" on stderr. Larger than the slowest step; 0: wait forever (a second
+    SIGTERM still exits)."""
     resume: bool = True
     """Resume from the latest valid checkpoint in ``dir`` when one exists."""
     allow_changes: list[str] = Field(default_factory=list)

@@ -56,9 +56,14 @@ def _worker(
         )
         raise
     finally:
-        from megatron_autothink.parallel import destroy_distributed
+        # megatron's groups exist only if fn imported megatron_autothink.parallel; importing it
+        # here just to tear down a plain gloo group costs ~10-30 s of megatron.core import.
+        if "megatron_autothink.parallel" in sys.modules:
+            from megatron_autothink.parallel import destroy_distributed
 
-        destroy_distributed()
+            destroy_distributed()
+        elif torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:

@@ -40,7 +40,7 @@ import struct
 import tarfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, Literal, TypeVar
 
 import torch
@@ -202,6 +202,46 @@ the very start must not stop a run whose overall share is small)."""
 class DataQualityError(FatalSampleError):
     """The data cannot feed training: too many bad samples, or none fits. A FatalSampleError,
     so energon passes it on instead of skipping the sample that raised it."""
+
+
+R = TypeVar("R")
+
+
+def fetch_agreed(fetch: Callable[[], R], *, group: Any = None, device: Any = None) -> R:
+    """``fetch()`` (a step's batches from this rank's loader) on every rank of ``group``, with
+    the data-quality verdict agreed: when :class:`DataQualityError` is raised on any rank, every
+    rank raises one with the same message (the lowest failing rank's, naming it), so no rank is
+    left waiting in the step's collectives for a rank that has stopped.
+
+    A collective: every rank of ``group`` (``None``: the default group; the caller passes the
+    group, this module knows no layout) calls it at the same point of the loop. One int
+    all-reduce (on ``device``: the rank's CUDA device with NCCL) when all is well; the
+    messages are gathered only when a rank failed. Without a process group it is ``fetch()``.
+    Other exceptions pass through unchanged, as before.
+    """
+    import torch.distributed as dist
+
+    error: DataQualityError | None = None
+    out: R | None = None
+    try:
+        out = fetch()
+    except DataQualityError as e:
+        error = e
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if error is not None:
+            raise error
+        return out  # type: ignore[return-value]
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return out  # type: ignore[return-value]
+    messages: list[Any] = [None] * dist.get_world_size(group)
+    mine = None if error is None else (dist.get_rank(), str(error))
+    dist.all_gather_object(messages, mine, group=group)
+    failed = [m for m in messages if m is not None]
+    rank, text = min(failed)
+    others = f" (and {len(failed) - 1} other ranks)" if len(failed) > 1 else ""
+    raise DataQualityError(f"rank {rank}{others}: {text}") from error
 
 
 # energon wraps the error (and a worker process re-raises it by message): the loader finds its
@@ -836,7 +876,12 @@ class _EnergonLoader(Generic[T]):
             if self._it is None:
                 self._it = iter(self._loader)
             try:
-                batch = next(self._it)
+                # torch's DataLoader draws its base seed from the global torch RNG whenever an
+                # iterator starts (every start of a stage, resumes included, and each epoch):
+                # kept off the trainer's stream, or a resumed run's torch RNG drifts from the
+                # uninterrupted run's (found by benchmarks/soak.py). Energon seeds itself.
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(self._it)
             except Exception as e:
                 quality = _unwrap_quality_error(e)
                 if quality is None:

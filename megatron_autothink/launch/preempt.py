@@ -26,6 +26,13 @@ without checkpoint" on stderr. Copies that arrive together (SLURM signals every 
 the batch script and torchrun forward TERM as well) count once. USR1 never does this: the
 batch script re-sends it every few seconds while the ranks save (``render.REFORWARD_S``).
 
+Nobody may send that second signal (``timeout`` without ``-k``, a local run left alone), so
+with ``boundary_timeout_s`` (``checkpoint.preempt_timeout_s``) a timer thread started at the
+first request ends the process the same way, status ``128 + signal``, with "no step boundary
+within N s" on stderr, when the ranks have not agreed on a step boundary by then. A thread, so
+it fires even while the main thread waits in a collective or in C code; the boundary, once
+reached (:meth:`should_stop` returned True), disarms it: the save itself is not timed.
+
 Nothing here imports torch unless :meth:`should_stop` is asked to agree across ranks.
 """
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -100,10 +108,14 @@ class PreemptionWatcher:
         blocked: Iterable[signal.Signals] = BLOCKED_SIGNALS,
         *,
         repeat_after_s: float = REPEAT_AFTER_S,
+        boundary_timeout_s: float | None = None,
     ) -> None:
         self.signals = tuple(signals)
         self.blocked = tuple(s for s in blocked if s in self.signals)
         self.repeat_after_s = repeat_after_s
+        self.boundary_timeout_s = boundary_timeout_s or None
+        self._timer: threading.Timer | None = None
+        self._boundary_reached = False
         self._event = threading.Event()
         self._received: signal.Signals | None = None
         self._first_at = 0.0
@@ -123,6 +135,11 @@ class PreemptionWatcher:
         if self._received is None:
             self._received = signal.Signals(signum)
             self._first_at = now
+            if self.boundary_timeout_s is not None:
+                self._timer = threading.Timer(self.boundary_timeout_s, self._boundary_timeout)
+                self._timer.daemon = True
+                self._timer.name = "preempt-boundary-timeout"
+                self._timer.start()
         elif signum in EXIT_ON_REPEAT and now - self._first_at >= self.repeat_after_s:
             # The first request is still waiting for a step boundary: the user (or SLURM's
             # kill timeout) insists. os._exit: no handler, finally or atexit may block again.
@@ -130,6 +147,17 @@ class PreemptionWatcher:
             os.write(2, f"{name}: second signal: exiting without checkpoint\n".encode())
             os._exit(128 + signum)
         self._event.set()
+
+    def _boundary_timeout(self) -> None:
+        if self._boundary_reached or self._received is None:
+            return
+        name = self._received.name
+        os.write(
+            2,
+            f"{name}: no step boundary within {self.boundary_timeout_s:g} s of the signal "
+            "(checkpoint.preempt_timeout_s): exiting without checkpoint\n".encode(),
+        )
+        os._exit(128 + self._received)
 
     def install(self) -> PreemptionWatcher:
         if self._installed:
@@ -159,12 +187,23 @@ class PreemptionWatcher:
         All ranks must call this at the same point of the loop. ``device`` is where the flag
         tensor lives (a CUDA device for NCCL groups); CPU by default.
         """
-        import torch.distributed as dist
+        # No process group can exist before torch.distributed is imported: then no import
+        # (seconds) between a signal and its boundary.
+        dist: Any = sys.modules.get("torch.distributed")
+        if dist is None or not (dist.is_available() and dist.is_initialized()):
+            stop = self.requested
+        else:
+            import torch
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        import torch
+            flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            stop = bool(flag.item())
+        if stop:
+            self.boundary_reached()
+        return stop
 
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+    def boundary_reached(self) -> None:
+        """Every rank is at the step boundary and will save: disarm the boundary timeout."""
+        self._boundary_reached = True
+        if self._timer is not None:
+            self._timer.cancel()

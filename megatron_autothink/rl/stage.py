@@ -37,7 +37,11 @@ from megatron_autothink.rl.rewards import Rubric
 from megatron_autothink.rl.trainer import ReplayStore, RLContext, replay_capacity, rl_step
 from megatron_autothink.rollout.engine import colocated_weight_sync
 from megatron_autothink.train.callbacks import standard_callbacks
-from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
+from megatron_autothink.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    rng_untouched,
+)
 from megatron_autothink.train.loop import LoopState, data_metrics
 from megatron_autothink.train.progress import phase
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
@@ -142,7 +146,11 @@ def run_stage(
 ) -> tuple[LoopState, CheckpointManager]:
     """One RL stage. ``engine_slot`` carries the run's rollout engine across its RL stages; the
     caller shuts it down after the last one."""
-    from megatron_autothink.data.loader import PromptLoaderConfig, build_prompt_loader
+    from megatron_autothink.data.loader import (
+        PromptLoaderConfig,
+        build_prompt_loader,
+        fetch_agreed,
+    )
     from megatron_autothink.train.run import checkpoint_root, loader_options
 
     run_cfg, cfg = cfg, stage_config(cfg, stage)
@@ -208,61 +216,66 @@ def run_stage(
     if state.step >= stage.steps:
         return state, ckpt
 
-    ref_chunks = None
-    if rl.kl_coef > 0:
-        # The reference is the policy the stage started from: saved before the first step,
-        # reloaded on resume (the live weights then are the resumed policy, not the start).
-        ref_chunks = build_model_chunks(
-            cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=_image_id(tokenizer)
-        )
-        if rs is None:
-            ckpt.save_reference(chunks)
-            for ref, live in zip(ref_chunks, chunks, strict=True):
-                ref.load_state_dict(getattr(live, "module", live).state_dict())
-        elif ckpt.reference_dir.exists():
-            ckpt.load_reference(ref_chunks)
-        else:
-            raise CheckpointError(
-                f"{ckpt.reference_dir}: missing; stage {stage.name} resumes with rl.kl_coef > 0 "
-                "but its checkpoints predate the saved KL reference"
+    # Set-up that runs at every (re)start of the stage draws from or re-seeds the RNGs: it
+    # leaves them as the checkpoint (or the stage before) left them, so a resumed stage
+    # continues the same random streams as the uninterrupted run (found by the soak).
+    with rng_untouched():
+        ref_chunks = None
+        if rl.kl_coef > 0:
+            # The reference is the policy the stage started from: saved before the first step,
+            # reloaded on resume (the live weights then are the resumed policy, not the start).
+            ref_chunks = build_model_chunks(
+                cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=_image_id(tokenizer)
             )
-        for ref in ref_chunks:
-            ref.requires_grad_(False)
+            if rs is None:
+                ckpt.save_reference(chunks)
+                for ref, live in zip(ref_chunks, chunks, strict=True):
+                    ref.load_state_dict(getattr(live, "module", live).state_dict())
+            elif ckpt.reference_dir.exists():
+                ckpt.load_reference(ref_chunks)
+            else:
+                raise CheckpointError(
+                    f"{ckpt.reference_dir}: missing; stage {stage.name} resumes with "
+                    "rl.kl_coef > 0 but its checkpoints predate the saved KL reference"
+                )
+            for ref in ref_chunks:
+                ref.requires_grad_(False)
 
-    run_dir = Path(cfg.logging.run_dir)
-    engine = engine_slot.engine
-    t0 = time.perf_counter()
-    # Not `engine is None`: ranks that own no engine (TP/PP peers) hold None in every stage and
-    # would re-export alone at a second RL stage, a collective the owners skip (deadlock).
-    if not engine_slot.started:
-        # One engine for the whole run: an in-process vLLM's shutdown tears down the default
-        # process group, so the run shuts it down once, after its last stage.
-        engine_dir = run_dir / "rollout_engine"
-        phase(
-            f"stage {stage.name}: exporting the policy, starting the vLLM rollout engine",
-            rank=ctx.rank,
-        )
-        if ctx.rank == 0:
-            engine_dir.mkdir(parents=True, exist_ok=True)
-        export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
-        in_process = engine_in_process(cfg, ctx)
-        engine = (
-            build_engine(
-                cfg,
-                engine_dir,
-                version=0,
-                in_process=in_process,
-                max_model_len=engine_context_length(run_cfg),
+        run_dir = Path(cfg.logging.run_dir)
+        engine = engine_slot.engine
+        t0 = time.perf_counter()
+        # Not `engine is None`: ranks that own no engine (TP/PP peers) hold None in every stage
+        # and would re-export alone at a second RL stage, a collective the owners skip
+        # (deadlock).
+        if not engine_slot.started:
+            # One engine for the whole run: an in-process vLLM's shutdown tears down the default
+            # process group, so the run shuts it down once, after its last stage.
+            engine_dir = run_dir / "rollout_engine"
+            phase(
+                f"stage {stage.name}: exporting the policy, starting the vLLM rollout engine",
+                rank=ctx.rank,
             )
-            if engine_owner(ctx)
-            else None
-        )
-        engine_slot.engine = engine
-        engine_slot.started = True
-        phase(
-            f"stage {stage.name}: rollout engine up in {time.perf_counter() - t0:.1f}s",
-            rank=ctx.rank,
-        )
+            if ctx.rank == 0:
+                engine_dir.mkdir(parents=True, exist_ok=True)
+            export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
+            in_process = engine_in_process(cfg, ctx)
+            engine = (
+                build_engine(
+                    cfg,
+                    engine_dir,
+                    version=0,
+                    in_process=in_process,
+                    max_model_len=engine_context_length(run_cfg),
+                )
+                if engine_owner(ctx)
+                else None
+            )
+            engine_slot.engine = engine
+            engine_slot.started = True
+            phase(
+                f"stage {stage.name}: rollout engine up in {time.perf_counter() - t0:.1f}s",
+                rank=ctx.rank,
+            )
 
     def weight_sync(version: int) -> float:
         from megatron_autothink.convert.gather import iter_hf_weights
@@ -305,7 +318,7 @@ def run_stage(
         cb.on_train_start(state)
     try:
         while state.step < state.total_steps:
-            prompts = next(loader)
+            prompts = fetch_agreed(lambda: next(loader), device=ctx.device)  # see run_sft
             metrics = rl_step(rc, prompts, state.step + 1) | data_metrics(loader)
             state.step += 1
             state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False

@@ -19,6 +19,7 @@ load is reported and the previous one is tried.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Restore every RNG of :func:`rng_state` on exit: for set-up that runs at every (re)start
+    of a stage (building the KL reference model draws initial weights, an in-process vLLM
+    engine re-seeds torch), so that a resumed stage continues the checkpoint's random streams
+    exactly as the uninterrupted run continued its own."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def _model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:

@@ -177,12 +177,17 @@ def run_sft(
     watcher: PreemptionWatcher | None = None,
 ) -> LoopState:
     """Train ``state.total_steps`` steps from ``state.step``; returns the final state."""
+    from megatron_autothink.data.loader import fetch_agreed  # energon: imported when used
+
     cfg, ctx = state.cfg, state.ctx
     for cb in callbacks:
         cb.on_train_start(state)
     while state.step < state.total_steps:
         t0 = time.perf_counter()
-        batches = _micro_batches(state.data, num_micro_batches)
+        # Agreed across ranks: a loader that gives up on one rank stops every rank together
+        batches = fetch_agreed(
+            lambda: _micro_batches(state.data, num_micro_batches), device=ctx.device
+        )
         local_tokens = sum(b.num_tokens for b in batches)
         result = train_step(state.chunks, state.opt, batches, ctx, seq_length=cfg.data.seq_length)
         state.step += 1

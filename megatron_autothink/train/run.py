@@ -159,12 +159,16 @@ def make_eval_fn(
     held-out split (the same batches every time)."""
     n_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * ctx.dp)
 
+    from megatron_autothink.data.loader import fetch_agreed
+
     def evaluate() -> dict[str, float]:
         loader = build_sft_loader(cfg, ctx, path, tokenizer, training=False, split="test")
         losses: list[tuple[float, float, float, int]] = []
         for _ in range(cfg.train.eval_steps):
             try:
-                batches = [next(loader) for _ in range(n_micro)]
+                batches = fetch_agreed(
+                    lambda: [next(loader) for _ in range(n_micro)], device=ctx.device
+                )
             except StopIteration:
                 break
             r = train_step(
@@ -267,7 +271,11 @@ def main(cfg: AutothinkConfig) -> int:
     check_input_paths(cfg)
     # Before any process group, loader worker or engine exists, so they inherit the signal mask
     # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
-    watcher = PreemptionWatcher().install() if cfg.checkpoint.save_on_signal else None
+    watcher = (
+        PreemptionWatcher(boundary_timeout_s=cfg.checkpoint.preempt_timeout_s).install()
+        if cfg.checkpoint.save_on_signal
+        else None
+    )
     setup_logging(int(os.environ.get("RANK", "0")))
     # Threads from the CPUs this rank may use (or AUTOTHINK_THREADS), before any worker, process
     # group or engine exists, so they inherit the same budget (megatron_autothink/cpus.py).

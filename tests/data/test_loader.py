@@ -124,6 +124,16 @@ def test_batches_are_consistent(digits_dir: str, tokenizer: Any) -> None:
     assert set(loader.stats) == {"samples_read"}
 
 
+def test_reading_leaves_the_torch_rng_alone(digits_dir: str, tokenizer: Any) -> None:
+    """A new iterator (each start of a stage, resumes included) must not draw from the
+    trainer's torch RNG: torch's DataLoader takes its base seed from it."""
+    loader = build_packed_loader(_cfg(digits_dir), tokenizer, dp_rank=0, dp_world_size=1)
+    before = torch.get_rng_state()
+    next(loader)
+    next(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
 def test_think_ratio(digits_dir: str, tokenizer: Any, ratio: float) -> None:
     loader = build_packed_loader(

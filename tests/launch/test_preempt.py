@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,103 @@ def test_second_sigterm_ends_a_process_stuck_before_the_step_boundary() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+BOUNDED = textwrap.dedent(
+    """
+    import sys, time
+    from megatron_autothink.launch.preempt import PreemptionWatcher
+    w = PreemptionWatcher(boundary_timeout_s=float(sys.argv[1])).install()
+    print("ready", flush=True)
+    while not w.requested:
+        time.sleep(0.01)
+    if sys.argv[2] == "boundary":  # the ranks reach the boundary, then save for a while
+        assert w.should_stop()
+        time.sleep(3 * float(sys.argv[1]))
+        print("saved", flush=True)
+        sys.exit(0)
+    time.sleep(60)  # a step that never ends (one collective, one data wait)
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["stuck", "boundary"])
+def test_step_boundary_timeout_exits_without_checkpoint(case: str) -> None:
+    """A single SIGTERM and no step boundary: the process exits by itself once
+    ``boundary_timeout_s`` has passed, with the reason; a boundary reached in time disarms the
+    timer (the save that follows is not timed)."""
+    limit = 1.0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BOUNDED, str(limit), case],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        elapsed = time.monotonic() - t0
+        stdout, stderr = proc.communicate()
+        if case == "stuck":
+            assert rc == 128 + signal.SIGTERM, stderr
+            assert limit <= elapsed < limit + 2.0, elapsed
+            assert (
+                "SIGTERM: no step boundary within 1 s of the signal "
+                "(checkpoint.preempt_timeout_s): exiting without checkpoint"
+            ) in stderr
+        else:
+            assert rc == 0 and stdout.strip() == "saved", stderr
+            assert elapsed >= 3 * limit and "no step boundary" not in stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+FORKER = textwrap.dedent(
+    """
+    import multiprocessing as mp, os, sys, time
+    from megatron_autothink.checkpoint_io import _forks_die_with_parent
+
+    def writer():
+        time.sleep(60)  # a checkpoint writer still writing when the trainer dies
+
+    if __name__ == "__main__":
+        ctx = mp.get_context("fork")  # as megatron's FileSystemWriterAsync forks its writers
+        with _forks_die_with_parent():
+            bound = ctx.Process(target=writer)
+            bound.start()
+        free = ctx.Process(target=writer)  # forked outside a save: not bound
+        free.start()
+        print(bound.pid, free.pid, flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_checkpoint_writers_forked_during_a_save_die_with_a_killed_trainer() -> None:
+    """kill -9 of the trainer alone mid-save: its forked writers get SIGKILL too (they would
+    go on writing into the unfinished checkpoint the next start removes)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKER],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    bound, free = map(int, proc.stdout.readline().split())
+    try:
+        proc.kill()  # the trainer only, not its group
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{bound}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{bound}").exists() or "Z" in Path(f"/proc/{bound}/stat").read_text()
+        assert Path(f"/proc/{free}").exists()  # the control: unbound forks outlive it
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
