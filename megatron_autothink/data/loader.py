@@ -188,7 +188,15 @@ class PromptLoaderConfig(DataSourceConfig):
 _WORKER_STATS: collections.Counter[str] = collections.Counter()
 
 
-def _take_worker_stats() -> dict[str, int]:
+def _take_worker_stats(*, samples_used: int) -> dict[str, int]:
+    """The counts since the previous batch, for a batch of ``samples_used`` usable samples.
+
+    ``samples_read`` = usable samples delivered in batches + unusable ones dropped. A usable
+    sample is counted here, when it leaves the buffers in a batch, not when it is read: after a
+    resume energon reads the samples of its shuffle and packing buffers again (and replays from
+    its last worker checkpoint, dropping those batches), so counting reads would make the counter
+    depend on where the run was interrupted."""
+    _WORKER_STATS["samples_read"] += samples_used
     out = dict(_WORKER_STATS)
     _WORKER_STATS.clear()
     return out
@@ -277,7 +285,9 @@ class _Quality:
         self.read += 1
         self.in_a_row = 0
         self.row_reasons.clear()
-        _WORKER_STATS["samples_read"] += 1
+        # ``samples_read`` of a usable sample is counted when its batch is formed (``batch``):
+        # energon encodes the samples of its buffers again after a resume, and counting here
+        # would count them twice.
 
     def unusable(self, reason: str, example: str, limits: _Limits, *, error: bool) -> None:
         self.read += 1
@@ -569,7 +579,7 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
             __key__=[s.__key__ for s in samples],
             __restore_key__=(),
             packed=collate_rows([s.row for s in samples]),
-            stats=_take_worker_stats(),
+            stats=_take_worker_stats(samples_used=sum(len(s.row.sample_ids) for s in samples)),
         )
 
 
@@ -635,7 +645,7 @@ class PromptTaskEncoder(TaskEncoder[ConversationSample, _Prompt, _PromptEnergonB
             __key__=[s.__key__ for s in samples],
             __restore_key__=(),
             prompts=[s.prompt for s in samples],
-            stats=_take_worker_stats(),
+            stats=_take_worker_stats(samples_used=len(samples)),
         )
 
 

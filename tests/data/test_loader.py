@@ -156,6 +156,11 @@ def test_determinism_and_resume(digits_dir: str, tokenizer: Any, workers: int) -
     resumed = build_packed_loader(cfg, tokenizer, dp_rank=0, dp_world_size=1)
     resumed.load_state_dict(torch.load(buf, weights_only=True))
     assert [_sig(next(resumed)) for _ in range(5)] == ref[3:]
+    # The counters too: energon reads its buffers again at a resume, and those reads must not
+    # count twice (samples_read = samples delivered in batches + samples dropped).
+    assert resumed.stats == ref_loader.stats
+    delivered = sum(len(row) for b in ref for row in b[3])
+    assert ref_loader.stats["samples_read"] == delivered
     other_seed = build_packed_loader(
         _cfg(digits_dir, seed=4), tokenizer, dp_rank=0, dp_world_size=1
     )

@@ -24,12 +24,8 @@ def test_soak_three_kills_is_exact_and_leaves_no_process(tmp_path: Path) -> None
     args = ["--kills", "3", "--seed", "1", "--anneal-steps", "2", "--rl-steps", "3"]
     rc = soak.main([*args, "--out", str(out), "--json", str(report_path)])
     report = json.loads(report_path.read_text())
-    # Open (docs/benchmarks.md, "Soak"): after a resume within the anneal stage the loader's
-    # data/samples_read also counts the samples energon reads again to refill its buffers.
-    # Any other difference fails.
-    unexplained = [d for d in report["differences"] if "data/samples_read" not in d]
-    assert unexplained == [], report["differences"]
+    assert report["differences"] == []
     assert report["orphans"] == [], report["orphans"]
-    assert rc in (0, 1)  # 1 while the open differences above remain
+    assert rc == 0
     assert report["kills"] == 3 and report["kills_group"] >= 1 and report["kills_trainer"] >= 1
     assert report["tensors_compared"] > 0
