@@ -67,6 +67,7 @@ def test_every_patch_has_a_case() -> None:
     assert set(EXPECTED_STAGE) == set(cpu.PATCHES)
 
 
+@pytest.mark.slow  # ~10 s per patch (~50 s): run when megatron-core or torch is upgraded
 @pytest.mark.parametrize("name", sorted(EXPECTED_STAGE))
 def test_each_patch_is_needed(name: str) -> None:
     (result,) = run_distributed(_smoke, 1, (name,))

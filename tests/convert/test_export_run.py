@@ -6,6 +6,7 @@ stdout shows its set-up phases and per-step progress lines."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -66,22 +67,37 @@ def run_dir(train_stdout: tuple[Path, str, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def export(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run dir exported once, through the CLI."""
+def exported(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The run dir exported once, through the CLI, and what the command printed."""
     out = tmp_path_factory.mktemp("export_out") / "hf"
     res = _export(run_dir, out)
     assert res.returncode == 0, res.stderr
-    return out
+    return out, res.stdout
+
+
+@pytest.fixture(scope="module")
+def export(exported: tuple[Path, str]) -> Path:
+    return exported[0]
+
+
+def _export_cmd(src: Path, out: Path, *extra: str) -> list[str]:
+    return [*CLI, "convert", "mcore-to-hf", str(src), str(out), "--no-progress", *extra]
 
 
 def _export(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, "convert", "mcore-to-hf", str(src), str(out), "--no-progress", *extra],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        _export_cmd(src, out, *extra), env=ENV, capture_output=True, text=True, timeout=600
     )
+
+
+def _exports_at_once(*cmds: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Independent CLI calls side by side: each spends most of its ~10 s importing."""
+    with concurrent.futures.ThreadPoolExecutor(len(cmds)) as pool:
+        runs = [
+            pool.submit(subprocess.run, c, env=ENV, capture_output=True, text=True, timeout=600)
+            for c in cmds
+        ]
+        return [r.result() for r in runs]
 
 
 def _digest(hf: Path) -> str:
@@ -109,7 +125,7 @@ def test_train_prints_phases_and_progress(train_stdout: tuple[Path, str, str]) -
 
 
 def test_run_stage_and_iter_dirs_export_a_loadable_model(
-    run_dir: Path, export: Path, tmp_path: Path
+    run_dir: Path, exported: tuple[Path, str], tmp_path: Path
 ) -> None:
     import torch
     from PIL import Image
@@ -121,14 +137,16 @@ def test_run_stage_and_iter_dirs_export_a_loadable_model(
 
     stage = run_dir / "checkpoints" / "sft"
     iter_dir = stage / "iter_00000002"
-    outs = {"run": export}
-    for name, src in (("stage", stage), ("iter", iter_dir)):
-        res = _export(src, tmp_path / name)
+    export, export_stdout = exported
+    assert "stage sft" in export_stdout, export_stdout
+    outs = {"run": export, "stage": tmp_path / "stage", "iter": tmp_path / "iter"}
+    results = _exports_at_once(
+        _export_cmd(stage, outs["stage"]), _export_cmd(iter_dir, outs["iter"])
+    )
+    for res in results:
         assert res.returncode == 0, res.stderr
         assert res.stdout.count("wrote ") == 1, res.stdout
         assert "iter_00000002" in res.stdout, res.stdout
-        outs[name] = tmp_path / name
-    assert "stage sft" in _export(run_dir, tmp_path / "again").stdout
     assert len({_digest(p) for p in outs.values()}) == 1  # the same checkpoint each time
     assert not list(tmp_path.glob(".*.partial"))
 
@@ -177,19 +195,20 @@ def test_run_stage_and_iter_dirs_export_a_loadable_model(
 
 
 def test_bad_inputs_are_refused_before_writing(run_dir: Path, tmp_path: Path) -> None:
-    res = _export(run_dir, tmp_path / "o", "--stage", "rl")
-    assert res.returncode == 2 and "stage 'rl' has no checkpoint" in res.stderr, res.stderr
     empty = tmp_path / "empty_tok"
     empty.mkdir()
-    res = _export(run_dir, tmp_path / "o", "--tokenizer-dir", str(empty))
-    assert res.returncode == 2 and "not a usable tokenizer" in res.stderr, res.stderr
-    res = _export(tmp_path, tmp_path / "o")
-    assert res.returncode == 2 and "not a checkpoint" in res.stderr, res.stderr
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*.partial"))
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
-    res = _export(run_dir, tmp_path / "used")
-    assert res.returncode == 2 and "--overwrite" in res.stderr, res.stderr
+    results = _exports_at_once(
+        _export_cmd(run_dir, tmp_path / "o", "--stage", "rl"),
+        _export_cmd(run_dir, tmp_path / "o", "--tokenizer-dir", str(empty)),
+        _export_cmd(tmp_path, tmp_path / "o"),
+        _export_cmd(run_dir, tmp_path / "used"),
+    )
+    wanted = ("stage 'rl' has no checkpoint", "not a usable tokenizer", "not a checkpoint")
+    for res, message in zip(results, [*wanted, "--overwrite"], strict=True):
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*.partial"))
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["notes.txt"]
 
 

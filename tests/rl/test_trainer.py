@@ -154,6 +154,7 @@ def test_lmm_r1_two_stages_text_then_images(data: dict[str, Path], tmp_path: Pat
     assert max(r["tokens"] for r in fre) <= 48 < max(r["tokens"] for r in mgt) <= 250
 
 
+@pytest.mark.slow  # ~1.5 min; the default suite keeps the BPO + SSR + KL resume (test_resume.py)
 def test_vl_rethinker_resume_after_sigkill(data: dict[str, Path], tmp_path: Path) -> None:
     """GRPO + SSR + forced rethinking; killing the run after RL step 2 and restarting gives the
     same step-3 prompts, rollouts and SSR buffer as an uninterrupted run."""
@@ -274,8 +275,9 @@ def _check_rethinks_and_replays(run: Path) -> None:
     "layout",
     [
         "parallel.tp=2",
-        "parallel.pp=2",
-        "parallel.tp=1",  # 2 data-parallel ranks, an engine each
+        # ~1-1.5 min each: slow (the default suite keeps TP, whose weight sync gathers shards)
+        pytest.param("parallel.pp=2", marks=pytest.mark.slow),
+        pytest.param("parallel.tp=1", marks=pytest.mark.slow),  # 2 DP ranks, an engine each
     ],
 )
 def test_two_rank_rl(data: dict[str, Path], tmp_path: Path, layout: str) -> None:
