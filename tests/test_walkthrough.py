@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from tests.convert.hf_utils import assert_generate_stops_at_end_of_turn
+
 CLI = [sys.executable, "-m", "megatron_autothink.cli"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -82,8 +84,7 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_own_data_to_served_answers(tmp_path: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
+    from transformers import AutoTokenizer
     from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
     data, run, hf = tmp_path / "data", tmp_path / "run", tmp_path / "hf"
@@ -112,30 +113,7 @@ def test_own_data_to_served_answers(tmp_path: Path) -> None:
     end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
     assert model.generation_config.eos_token_id == end_of_turn
 
-    class EndTurnAtSecond(LogitsProcessor):
-        def __init__(self, start: int) -> None:
-            self.start = start
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            if input_ids.shape[1] - self.start == 1:
-                scores = torch.full_like(scores, -1e9)
-                scores[:, end_of_turn] = 0.0
-            return scores
-
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What colour is the square?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    n = prompt["input_ids"].shape[1]
-    gen = model.generate(
-        **prompt,
-        max_new_tokens=20,
-        do_sample=False,
-        logits_processor=LogitsProcessorList([EndTurnAtSecond(n)]),
-    )
-    assert gen.shape[1] - n == 2 and int(gen[0, -1]) == end_of_turn
+    assert_generate_stops_at_end_of_turn(model, tok, "What colour is the square?", at=2)
 
     # The documented one-shot command, all three modes from one engine start.
     image = tmp_path / "own" / "images" / "0.png"

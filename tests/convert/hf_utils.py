@@ -227,3 +227,39 @@ def save_hf_dir(spec: TinySpec, out: Path) -> Any:
         )
     )
     return model
+
+
+def assert_generate_stops_at_end_of_turn(model: Any, tok: Any, question: str, at: int) -> None:
+    """``model.generate`` of an exported model stops at ``<|im_end|>`` when that is sampled.
+
+    A barely trained model rarely ends a turn by itself, so a logits processor forces the
+    end-of-turn token as the ``at``-th generated token; generation must stop right there (the
+    export's generation config names the end-of-turn id as EOS)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+
+    class EndTurnAt(LogitsProcessor):
+        def __init__(self, start: int) -> None:
+            self.start = start
+
+        def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+            if input_ids.shape[1] - self.start == at - 1:
+                scores = torch.full_like(scores, -1e9)
+                scores[:, end_of_turn] = 0.0
+            return scores
+
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    n = prompt["input_ids"].shape[1]
+    gen = model.generate(
+        **prompt,
+        max_new_tokens=20,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([EndTurnAt(n)]),
+    )
+    assert gen.shape[1] - n == at and int(gen[0, -1]) == end_of_turn, gen[0, n:].tolist()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.convert.hf_utils import assert_generate_stops_at_end_of_turn
+
 CLI = [sys.executable, "-m", "megatron_autothink.cli"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
@@ -127,9 +129,8 @@ def test_train_prints_phases_and_progress(train_stdout: tuple[Path, str, str]) -
 def test_run_stage_and_iter_dirs_export_a_loadable_model(
     run_dir: Path, exported: tuple[Path, str], tmp_path: Path
 ) -> None:
-    import torch
     from PIL import Image
-    from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
+    from transformers import AutoTokenizer
     from transformers import Qwen2_5_VLForConditionalGeneration as Model
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
@@ -166,32 +167,7 @@ def test_run_stage_and_iter_dirs_export_a_loadable_model(
     img = proc(images=[Image.new("RGB", (56, 84), "white")], return_tensors="pt")
     assert tuple(img["image_grid_thw"][0].tolist()) == (1, 6, 4)
 
-    class EndTurnAtThird(LogitsProcessor):
-        """The barely trained model rarely ends a turn by itself: make it, at the 3rd token."""
-
-        def __init__(self, start: int) -> None:
-            self.start = start
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            if input_ids.shape[1] - self.start == 2:
-                scores = torch.full_like(scores, -1e9)
-                scores[:, end_of_turn] = 0.0
-            return scores
-
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is 3 + 4?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    n = prompt["input_ids"].shape[1]
-    gen = model.generate(
-        **prompt,
-        max_new_tokens=20,
-        do_sample=False,
-        logits_processor=LogitsProcessorList([EndTurnAtThird(n)]),
-    )
-    assert gen.shape[1] - n == 3 and int(gen[0, -1]) == end_of_turn
+    assert_generate_stops_at_end_of_turn(model, tok, "What is 3 + 4?", at=3)
 
 
 def test_bad_inputs_are_refused_before_writing(run_dir: Path, tmp_path: Path) -> None:

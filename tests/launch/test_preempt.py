@@ -171,6 +171,20 @@ def _group_members(pgid: int) -> list[str]:
     return found
 
 
+def _python(*argv: str, new_session: bool = False, **env: str) -> subprocess.Popen[str]:
+    """A fresh interpreter (``python *argv``) on the repo's package, with piped text output;
+    ``new_session``: its own process group, as srun / a batch step gives it."""
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        start_new_session=new_session,
+    )
+
+
 def _start_saver(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
     import socket
 
@@ -180,15 +194,7 @@ def _start_saver(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ckpt"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(out), str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        start_new_session=True,  # its own process group, as srun / a batch step gives it
-    )
+    proc = _python(str(script), str(out), str(port), new_session=True, OMP_NUM_THREADS="1")
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.strip() == "saved periodic", proc.communicate(timeout=30)[1]
@@ -228,14 +234,7 @@ STUCK = textwrap.dedent(
 
 
 def test_second_sigterm_ends_a_process_stuck_before_the_step_boundary() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", STUCK, "0.5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    proc = _python("-c", STUCK, "0.5")
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
@@ -278,14 +277,7 @@ def test_step_boundary_timeout_exits_without_checkpoint(case: str) -> None:
     ``boundary_timeout_s`` has passed, with the reason; a boundary reached in time disarms the
     timer (the save that follows is not timed)."""
     limit = 1.0
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BOUNDED, str(limit), case],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    proc = _python("-c", BOUNDED, str(limit), case)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         t0 = time.monotonic()
@@ -332,14 +324,7 @@ FORKER = textwrap.dedent(
 def test_checkpoint_writers_forked_during_a_save_die_with_a_killed_trainer() -> None:
     """kill -9 of the trainer alone mid-save: its forked writers get SIGKILL too (they would
     go on writing into the unfinished checkpoint the next start removes)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", FORKER],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        start_new_session=True,
-    )
+    proc = _python("-c", FORKER, new_session=True)
     assert proc.stdout is not None
     bound, free = map(int, proc.stdout.readline().split())
     try:
