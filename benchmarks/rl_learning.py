@@ -19,24 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import tiny_runs
+from benchmarks.tiny_runs import BATCH, prepare_digits, run_train
 
-# The data, model and batch shape of tests/rl/test_trainer.py's SMALL runs.
 COMMON = [
-    "data.seq_length=256",
-    "data.micro_batch_size=2",
-    "data.global_batch_size=4",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "logging.tensorboard=false",
+    *BATCH,
     # constant LR: a cosine over the short stages below would spend half of them near min_lr
     "optim.decay_style=constant",
 ]
@@ -67,22 +59,9 @@ RUNS: dict[str, tuple[list[str], bool]] = {
 }
 
 
-def _python() -> dict[str, str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def prep_data(root: Path) -> tuple[Path, Path]:
     """Digits shards (200 train / 20 test) and the tokenizer; returns (data, tokenizer)."""
-    data = root / "digits"
-    cli = [sys.executable, "-m", "megatron_autothink.cli", "prep"]
-    if not (data / "tokenizer").exists():
-        for args in (
-            ["digits", "--out", str(data), "--train", "200", "--test", "20", "--no-progress"],
-            ["tokenizer", "--out", str(data / "tokenizer")],
-        ):
-            subprocess.run([*cli, *args], check=True, env=_python(), capture_output=True)
+    data = prepare_digits(root)
     return data, data / "tokenizer"
 
 
@@ -90,32 +69,7 @@ def train_command(
     data: Path, tok: Path, run: Path, *overrides: str, flipped: bool = False
 ) -> list[str]:
     entry = "tests.rl.flipped_advantages" if flipped else "megatron_autothink.cli"
-    return [
-        sys.executable,
-        "-m",
-        entry,
-        "train",
-        "--config",
-        "r4b_bpo_tiny",
-        f"data.train_path={data}",
-        f"data.tokenizer_path={tok}",
-        f"logging.run_dir={run}",
-        *COMMON,
-        *overrides,
-    ]
-
-
-def run_train(cmd: list[str], run: Path, timeout: float = 1800) -> float:
-    """Run one training command (log next to the run dir); returns its wall seconds."""
-    t0 = time.perf_counter()
-    with (run.parent / f"{run.name}.log").open("wb") as log:
-        p = subprocess.run(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=_python(), cwd=REPO, timeout=timeout
-        )
-    if p.returncode != 0:
-        tail = (run.parent / f"{run.name}.log").read_text()[-4000:]
-        raise RuntimeError(f"train exited {p.returncode}:\n{tail}")
-    return time.perf_counter() - t0
+    return tiny_runs.train_command("r4b_bpo_tiny", data, tok, run, *COMMON, *overrides, entry=entry)
 
 
 def annealed_checkpoint(data: Path, tok: Path, root: Path) -> Path:

@@ -41,15 +41,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import tiny_runs
+from benchmarks.tiny_runs import BATCH, run_train
 
 QUESTION = "One or two? Put the final answer in \\boxed{}."
 # A re-read of ~30 tokens of the tiny tokenizer (it is trained on the digits corpus, whose
@@ -63,12 +60,8 @@ RL_STEPS = 24
 # The model and batch shape of tests/rl/test_trainer.py's SMALL runs; one prompt and groups of
 # two per RL step (see the module docstring for why).
 SETTINGS = [
-    "data.seq_length=256",
-    "data.micro_batch_size=2",
+    *BATCH,
     "data.global_batch_size=8",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "logging.tensorboard=false",
     "checkpoint.save_every=0",
     "optim.decay_style=constant",
     "rollout.max_new_tokens=160",
@@ -146,40 +139,10 @@ def prep_coin(root: Path, n: int = 400) -> tuple[Path, Path]:
     return data, data / "tokenizer"
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def train_command(data: Path, tok: Path, run: Path, seed: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "megatron_autothink.cli",
-        "train",
-        "--config",
-        "vl_rethinker_tiny",
-        f"data.train_path={data}",
-        f"data.tokenizer_path={tok}",
-        f"logging.run_dir={run}",
-        f"train.seed={seed}",
-        *SETTINGS,
-        *extra,
-    ]
-
-
-def run_train(cmd: list[str], run: Path, timeout: float = 1800) -> float:
-    """Run one training command (log next to the run dir); returns its wall seconds."""
-    t0 = time.perf_counter()
-    with (run.parent / f"{run.name}.log").open("wb") as log:
-        p = subprocess.run(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, timeout=timeout
-        )
-    if p.returncode != 0:
-        tail = (run.parent / f"{run.name}.log").read_text()[-4000:]
-        raise RuntimeError(f"train exited {p.returncode}:\n{tail}")
-    return time.perf_counter() - t0
+    return tiny_runs.train_command(
+        "vl_rethinker_tiny", data, tok, run, f"train.seed={seed}", *SETTINGS, *extra
+    )
 
 
 def counts(run: Path, stage: str = "grpo_ssr") -> dict[str, float]:

@@ -58,19 +58,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.tiny_runs import SMALL_RL, prepare_digits, train_command
+
 RECIPE = "r4b_bpo_tiny"
 SMALL = [
-    "data.seq_length=256",
-    "data.micro_batch_size=2",
-    "data.global_batch_size=4",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "logging.tensorboard=false",
-    "rollout.max_new_tokens=48",
-    "rl.prompts_per_step=2",
-    "rl.group_size=4",
-    "rl.bpo.g_think=2",
-    "rl.bpo.g_nothink=2",
+    *SMALL_RL,
     "checkpoint.save_every=1",
     "checkpoint.keep_last=2",
     "rl.ssr.enabled=true",
@@ -85,20 +77,7 @@ STEP_LINE = re.compile(rb"^\[(?P<stage>[^\]]+)\] step (?P<step>\d+)/", re.M)
 
 def prepare_data(root: Path) -> Path:
     """Digits shards + the tiny tokenizer (as the tests make them); reused when present."""
-    data = root / "digits"
-    if (data / "tokenizer").is_dir():
-        return data
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cli = [sys.executable, "-m", "megatron_autothink.cli", "prep"]
-    tmp = root / "digits.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for args in (
-        ["digits", "--out", str(tmp), "--train", "200", "--test", "20", "--no-progress"],
-        ["tokenizer", "--out", str(tmp / "tokenizer")],
-    ):
-        subprocess.run([*cli, *args], check=True, env=env, capture_output=True)
-    tmp.rename(data)
-    return data
+    return prepare_digits(root)
 
 
 @dataclass
@@ -120,19 +99,8 @@ class Run:
             f"[{{name: anneal, kind: sft, steps: {self.anneal_steps}}}, "
             f"{{name: rl, kind: rl, steps: {self.rl_steps}}}]"
         )
-        return [
-            sys.executable,
-            "-m",
-            "megatron_autothink.cli",
-            "train",
-            "--config",
-            RECIPE,
-            f"data.train_path={self.data}",
-            f"data.tokenizer_path={self.data / 'tokenizer'}",
-            f"logging.run_dir={self.dir}",
-            f"stages={stages}",
-            *SMALL,
-        ]
+        data, tok = self.data, self.data / "tokenizer"
+        return train_command(RECIPE, data, tok, self.dir, f"stages={stages}", *SMALL)
 
     def start(self, attempt: int) -> tuple[subprocess.Popen[bytes], Path]:
         self.dir.mkdir(parents=True, exist_ok=True)

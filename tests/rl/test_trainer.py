@@ -10,9 +10,7 @@ time.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 from benchmarks import rl_rethink_replay as rethink_replay
+from benchmarks.tiny_runs import SMALL_RL, prepare_digits, train_command
 from megatron_autothink.rl.rethinking import (
     TRIGGER_DOUBLE_CHECK,
     TRIGGER_MISTAKE,
@@ -32,71 +31,29 @@ pytestmark = [pytest.mark.vllm]
 
 COIN_SEED = 1  # of the seeds the study measured (docs/benchmarks.md)
 
-SMALL = [
-    "data.seq_length=256",
-    "data.micro_batch_size=2",
-    "data.global_batch_size=4",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "logging.tensorboard=false",
-    "rollout.max_new_tokens=48",
-    "rl.prompts_per_step=2",
-    "rl.group_size=4",
-    "rl.bpo.g_think=2",
-    "rl.bpo.g_nothink=2",
-]
+SMALL = SMALL_RL
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rl_data")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cli = [sys.executable, "-m", "megatron_autothink.cli", "prep"]
-    mm, text = root / "digits", root / "digits_text"
-    for out, extra in ((mm, []), (text, ["--text-only"])):
-        subprocess.run(
-            [
-                *cli,
-                "digits",
-                "--out",
-                str(out),
-                "--train",
-                "200",
-                "--test",
-                "20",
-                "--no-progress",
-                *extra,
-            ],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
-    subprocess.run(
-        [*cli, "tokenizer", "--out", str(mm / "tokenizer")],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    mm, text = prepare_digits(root), prepare_digits(root, text_only=True)
     return {"mm": mm, "text": text, "tok": mm / "tokenizer"}
 
 
 def _train(
     recipe: str, data: dict[str, Path], run: Path, stages: str, *extra: str, nproc: int = 1
 ) -> subprocess.Popen[bytes]:
-    cmd = [
-        *python_launcher(nproc),
-        "-m",
-        "megatron_autothink.cli",
-        "train",
-        "--config",
+    cmd = train_command(
         recipe,
-        f"data.train_path={data['mm']}",
-        f"data.tokenizer_path={data['tok']}",
-        f"logging.run_dir={run}",
+        data["mm"],
+        data["tok"],
+        run,
         f"stages={stages}",
         *SMALL,
         *extra,
-    ]
+        launcher=python_launcher(nproc),
+    )
     log = (run.parent / f"{run.name}.log").open("wb")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
