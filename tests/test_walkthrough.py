@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.convert.hf_utils import assert_generate_stops_at_end_of_turn
+from tests.convert.test_export_run import TWO_STEPS
 
 CLI = [sys.executable, "-m", "megatron_autothink.cli"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -95,13 +96,7 @@ def test_own_data_to_served_answers(tmp_path: Path) -> None:
         "train",
         f"data.train_path={data}",
         f"logging.run_dir={run}",
-        "data.seq_length=256",
-        "data.micro_batch_size=2",
-        "data.global_batch_size=2",
-        "train.steps=2",
-        "train.eval_every=0",
-        "checkpoint.save_every=0",
-        "logging.tensorboard=false",
+        *TWO_STEPS,
     )
     assert "[sft] step 2/2 (100%)" in trained.stdout, trained.stdout
     exported = _cli("convert", "mcore-to-hf", str(run), str(hf), "--no-progress")

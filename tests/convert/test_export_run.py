@@ -22,6 +22,18 @@ CLI = [sys.executable, "-m", "megatron_autothink.cli"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
+TWO_STEPS = [
+    "data.seq_length=256",
+    "data.micro_batch_size=2",
+    "data.global_batch_size=2",
+    "train.steps=2",
+    "train.eval_every=0",
+    "checkpoint.save_every=0",
+    "logging.tensorboard=false",
+]
+"""The shortest training run that leaves a checkpoint (also the walk-through's)."""
+
+
 @pytest.fixture(scope="module")
 def train_stdout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """The tiny training run and what `autothink train` printed (stdout, stderr), run with the
@@ -46,13 +58,7 @@ def train_stdout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, s
             "train",
             f"data.train_path={data}",
             f"logging.run_dir={run}",
-            "data.seq_length=256",
-            "data.micro_batch_size=2",
-            "data.global_batch_size=2",
-            "train.steps=2",
-            "train.eval_every=0",
-            "checkpoint.save_every=0",
-            "logging.tensorboard=false",
+            *TWO_STEPS,
         ],
         check=True,
         env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
