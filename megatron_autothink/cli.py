@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="sampling temperature (default: the run's rollout.eval_temperature, else 0)",
     )
+    p.add_argument(
+        "--min-think-tokens",
+        type=int,
+        default=None,
+        help="long mode may not close its think block (or stop) before this many content "
+        "tokens (default: the run's rollout.min_think_tokens, else 8; 0: the prefill alone)",
+    )
     p.set_defaults(func=_entry("megatron_autothink.eval.cli:main", "eval", "issue #9: eval"))
 
     p = sub.add_parser(

@@ -232,6 +232,15 @@ class RolloutConfig(_Section):
     weight_bucket_mb: int = Field(64, ge=1)
     require_fresh_weights: bool = True
     """The engine refuses to generate with a policy version older than the trainer's."""
+    min_think_tokens: int = Field(8, ge=0)
+    """Forced-thinking (``long``) rollouts and eval answers may not close their think block, or
+    stop, before writing this many content (not whitespace-only) tokens: a ``<think>\\n`` prefill
+    alone does not force thinking, the model can close the block at once (issue #19). 0 turns
+    the ban off. The engine's log-probs of these tokens stay the unconstrained policy's
+    (docs/rl.md, "Forced modes"). Same default as ``rollout.types.DEFAULT_MIN_THINK_TOKENS``."""
+    ban_think_in_short: bool = True
+    """Forced non-thinking (``short``) rollouts and eval answers may not sample ``<think>``, so
+    the prefilled empty block stays the only one."""
     engine_process: Literal["auto", "in_process", "subprocess"] = "auto"
     """Where vLLM's engine core runs. ``in_process`` passes weight buckets as tensors but shares
     (and on shutdown destroys) torch's default process group, so it is only safe in a

@@ -15,6 +15,17 @@ Two ways, one command (documented in ``docs/serving.md``):
   is the default ``thinking_mode`` of the export's chat template; a request picks its own with
   ``"chat_template_kwargs": {"thinking_mode": "long"}``.
 
+**Forced modes are forced** in both (``rollout.think_rule``): ``long`` may not close its think
+block, or stop, before ``min_think_tokens`` content tokens (default 8); ``short`` may not open a
+``<think>``. One-shot: ``--min-think-tokens`` (0: the prefill alone). Server: vLLM loads the
+same logits processor (``--logits-processors``); it fires for every request whose prompt *ends
+with* a forced prefill, as the chat template renders it for ``thinking_mode`` long / short (and
+for a raw ``/v1/completions`` prompt ending with exactly those tokens), with the defaults; a
+request changes them with ``"vllm_xargs": {"autothink_min_think_tokens": 0,
+"autothink_ban_think_in_short": 0}``. Not enforced by the server: a prefill written differently
+(e.g. ``<think>`` followed by two newlines, or a tokenizer that splits the tags and merges them
+with the text before them) is not recognised, and auto mode is never constrained.
+
 The model-family specifics (which vLLM architecture serves a ``model_type`` and with which
 settings: on this CPU build, without torchvision, our registration in
 ``rollout/vllm_qwen2_5_vl.py``) stay in the family's module; this one names no model family.
@@ -133,12 +144,16 @@ def answer(
     seed: int = 0,
     dtype: str = "auto",
     max_model_len: int | None = None,
+    min_think_tokens: int | None = None,
 ) -> list[Answer]:
-    """Answer ``prompt`` (with ``images``) once per mode; greedy at ``temperature`` 0."""
+    """Answer ``prompt`` (with ``images``) once per mode; greedy at ``temperature`` 0.
+    ``min_think_tokens``: the forced-mode rule's minimum for ``long`` (None: the default, 8;
+    0: none); ``short`` never opens a ``<think>``."""
     from PIL import Image
 
     from megatron_autothink.data.tokenizer import load_tokenizer
     from megatron_autothink.rollout.types import (
+        DEFAULT_MIN_THINK_TOKENS,
         THINKING_PREFILLS,
         GenerationRequest,
         SamplingConfig,
@@ -165,7 +180,13 @@ def answer(
             GenerationRequest(f"serve-{mode}", prompt_ids, pil or None, mode, 1) for mode in modes
         ]
         sampling = SamplingConfig(
-            temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, logprobs=False
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            logprobs=False,
+            min_think_tokens=(
+                DEFAULT_MIN_THINK_TOKENS if min_think_tokens is None else min_think_tokens
+            ),
         )
         groups = engine.generate(requests, sampling)
     finally:
@@ -208,6 +229,9 @@ def server_argv(
     max_images: int = 4,
 ) -> list[str]:
     """``vllm serve`` arguments for ``model_dir`` (after the ``serve`` word)."""
+    # Imported here: this module stays torch-free at import (`autothink --help`).
+    from megatron_autothink.rollout.vllm_engine import THINK_RULE_PROCESSOR
+
     config = _read_config(Path(model_dir))
     argv = [
         str(model_dir),
@@ -221,6 +245,9 @@ def server_argv(
         str(_max_model_len(config, max_model_len)),
         "--default-chat-template-kwargs",
         json.dumps({"thinking_mode": mode}),
+        # The forced-mode rule, as in the rollout engine (module docstring).
+        "--logits-processors",
+        THINK_RULE_PROCESSOR,
         "--disable-log-stats",
     ]
     if served_model_name:
@@ -273,6 +300,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer budget (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--min-think-tokens",
+        type=int,
+        default=None,
+        help="one-shot: long mode may not close its think block (or stop) before this many "
+        "content tokens (default 8; 0: the prefill alone). A server takes it per request: "
+        '"vllm_xargs": {"autothink_min_think_tokens": N}',
+    )
     p.add_argument("--json", action="store_true", help="one-shot: one JSON line per mode")
     p.add_argument(
         "--dtype",
@@ -313,6 +348,13 @@ def main(args: argparse.Namespace) -> int:
         if args.image:
             print("autothink serve: --image needs --prompt (one-shot)", file=sys.stderr)
             return 2
+        if getattr(args, "min_think_tokens", None) is not None:
+            print(
+                "autothink serve: a server takes min_think_tokens per request "
+                '("vllm_xargs": {"autothink_min_think_tokens": N}), not as a flag',
+                file=sys.stderr,
+            )
+            return 2
         argv = server_argv(
             args.model,
             host=args.host,
@@ -336,6 +378,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
+        min_think_tokens=getattr(args, "min_think_tokens", None),
     )
     for a in answers:
         if args.json:

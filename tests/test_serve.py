@@ -38,6 +38,8 @@ def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "no such image" in capsys.readouterr().err
     assert main(["serve", str(hf), "--mode", "all"]) == 2  # a server has one default mode
     assert "one default --mode" in capsys.readouterr().err
+    assert main(["serve", str(hf), "--min-think-tokens", "4"]) == 2  # per request on a server
+    assert "vllm_xargs" in capsys.readouterr().err
 
 
 def test_server_command_line(tmp_path: Path) -> None:
@@ -47,6 +49,7 @@ def test_server_command_line(tmp_path: Path) -> None:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from megatron_autothink.rollout.vllm_engine import THINK_RULE_PROCESSOR
     from megatron_autothink.rollout.vllm_qwen2_5_vl import ARCH
 
     hf = _export_stub(tmp_path / "hf")
@@ -64,5 +67,7 @@ def test_server_command_line(tmp_path: Path) -> None:
     assert args.hf_overrides == {"architectures": [ARCH]}
     assert args.enable_mm_embeds is True and args.mm_device_do_normalize is False
     assert args.default_chat_template_kwargs == {"thinking_mode": "long"}
+    # The forced-mode rule runs in the server too (serve.py's docstring says what it covers).
+    assert args.logits_processors == [THINK_RULE_PROCESSOR]
     assert args.dtype == "float32" and args.max_model_len == 2048
     assert args.served_model_name == ["tiny"]

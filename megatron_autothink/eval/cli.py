@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
             out=out,
             max_new_tokens=getattr(args, "max_new_tokens", 96),
             temperature=getattr(args, "temperature", None),
+            min_think_tokens=getattr(args, "min_think_tokens", None),
         )
     except FileNotFoundError as e:
         print(f"autothink eval: {e}", file=sys.stderr)

@@ -6,7 +6,12 @@ think block), at the run's ``rollout.eval_temperature`` (greedy, 0, unless the r
 otherwise; seeded per request when above 0), scored by the same ``rl.rewards.Rubric`` RL trains
 with, built from the evaluated run's ``rl.rewards`` (defaults for a bare HF directory:
 math-verify on the extracted answer, multiple choice by letter, no accuracy without EOS), and
-aggregated per difficulty. Token counts are whole assistant turns, prefill included, so that
+aggregated per difficulty. The forced modes are decoded under the engine's forced-mode rule
+(``rollout.think_rule``): ``long`` may not close its think block (or stop) before
+``min_think_tokens`` content tokens, ``short`` may not open a ``<think>``; the run's
+``rollout.min_think_tokens`` / ``rollout.ban_think_in_short``, else the defaults (8, on), so a
+long-mode thinking rate below 100 % means an answer cut by the budget, not a closed block. Token
+counts are whole assistant turns, prefill included, so that
 auto mode's self-written empty think block and short mode's prefilled one count alike.
 """
 
@@ -25,6 +30,7 @@ from megatron_autothink.eval.model import resolve_model
 from megatron_autothink.eval.summary import EvalRecord, format_markdown, goal_checks, summarize
 from megatron_autothink.rl.rewards import Rubric, is_thinking
 from megatron_autothink.rl.rollout import cut_at_vision_tokens, vision_token_ids
+from megatron_autothink.rollout.think_rule import ThinkRuleSettings
 from megatron_autothink.rollout.types import (
     GenerationRequest,
     PreprocessedImages,
@@ -89,6 +95,25 @@ def _image_config(hf_dir: Path, run_cfg: Any) -> Any:
     )
 
 
+def eval_think_rule(min_think_tokens: int | None, run_cfg: Any) -> ThinkRuleSettings:
+    """The forced-mode rule to answer with: ``min_think_tokens`` when given, else the run's
+    ``rollout`` settings (what its RL rollouts were decoded with), else the defaults.
+
+    >>> eval_think_rule(None, None), eval_think_rule(0, None).min_think_tokens
+    (ThinkRuleSettings(min_think_tokens=8, ban_think_in_short=True), 0)
+    """
+    ro = run_cfg.rollout if run_cfg is not None else None
+    default = ThinkRuleSettings()
+    return ThinkRuleSettings(
+        min_think_tokens=(
+            min_think_tokens
+            if min_think_tokens is not None
+            else (ro.min_think_tokens if ro is not None else default.min_think_tokens)
+        ),
+        ban_think_in_short=ro.ban_think_in_short if ro is not None else default.ban_think_in_short,
+    )
+
+
 def eval_temperature(requested: float | None, run_cfg: Any) -> float:
     """The temperature to answer with: the one asked for, else the run's
     ``rollout.eval_temperature``, else 0 (greedy; a bare HF directory has no run config)."""
@@ -106,9 +131,12 @@ def generate_records(
     max_new_tokens: int,
     rewards: RewardWeights | None = None,
     temperature: float = 0.0,
+    think_rule: ThinkRuleSettings | None = None,
 ) -> list[EvalRecord]:
     """Answer every prompt once in every mode (greedy at ``temperature`` 0) and score the answers
-    with ``Rubric(rewards)`` (default weights when None)."""
+    with ``Rubric(rewards)`` (default weights when None). ``think_rule``: the forced-mode rule's
+    settings (None: the defaults, rule on)."""
+    rule = think_rule or ThinkRuleSettings()
     score = Rubric(rewards or RewardWeights())
     banned = vision_token_ids(tokenizer)
     reqs = []
@@ -121,7 +149,12 @@ def generate_records(
         for mode in modes:
             reqs.append(GenerationRequest(f"eval-{i}-{mode}", list(p.prompt_ids), images, mode, 1))
     sampling = SamplingConfig(
-        temperature=temperature, max_new_tokens=max_new_tokens, seed=0, logprobs=False
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=0,
+        logprobs=False,
+        min_think_tokens=rule.min_think_tokens,
+        ban_think_in_short=rule.ban_think_in_short,
     )
     outs = engine.generate(reqs, sampling)
     records = []
@@ -172,6 +205,7 @@ def evaluate(
     max_model_len: int = 1024,
     rewards: RewardWeights | None = None,
     temperature: float | None = None,
+    min_think_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (HF dir or training checkpoint) on ``data``'s ``split``.
 
@@ -188,6 +222,9 @@ def evaluate(
             ``rl.rewards`` when ``model`` is a training checkpoint, else the defaults.
         temperature: Sampling temperature; ``None`` takes ``rollout.eval_temperature`` of the
             training run the model comes from, 0 (greedy) when there is none.
+        min_think_tokens: The forced-mode rule's minimum (:func:`eval_think_rule`); ``None``
+            takes the run's ``rollout.min_think_tokens``, 8 without a run; 0 evaluates the
+            prefill alone (the think block may close at once).
 
     Returns:
         The summary dict (``summarize`` output plus ``model``, ``split``, ``goals``, timing).
@@ -209,6 +246,7 @@ def evaluate(
     if not prompts:
         raise ValueError(f"{data}: split {split!r} has no prompts with an answer")
     temperature = eval_temperature(temperature, resolved.run_cfg)
+    think_rule = eval_think_rule(min_think_tokens, resolved.run_cfg)
     engine = VLLMRolloutEngine(
         VLLMEngineConfig(
             model_dir=str(resolved.hf_dir),
@@ -230,6 +268,7 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             rewards=rewards,
             temperature=temperature,
+            think_rule=think_rule,
         )
         t_gen = time.perf_counter() - t_gen
     finally:
@@ -242,6 +281,8 @@ def evaluate(
             "split": split,
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
+            "min_think_tokens": think_rule.min_think_tokens,
+            "ban_think_in_short": think_rule.ban_think_in_short,
             "goals": goal_checks(summary),
             "time_s": {"total": time.perf_counter() - t0, "generate": t_gen},
         }

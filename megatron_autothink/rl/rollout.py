@@ -219,6 +219,10 @@ def force_rethinking(
         max_new_tokens=sampling.max_new_tokens,  # each request carries its own budget
         seed=None if sampling.seed is None else sampling.seed + 7919,
         stop_token_ids=sampling.stop_token_ids,
+        # Continuations are auto-mode requests (their prompts end with the trigger, not with a
+        # prefill), so the forced-mode rule does not fire; passed on for consistency.
+        min_think_tokens=sampling.min_think_tokens,
+        ban_think_in_short=sampling.ban_think_in_short,
     )
     outs = engine.generate(reqs, cont_sampling) if reqs else []
     kept_per_prompt: dict[int, int] = {}

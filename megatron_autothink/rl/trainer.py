@@ -21,6 +21,17 @@ Off-policy replays and the reference model:
   ratio 1; an SSR replay from step ``k`` carries ``pi_now / pi_k``, so the asymmetric clip and
   the dual-clip (``rl.clip_ratio_c``) act on it even at ``updates_per_step=1``. Its ratio
   statistics are logged as ``actor/replay/*``, its age in steps as ``ssr/replay_age``.
+* Forced modes (``rollout.think_rule``): in BPO's ``long`` rollouts the engine bans
+  ``</think>`` and EOS until ``rollout.min_think_tokens`` content tokens are written, in
+  ``short`` rollouts ``<think>``. The tokens sampled there come from the policy *renormalised*
+  over the allowed tokens, but every log-prob in the loss is the unconstrained policy's: the
+  trainer's ``old_logp`` and current log-probs are full-vocabulary softmaxes, and the engine
+  reports raw log-probs (computed before its logits processors), so ``mismatch/*`` compares the
+  same distribution and a fresh sample still starts at ratio 1. No ``pi / pi_banned``
+  correction is applied: the forced groups are an intervention, like the prefill, and their
+  tokens are trained as what the policy would write *given* that it keeps thinking. The policy
+  gets no direct signal on the banned token at those positions (it is never sampled there);
+  auto-mode rollouts, where the model decides, are never constrained. See docs/rl.md.
 * The KL reference is the policy the stage started from, always: it is saved once under the
   stage's checkpoint folder before the first step and reloaded from there on resume
   (:mod:`megatron_autothink.rl.stage`), never copied from the resumed weights.
@@ -271,7 +282,9 @@ def logprob_mismatch(batches: list[Any], old: list[torch.Tensor]) -> dict[str, f
     """Engine vs trainer log-probs on the sampled tokens (same weights, before the update).
 
     Ratios are ``exp(trainer - engine)``, the importance ratio an on-policy step sees
-    (:func:`~megatron_autothink.rollout.parity.logprob_parity`).
+    (:func:`~megatron_autothink.rollout.parity.logprob_parity`). The positions where the
+    forced-mode rule banned tokens count like any other: the engine's raw log-probs there are
+    the unconstrained policy's, as the trainer's are (``logprobs_mode="raw_logprobs"``).
     """
     engine, trainer = [], []
     for mb, lp in zip(batches, old, strict=True):
@@ -373,6 +386,9 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
         top_p=ro.top_p,
         max_new_tokens=ro.max_new_tokens,
         seed=cfg.train.seed * 100_003 + step,
+        # BPO's forced groups must think / not think for real (rollout.think_rule).
+        min_think_tokens=ro.min_think_tokens,
+        ban_think_in_short=ro.ban_think_in_short,
     )
     t0 = time.perf_counter()
     # Only the engine owner generates; its model-parallel peers receive the scored groups.

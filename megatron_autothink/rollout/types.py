@@ -14,6 +14,11 @@ prompt ends with ``"<|im_start|>assistant\\n"`` and the engine appends a *prefil
 * ``"long"``: ``"<think>\\n"`` (force thinking);
 * ``"short"``: ``"<think>\\n\\n</think>\\n\\n"`` (force an empty think block, i.e. no thinking).
 
+A prefill alone forces nothing (the model may close the block at once, or open a second one), so
+the engine also constrains decoding in the forced modes: :mod:`megatron_autothink.rollout.
+think_rule`, switched by :attr:`SamplingConfig.min_think_tokens` and
+:attr:`SamplingConfig.ban_think_in_short`.
+
 The prefill belongs to the *prompt*: it is reported in :attr:`Completion.prefill_token_ids` so
 that the trainer can rebuild ``prompt + prefill + completion`` and put no loss on the prefill.
 """
@@ -41,6 +46,11 @@ THINKING_PREFILLS: dict[str, str] = {
     "short": "<think>\n\n</think>\n\n",
 }
 """Prefill text appended to the prompt for each :data:`ThinkingMode` (Qwen3 convention)."""
+
+DEFAULT_MIN_THINK_TOKENS = 8
+"""Content tokens a forced ``long`` completion writes before it may close its think block
+(``rollout.think_rule``): enough that the block is visibly non-empty (a few words of
+reasoning), few enough that the model still chooses how long it thinks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +173,12 @@ class SamplingConfig:
             the trainer's forward computes; see ``VLLMEngineConfig.logprobs_mode``.
         skip_special_tokens: Drop special tokens (``<|im_end|>``...) from ``Completion.text``;
             the think tags are ordinary added tokens and stay.
+        min_think_tokens: Forced ``long`` completions: ``</think>`` and the stop tokens are
+            banned until the think block holds this many content (not whitespace-only) tokens,
+            because the prefill alone does not force thinking (``rollout.think_rule``); 0: no
+            ban. ``auto`` completions are never constrained.
+        ban_think_in_short: Forced ``short`` completions may not sample ``<think>``: the
+            prefilled empty block stays the only one.
     """
 
     temperature: float = 1.0
@@ -173,8 +189,12 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = True
     skip_special_tokens: bool = True
+    min_think_tokens: int = DEFAULT_MIN_THINK_TOKENS
+    ban_think_in_short: bool = True
 
     def __post_init__(self) -> None:
+        if self.min_think_tokens < 0:
+            raise ValueError(f"min_think_tokens must be >= 0, got {self.min_think_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -23,6 +23,11 @@ Design decisions (details in ``docs/rollout.md``):
   architecture registration (:mod:`megatron_autothink.rollout.vllm_qwen2_5_vl`), which also makes
   Qwen2.5-VL work without torchvision. PIL images are preprocessed here with the model
   directory's image processor, so vLLM only ever sees the preprocessed form.
+* **Forced modes are forced**: ``long`` / ``short`` requests are decoded under the
+  ``rollout.think_rule`` ban, through vLLM's logits processor
+  :data:`THINK_RULE_PROCESSOR`; the settings travel per request in
+  ``SamplingParams.extra_args`` (``SamplingConfig.min_think_tokens``,
+  ``SamplingConfig.ban_think_in_short``). Reported log-probs stay raw (before the ban).
 * **No hangs**: the model directory is checked before vLLM is touched, the engine start runs
   under a timeout, over-long requests are rejected before anything is scheduled, and RPCs carry
   a timeout.
@@ -74,6 +79,9 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _WORKER_EXTENSION = "megatron_autothink.rollout.vllm_worker.WeightSyncWorkerExtension"
+THINK_RULE_PROCESSOR = "megatron_autothink.rollout.vllm_think_rule:ForcedModeLogitsProcessor"
+"""vLLM logits processor (by class name, so vLLM's worker process imports it itself) that
+makes the forced modes forced (``rollout.think_rule``)."""
 # HF `model_type`s served through our torchvision-free Qwen2.5-VL registration.
 _VL_MODEL_TYPES = ("qwen2_5_vl",)
 
@@ -119,8 +127,10 @@ class VLLMEngineConfig:
     """GPU only: 1 offloads weights to host memory and drops the KV cache; 2 drops the weights
     too, after which the engine refuses to generate until the next weight update."""
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
-    """"raw": log-probs of the unmodified distribution (what the trainer's forward computes);
-    "processed": after temperature/top-p/top-k."""
+    """"raw": log-probs of the unmodified distribution (what the trainer's forward computes),
+    also at the positions where the forced-mode rule banned tokens (vLLM computes them before
+    any logits processor); "processed": after the ban and temperature/top-p/top-k, i.e. the
+    distribution actually sampled from."""
     initial_version: int = 0
     """Policy version of the weights in ``model_dir``."""
     start_timeout_s: float = 600.0
@@ -350,6 +360,7 @@ class VLLMRolloutEngine(RolloutEngine):
             "max_num_seqs": cfg.max_num_seqs,
             "worker_extension_cls": _WORKER_EXTENSION,
             "logprobs_mode": cfg.logprobs_mode,
+            "logits_processors": [THINK_RULE_PROCESSOR],
             "disable_log_stats": True,
             **self._device_kwargs(),
         }
@@ -483,6 +494,12 @@ class VLLMRolloutEngine(RolloutEngine):
     def _sampling_params(self, request: GenerationRequest, sampling: SamplingConfig) -> Any:
         from vllm import SamplingParams
 
+        from megatron_autothink.rollout.think_rule import ThinkRuleSettings
+
+        # The processor reads the mode from the prompt's end (our prefill); auto requests
+        # carry the settings too and are left alone.
+        rule = ThinkRuleSettings(sampling.min_think_tokens, sampling.ban_think_in_short)
+
         return SamplingParams(
             n=request.n,
             temperature=sampling.temperature,
@@ -493,6 +510,7 @@ class VLLMRolloutEngine(RolloutEngine):
             stop_token_ids=list(sampling.stop_token_ids),
             logprobs=0 if sampling.logprobs else None,
             skip_special_tokens=sampling.skip_special_tokens,
+            extra_args=rule.to_extra_args(),
         )
 
     def generate(
