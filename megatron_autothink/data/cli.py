@@ -69,7 +69,11 @@ def _run_digits(args: argparse.Namespace) -> int:
             n_test=args.test,
             seed=args.seed,
             text_only=args.text_only,
-            config=DigitsConfig(digit_size=args.digit_size),
+            config=DigitsConfig(
+                digit_size=args.digit_size,
+                family=args.family,
+                depth_low_digit=args.depth_low_digit,
+            ),
             overwrite=args.overwrite,
             s3_endpoint=args.s3_endpoint,
             max_shard_size=args.max_shard_size,
@@ -154,6 +158,21 @@ def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         "--text-only", action="store_true", help="the text-only variant (digits in words)"
     )
     d.add_argument("--digit-size", type=_positive_int, default=28, help="pixels per digit")
+    d.add_argument(
+        "--family",
+        choices=("mixed", "depth"),
+        default="mixed",
+        help="mixed: digit count and operation vary by level; depth: always four digits, only "
+        "the depth of the expression varies (a, a+b, a*b, a*b+c, a*b+c*d)",
+    )
+    d.add_argument(
+        "--depth-low-digit",
+        type=int,
+        choices=range(10),
+        default=2,
+        metavar="D",
+        help="depth family: digits are drawn from D..9 (default 2: no 0/1 shortcuts)",
+    )
     d.add_argument(
         "--max-shard-size", type=parse_size, default=parse_size("64MB"), help="bytes per shard"
     )

@@ -14,6 +14,25 @@ expr       3-5    a*b+c, a*b+c*d, a*b+c*d-e               4, 5, 5
 =========  =====  ======================================  ==========
 
 A problem is drawn by first picking a difficulty uniformly, so every level is equally common.
+
+The ``depth`` family (``DigitsConfig(family="depth")``, ``autothink prep digits --family depth``)
+keeps what must be *read* fixed and varies only the depth of the computation: every image holds
+exactly four digits ``a, b, c, d`` (from 2..9 by default; 28 px each, so at the default ``digit_size`` the 28 x 112
+image is 1 x 4 merged vision tokens, one per digit, never resized), and the question names an
+expression over them:
+
+=====  ============  ====================================================
+level  expression    thinking trace after "The digits are a, b, c, d."
+=====  ============  ====================================================
+1      one letter    ``c=3``
+2      ``a+b``       ``a+b=7+8=15``
+3      ``a*b``       ``a*b=7*8=56``
+4      ``a*b+c``     ``a*b=7*8=56`` / ``a*b+c=56+3=59``
+5      ``a*b+c*d``   ``a*b=7*8=56`` / ``c*d=3*5=15`` / ``a*b+c*d=56+15=71``
+=====  ============  ====================================================
+
+Each trace line copies its operands next to the step, so a small model only ever does one
+table lookup or one addition per line; the direct answer must do the whole expression at once.
 Every sample carries BOTH responses: thinking (read the digits, then one arithmetic step per
 line) and non-thinking (empty think block); the answer is ``\\boxed{N}``, ground truth
 ``answer_type="number"``. Train and test draw from disjoint subsets of the digit scans (a seeded
@@ -40,7 +59,8 @@ from PIL import Image
 from megatron_autothink.data.schema import EMPTY_THINK, IMAGE_PLACEHOLDER, Sample, Turn
 
 Split = Literal["train", "test"]
-Kind = Literal["first", "count", "sum", "expr"]
+Kind = Literal["first", "count", "sum", "expr", "depth"]
+Family = Literal["mixed", "depth"]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: (kind, k) -> difficulty; the table in the module docstring.
@@ -62,6 +82,9 @@ PROBLEM_TABLE: dict[tuple[Kind, int], int] = {
 }
 _SPLIT_CODE = {"train": 0, "test": 1}
 _EXPR = {3: "a*b+c", 4: "a*b+c*d", 5: "a*b+c*d-e"}
+#: depth family: level -> expression over the four digits (level 1 picks one letter).
+DEPTH_EXPR = {2: "a+b", 3: "a*b", 4: "a*b+c", 5: "a*b+c*d"}
+DEPTH_DIGITS = 4
 BOX_SUFFIX = " Put the final answer in \\boxed{}."
 
 
@@ -73,6 +96,13 @@ class DigitsConfig:
     """Pixels per digit side after upscaling the 8x8 scan."""
     test_fraction: float = 0.2
     """Share of digit scans reserved for the test split."""
+    family: Family = "mixed"
+    """Problem family: ``mixed`` (the table above: digit count and operation vary by level) or
+    ``depth`` (always four digits; only the depth of the expression varies)."""
+    depth_low_digit: int = 2
+    """Depth family: digits are drawn from ``depth_low_digit..9``. 2 by default: a 0 or 1 among
+    a*b+c*d's operands (59 % of problems with 0..9) turns the hardest level into a single lookup
+    that a direct answer gets for free (docs/demo_study.md)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +201,60 @@ def _question(kind: Kind, k: int, text_only: bool, digits: tuple[int, ...]) -> s
     return prefix + q + BOX_SUFFIX
 
 
+def depth_steps(level: int, d: tuple[int, ...], letter: int = 0) -> tuple[str, int, list[str]]:
+    """``(expression, answer, steps after the reading line)`` of a depth-family problem.
+
+    Args:
+        level: 1..5 (the table in the module docstring).
+        d: The four digits, left to right.
+        letter: Level 1 only: which digit (0..3) the question names.
+    """
+    a, b, c, e = d
+    if level == 1:
+        name = "abcd"[letter]
+        return name, d[letter], [f"{name}={d[letter]}"]
+    if level == 2:
+        return "a+b", a + b, [f"a+b={a}+{b}={a + b}"]
+    ab = a * b
+    steps = [f"a*b={a}*{b}={ab}"]
+    if level == 3:
+        return "a*b", ab, steps
+    if level == 4:
+        return "a*b+c", ab + c, [*steps, f"a*b+c={ab}+{c}={ab + c}"]
+    if level == 5:
+        ce = c * e
+        return (
+            "a*b+c*d",
+            ab + ce,
+            [*steps, f"c*d={c}*{e}={ce}", f"a*b+c*d={ab}+{ce}={ab + ce}"],
+        )
+    raise ValueError(f"depth level must be 1..5, got {level}")
+
+
+def _make_depth_problem(
+    rng: np.random.Generator, seed: int, split: Split, text_only: bool, cfg: DigitsConfig
+) -> DigitsProblem:
+    difficulty = int(rng.integers(1, 6))
+    letter = int(rng.integers(DEPTH_DIGITS))
+    digits = tuple(int(x) for x in rng.integers(cfg.depth_low_digit, 10, size=DEPTH_DIGITS))
+    pools = split_indices(seed, cfg.test_fraction)[split]
+    image_indices = tuple(int(pools[x][int(rng.integers(len(pools[x])))]) for x in digits)
+    expr, answer, steps = depth_steps(difficulty, digits, letter)
+    where = "listed" if text_only else "in the image"
+    prefix = "Digits: " + ", ".join(DIGIT_WORDS[x] for x in digits) + ". " if text_only else ""
+    question = f"{prefix}Let a, b, c, d be the digits {where}, left to right. Compute {expr}."
+    read = "The digits are " + ", ".join(str(x) for x in digits) + "."
+    return DigitsProblem(
+        kind="depth",
+        digits=digits,
+        image_indices=image_indices,
+        difficulty=difficulty,
+        question=question + BOX_SUFFIX,
+        answer=answer,
+        steps=(read, *steps),
+    )
+
+
 def make_problem(
     seed: int,
     split: Split,
@@ -193,6 +277,8 @@ def make_problem(
     """
     cfg = config or DigitsConfig()
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
+    if cfg.family == "depth":
+        return _make_depth_problem(rng, seed, split, text_only, cfg)
     difficulty = int(rng.integers(1, 6))
     options = [key for key, diff in PROBLEM_TABLE.items() if diff == difficulty]
     kind, k = options[int(rng.integers(len(options)))]
@@ -243,8 +329,13 @@ def problem_to_sample(
         answer=str(problem.answer),
         answer_type="number",
         difficulty=problem.difficulty,
-        source="digits-text" if text_only else "digits",
+        source=_tag(text_only, cfg),
     )
+
+
+def _tag(text_only: bool, cfg: DigitsConfig) -> str:
+    """Sample id / source prefix: ``digits[-depth][-text]``."""
+    return "digits" + ("-depth" if cfg.family == "depth" else "") + ("-text" if text_only else "")
 
 
 def generate_digits(
@@ -263,7 +354,7 @@ def generate_digits(
         >>> s.id, s.answer_type, sorted(s.responses)
         ('digits-train-0000000', 'number', ['non_thinking', 'thinking'])
     """
-    tag = "digits-text" if text_only else "digits"
+    tag = _tag(text_only, config or DigitsConfig())
     for i in range(start, n):
         problem = make_problem(seed, split, i, text_only=text_only, config=config)
         yield problem_to_sample(
@@ -352,7 +443,12 @@ def prep_digits(
             "n": n,
             "seed": seed,
             "text_only": text_only,
-            "config": dataclasses.asdict(cfg),
+            # depth-family keys only for that family, so earlier datasets keep their identity
+            "config": {
+                k: v
+                for k, v in dataclasses.asdict(cfg).items()
+                if cfg.family == "depth" or k not in ("family", "depth_low_digit")
+            },
         }
         reports[split] = write_samples(
             gen, out, opts, total=n, source_id=source_id, finalize=job_idx == len(jobs) - 1
