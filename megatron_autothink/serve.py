@@ -153,10 +153,10 @@ def answer(
 
     from megatron_autothink.data.tokenizer import load_tokenizer
     from megatron_autothink.rollout.types import (
-        DEFAULT_MIN_THINK_TOKENS,
         THINKING_PREFILLS,
         GenerationRequest,
         SamplingConfig,
+        ThinkRuleSettings,
     )
     from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
@@ -184,8 +184,10 @@ def answer(
             max_new_tokens=max_new_tokens,
             seed=seed,
             logprobs=False,
-            min_think_tokens=(
-                DEFAULT_MIN_THINK_TOKENS if min_think_tokens is None else min_think_tokens
+            think_rule=(
+                ThinkRuleSettings()
+                if min_think_tokens is None
+                else ThinkRuleSettings(min_think_tokens=min_think_tokens)
             ),
         )
         groups = engine.generate(requests, sampling)

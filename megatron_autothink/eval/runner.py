@@ -17,6 +17,7 @@ auto mode's self-written empty think block and short mode's prefilled one count 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -30,12 +31,12 @@ from megatron_autothink.eval.model import resolve_model
 from megatron_autothink.eval.summary import EvalRecord, format_markdown, goal_checks, summarize
 from megatron_autothink.rl.rewards import Rubric, is_thinking
 from megatron_autothink.rl.rollout import cut_at_vision_tokens, vision_token_ids
-from megatron_autothink.rollout.think_rule import ThinkRuleSettings
 from megatron_autothink.rollout.types import (
     GenerationRequest,
     PreprocessedImages,
     SamplingConfig,
     ThinkingMode,
+    ThinkRuleSettings,
 )
 
 log = logging.getLogger(__name__)
@@ -102,16 +103,10 @@ def eval_think_rule(min_think_tokens: int | None, run_cfg: Any) -> ThinkRuleSett
     >>> eval_think_rule(None, None), eval_think_rule(0, None).min_think_tokens
     (ThinkRuleSettings(min_think_tokens=8, ban_think_in_short=True), 0)
     """
-    ro = run_cfg.rollout if run_cfg is not None else None
-    default = ThinkRuleSettings()
-    return ThinkRuleSettings(
-        min_think_tokens=(
-            min_think_tokens
-            if min_think_tokens is not None
-            else (ro.min_think_tokens if ro is not None else default.min_think_tokens)
-        ),
-        ban_think_in_short=ro.ban_think_in_short if ro is not None else default.ban_think_in_short,
-    )
+    rule = ThinkRuleSettings() if run_cfg is None else ThinkRuleSettings.of(run_cfg.rollout)
+    if min_think_tokens is None:
+        return rule
+    return dataclasses.replace(rule, min_think_tokens=min_think_tokens)
 
 
 def eval_temperature(requested: float | None, run_cfg: Any) -> float:
@@ -136,7 +131,6 @@ def generate_records(
     """Answer every prompt once in every mode (greedy at ``temperature`` 0) and score the answers
     with ``Rubric(rewards)`` (default weights when None). ``think_rule``: the forced-mode rule's
     settings (None: the defaults, rule on)."""
-    rule = think_rule or ThinkRuleSettings()
     score = Rubric(rewards or RewardWeights())
     banned = vision_token_ids(tokenizer)
     reqs = []
@@ -153,8 +147,7 @@ def generate_records(
         max_new_tokens=max_new_tokens,
         seed=0,
         logprobs=False,
-        min_think_tokens=rule.min_think_tokens,
-        ban_think_in_short=rule.ban_think_in_short,
+        think_rule=think_rule or ThinkRuleSettings(),
     )
     outs = engine.generate(reqs, sampling)
     records = []

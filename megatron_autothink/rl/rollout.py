@@ -221,8 +221,7 @@ def force_rethinking(
         stop_token_ids=sampling.stop_token_ids,
         # Continuations are auto-mode requests (their prompts end with the trigger, not with a
         # prefill), so the forced-mode rule does not fire; passed on for consistency.
-        min_think_tokens=sampling.min_think_tokens,
-        ban_think_in_short=sampling.ban_think_in_short,
+        think_rule=sampling.think_rule,
     )
     outs = engine.generate(reqs, cont_sampling) if reqs else []
     kept_per_prompt: dict[int, int] = {}

@@ -74,7 +74,7 @@ from megatron_autothink.rl.rollout import (
 from megatron_autothink.rl.ssr import ReplayBuffer, ReplayRecord, ssr_select
 from megatron_autothink.rl.types import TrainSample
 from megatron_autothink.rollout.parity import logprob_parity
-from megatron_autothink.rollout.types import SamplingConfig
+from megatron_autothink.rollout.types import SamplingConfig, ThinkRuleSettings
 
 log = logging.getLogger(__name__)
 
@@ -387,8 +387,7 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
         max_new_tokens=ro.max_new_tokens,
         seed=cfg.train.seed * 100_003 + step,
         # BPO's forced groups must think / not think for real (rollout.think_rule).
-        min_think_tokens=ro.min_think_tokens,
-        ban_think_in_short=ro.ban_think_in_short,
+        think_rule=ThinkRuleSettings.of(ro),
     )
     t0 = time.perf_counter()
     # Only the engine owner generates; its model-parallel peers receive the scored groups.

@@ -36,11 +36,15 @@ on-policy samples of the unconstrained policy.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from megatron_autothink.rollout.types import DEFAULT_MIN_THINK_TOKENS, THINKING_PREFILLS
+from megatron_autothink.rollout.types import (
+    DEFAULT_MIN_THINK_TOKENS,
+    THINKING_PREFILLS,
+    ThinkRuleSettings,
+)
 
 __all__ = [
     "DEFAULT_MIN_THINK_TOKENS",
@@ -50,57 +54,6 @@ __all__ = [
     "ThinkVocab",
     "forced_rule",
 ]
-
-# Keys of vLLM's ``SamplingParams.extra_args`` (flat: the OpenAI server's ``vllm_xargs`` takes
-# no nested values, and clients may set them there).
-EXTRA_MIN_THINK_TOKENS = "autothink_min_think_tokens"
-EXTRA_BAN_THINK_IN_SHORT = "autothink_ban_think_in_short"
-
-
-@dataclass(frozen=True, slots=True)
-class ThinkRuleSettings:
-    """Per-request settings of the rule (defaults: the rule on).
-
-    Attributes:
-        min_think_tokens: Content tokens a ``long`` completion must write before ``</think>``
-            or a stop token may be sampled; 0 switches the long-mode ban off.
-        ban_think_in_short: Ban ``<think>`` in ``short`` completions.
-    """
-
-    min_think_tokens: int = DEFAULT_MIN_THINK_TOKENS
-    ban_think_in_short: bool = True
-
-    def __post_init__(self) -> None:
-        if self.min_think_tokens < 0:
-            raise ValueError(f"min_think_tokens must be >= 0, got {self.min_think_tokens}")
-
-    def to_extra_args(self) -> dict[str, int]:
-        """The settings as ``SamplingParams.extra_args`` entries.
-
-        >>> ThinkRuleSettings(3, False).to_extra_args()
-        {'autothink_min_think_tokens': 3, 'autothink_ban_think_in_short': 0}
-        """
-        return {
-            EXTRA_MIN_THINK_TOKENS: self.min_think_tokens,
-            EXTRA_BAN_THINK_IN_SHORT: int(self.ban_think_in_short),
-        }
-
-    @classmethod
-    def from_extra_args(cls, extra: Mapping[str, Any] | None) -> ThinkRuleSettings:
-        """Inverse of :meth:`to_extra_args`; missing keys take the defaults (a server request
-        that says nothing gets the rule), wrong types raise ``ValueError``.
-
-        >>> ThinkRuleSettings.from_extra_args({"autothink_min_think_tokens": 2})
-        ThinkRuleSettings(min_think_tokens=2, ban_think_in_short=True)
-        """
-        extra = extra or {}
-        n = extra.get(EXTRA_MIN_THINK_TOKENS, DEFAULT_MIN_THINK_TOKENS)
-        ban = extra.get(EXTRA_BAN_THINK_IN_SHORT, 1)
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise ValueError(f"{EXTRA_MIN_THINK_TOKENS} must be an integer, got {n!r}")
-        if ban not in (0, 1, True, False):
-            raise ValueError(f"{EXTRA_BAN_THINK_IN_SHORT} must be 0 or 1, got {ban!r}")
-        return cls(min_think_tokens=n, ban_think_in_short=bool(ban))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,7 @@ prompt ends with ``"<|im_start|>assistant\\n"`` and the engine appends a *prefil
 
 A prefill alone forces nothing (the model may close the block at once, or open a second one), so
 the engine also constrains decoding in the forced modes: :mod:`megatron_autothink.rollout.
-think_rule`, switched by :attr:`SamplingConfig.min_think_tokens` and
-:attr:`SamplingConfig.ban_think_in_short`.
+think_rule`, switched by :attr:`SamplingConfig.think_rule` (a :class:`ThinkRuleSettings`).
 
 The prefill belongs to the *prompt*: it is reported in :attr:`Completion.prefill_token_ids` so
 that the trainer can rebuild ``prompt + prefill + completion`` and put no loss on the prefill.
@@ -25,14 +24,16 @@ that the trainer can rebuild ``prompt + prefill + completion`` and put no loss o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from megatron_autothink.config import RolloutConfig
 
 ThinkingMode = Literal["auto", "long", "short"]
 """How the assistant turn starts; see the module docstring."""
@@ -51,6 +52,64 @@ DEFAULT_MIN_THINK_TOKENS = 8
 """Content tokens a forced ``long`` completion writes before it may close its think block
 (``rollout.think_rule``): enough that the block is visibly non-empty (a few words of
 reasoning), few enough that the model still chooses how long it thinks."""
+
+
+# Keys of vLLM's ``SamplingParams.extra_args`` (flat: the OpenAI server's ``vllm_xargs`` takes
+# no nested values, and clients may set them there).
+EXTRA_MIN_THINK_TOKENS = "autothink_min_think_tokens"
+EXTRA_BAN_THINK_IN_SHORT = "autothink_ban_think_in_short"
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkRuleSettings:
+    """Per-request settings of the rule (defaults: the rule on).
+
+    Attributes:
+        min_think_tokens: Content tokens a ``long`` completion must write before ``</think>``
+            or a stop token may be sampled; 0 switches the long-mode ban off.
+        ban_think_in_short: Ban ``<think>`` in ``short`` completions.
+    """
+
+    min_think_tokens: int = DEFAULT_MIN_THINK_TOKENS
+    ban_think_in_short: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_think_tokens < 0:
+            raise ValueError(f"min_think_tokens must be >= 0, got {self.min_think_tokens}")
+
+    @classmethod
+    def of(cls, rollout: RolloutConfig) -> ThinkRuleSettings:
+        """The settings of a run's ``rollout`` section (``rollout.min_think_tokens``,
+        ``rollout.ban_think_in_short``)."""
+        return cls(rollout.min_think_tokens, rollout.ban_think_in_short)
+
+    def to_extra_args(self) -> dict[str, int]:
+        """The settings as ``SamplingParams.extra_args`` entries.
+
+        >>> ThinkRuleSettings(3, False).to_extra_args()
+        {'autothink_min_think_tokens': 3, 'autothink_ban_think_in_short': 0}
+        """
+        return {
+            EXTRA_MIN_THINK_TOKENS: self.min_think_tokens,
+            EXTRA_BAN_THINK_IN_SHORT: int(self.ban_think_in_short),
+        }
+
+    @classmethod
+    def from_extra_args(cls, extra: Mapping[str, Any] | None) -> ThinkRuleSettings:
+        """Inverse of :meth:`to_extra_args`; missing keys take the defaults (a server request
+        that says nothing gets the rule), wrong types raise ``ValueError``.
+
+        >>> ThinkRuleSettings.from_extra_args({"autothink_min_think_tokens": 2})
+        ThinkRuleSettings(min_think_tokens=2, ban_think_in_short=True)
+        """
+        extra = extra or {}
+        n = extra.get(EXTRA_MIN_THINK_TOKENS, DEFAULT_MIN_THINK_TOKENS)
+        ban = extra.get(EXTRA_BAN_THINK_IN_SHORT, 1)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"{EXTRA_MIN_THINK_TOKENS} must be an integer, got {n!r}")
+        if ban not in (0, 1, True, False):
+            raise ValueError(f"{EXTRA_BAN_THINK_IN_SHORT} must be 0 or 1, got {ban!r}")
+        return cls(min_think_tokens=n, ban_think_in_short=bool(ban))
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +232,11 @@ class SamplingConfig:
             the trainer's forward computes; see ``VLLMEngineConfig.logprobs_mode``.
         skip_special_tokens: Drop special tokens (``<|im_end|>``...) from ``Completion.text``;
             the think tags are ordinary added tokens and stay.
-        min_think_tokens: Forced ``long`` completions: ``</think>`` and the stop tokens are
-            banned until the think block holds this many content (not whitespace-only) tokens,
-            because the prefill alone does not force thinking (``rollout.think_rule``); 0: no
-            ban. ``auto`` completions are never constrained.
-        ban_think_in_short: Forced ``short`` completions may not sample ``<think>``: the
-            prefilled empty block stays the only one.
+        think_rule: The forced-mode rule (``rollout.think_rule``): forced ``long``
+            completions may not close the think block or stop before
+            ``think_rule.min_think_tokens`` content tokens, because the prefill alone does not
+            force thinking; forced ``short`` ones may not sample ``<think>``
+            (``think_rule.ban_think_in_short``). ``auto`` completions are never constrained.
     """
 
     temperature: float = 1.0
@@ -189,12 +247,9 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = True
     skip_special_tokens: bool = True
-    min_think_tokens: int = DEFAULT_MIN_THINK_TOKENS
-    ban_think_in_short: bool = True
+    think_rule: ThinkRuleSettings = ThinkRuleSettings()
 
     def __post_init__(self) -> None:
-        if self.min_think_tokens < 0:
-            raise ValueError(f"min_think_tokens must be >= 0, got {self.min_think_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

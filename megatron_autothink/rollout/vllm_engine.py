@@ -26,8 +26,7 @@ Design decisions (details in ``docs/rollout.md``):
 * **Forced modes are forced**: ``long`` / ``short`` requests are decoded under the
   ``rollout.think_rule`` ban, through vLLM's logits processor
   :data:`THINK_RULE_PROCESSOR`; the settings travel per request in
-  ``SamplingParams.extra_args`` (``SamplingConfig.min_think_tokens``,
-  ``SamplingConfig.ban_think_in_short``). Reported log-probs stay raw (before the ban).
+  ``SamplingParams.extra_args`` (``SamplingConfig.think_rule``). Reported log-probs stay raw (before the ban).
 * **No hangs**: the model directory is checked before vLLM is touched, the engine start runs
   under a timeout, over-long requests are rejected before anything is scheduled, and RPCs carry
   a timeout.
@@ -494,12 +493,6 @@ class VLLMRolloutEngine(RolloutEngine):
     def _sampling_params(self, request: GenerationRequest, sampling: SamplingConfig) -> Any:
         from vllm import SamplingParams
 
-        from megatron_autothink.rollout.think_rule import ThinkRuleSettings
-
-        # The processor reads the mode from the prompt's end (our prefill); auto requests
-        # carry the settings too and are left alone.
-        rule = ThinkRuleSettings(sampling.min_think_tokens, sampling.ban_think_in_short)
-
         return SamplingParams(
             n=request.n,
             temperature=sampling.temperature,
@@ -510,7 +503,9 @@ class VLLMRolloutEngine(RolloutEngine):
             stop_token_ids=list(sampling.stop_token_ids),
             logprobs=0 if sampling.logprobs else None,
             skip_special_tokens=sampling.skip_special_tokens,
-            extra_args=rule.to_extra_args(),
+            # The processor reads the mode from the prompt's end (our prefill); auto requests
+            # carry the settings too and are left alone.
+            extra_args=sampling.think_rule.to_extra_args(),
         )
 
     def generate(

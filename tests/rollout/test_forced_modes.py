@@ -22,6 +22,7 @@ import torch
 from megatron_autothink.rl.rewards import is_thinking
 from megatron_autothink.rollout import THINKING_PREFILLS, GenerationRequest, SamplingConfig
 from megatron_autothink.rollout.testing import chat_prompt, hf_token_logprobs
+from megatron_autothink.rollout.types import ThinkRuleSettings
 
 pytestmark = pytest.mark.vllm
 
@@ -92,14 +93,20 @@ def test_long_mode_writes_min_think_tokens_before_closing(
     sampled = [GenerationRequest(f"s{i}", p, mode="long", n=4) for i, p in enumerate(prompts)]
     auto = [GenerationRequest(f"a{i}", p, mode="auto") for i, p in enumerate(prompts)]
     with tag_boosted(engine, hf_model, tiny_vl_dir, "</think>", "long") as boosted:
-        off = SamplingConfig(temperature=0.0, max_new_tokens=24, seed=0, min_think_tokens=0)
+        off = SamplingConfig(
+            temperature=0.0, max_new_tokens=24, seed=0, think_rule=ThinkRuleSettings(0)
+        )
         # The prefill alone: every long answer closes its think block at once.
         for (c,) in engine.generate(greedy, off):
             assert c.token_ids[0] == close, c.text
             assert not is_thinking(THINKING_PREFILLS["long"] + c.text)
 
-        on = SamplingConfig(temperature=0.0, max_new_tokens=24, seed=0, min_think_tokens=N)
-        hot = SamplingConfig(temperature=1.0, max_new_tokens=24, seed=3, min_think_tokens=N)
+        on = SamplingConfig(
+            temperature=0.0, max_new_tokens=24, seed=0, think_rule=ThinkRuleSettings(N)
+        )
+        hot = SamplingConfig(
+            temperature=1.0, max_new_tokens=24, seed=3, think_rule=ThinkRuleSettings(N)
+        )
         completions = [c for g in engine.generate(greedy, on) for c in g]
         assert len(completions) == len(prompts)
         # Greedy under the rule, token by token: the argmax without </think> and EOS while the
@@ -151,7 +158,12 @@ def test_short_mode_never_opens_a_think_block(
     greedy = [GenerationRequest(f"sh{i}", p, mode="short") for i, p in enumerate(prompts)]
     sampled = [GenerationRequest(f"ss{i}", p, mode="short", n=3) for i, p in enumerate(prompts)]
     with tag_boosted(engine, hf_model, tiny_vl_dir, "<think>", "short"):
-        free = SamplingConfig(temperature=0.0, max_new_tokens=16, seed=0, ban_think_in_short=False)
+        free = SamplingConfig(
+            temperature=0.0,
+            max_new_tokens=16,
+            seed=0,
+            think_rule=ThinkRuleSettings(ban_think_in_short=False),
+        )
         for (c,) in engine.generate(greedy, free):
             assert c.token_ids[0] == open_id, c.text  # the prefill alone: it opens one
         for requests, sampling in (
@@ -170,7 +182,6 @@ def test_eval_long_mode_thinks_on_every_question(
     from megatron_autothink.data.batch import PromptSample
     from megatron_autothink.eval.runner import generate_records
     from megatron_autothink.eval.summary import summarize
-    from megatron_autothink.rollout.think_rule import ThinkRuleSettings
 
     tok = engine.tokenizer
     prompts = [

@@ -31,10 +31,11 @@ def test_defaults_agree() -> None:
     # One default for the engine's SamplingConfig, the settings and the run config.
     from megatron_autothink.config import RolloutConfig
 
-    assert SamplingConfig().min_think_tokens == DEFAULT_MIN_THINK_TOKENS == 8
+    assert SamplingConfig().think_rule.min_think_tokens == DEFAULT_MIN_THINK_TOKENS == 8
     assert ThinkRuleSettings().min_think_tokens == DEFAULT_MIN_THINK_TOKENS
     assert RolloutConfig().min_think_tokens == DEFAULT_MIN_THINK_TOKENS
-    assert RolloutConfig().ban_think_in_short is SamplingConfig().ban_think_in_short is True
+    assert RolloutConfig().ban_think_in_short is SamplingConfig().think_rule.ban_think_in_short
+    assert RolloutConfig().ban_think_in_short is True
 
 
 def test_long_bans_close_and_stop_until_enough_content() -> None:
@@ -102,7 +103,7 @@ def test_settings_travel_as_flat_extra_args_and_are_validated() -> None:
     with pytest.raises(ValueError, match="0 or 1"):
         ThinkRuleSettings.from_extra_args({"autothink_ban_think_in_short": 2})
     with pytest.raises(ValueError, match=">= 0"):
-        SamplingConfig(min_think_tokens=-1)
+        SamplingConfig(think_rule=ThinkRuleSettings(min_think_tokens=-1))
 
 
 def test_vocab_from_the_package_tokenizer(tmp_path: Path) -> None:
