@@ -75,11 +75,6 @@ WALL_CLOCK = re.compile(r"(_s$|time|per_s|mfu|mem|elapsed|throughput)")
 STEP_LINE = re.compile(rb"^\[(?P<stage>[^\]]+)\] step (?P<step>\d+)/", re.M)
 
 
-def prepare_data(root: Path) -> Path:
-    """Digits shards + the tiny tokenizer (as the tests make them); reused when present."""
-    return prepare_digits(root)
-
-
 @dataclass
 class Run:
     """One training run directory and the command that (re)starts it."""
@@ -380,7 +375,7 @@ def wait_for_step(p: subprocess.Popen[bytes], log: Path, run: Run, target: int) 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data).resolve() if args.data else prepare_data(out)
+    data = Path(args.data).resolve() if args.data else prepare_digits(out)
     for name in ("ref", "soaked"):
         shutil.rmtree(out / name, ignore_errors=True)
     ref = Run(out / "ref", data, args.anneal_steps, args.rl_steps)
