@@ -11,7 +11,7 @@ error messages that carry the dotted location for free, with ``extra="forbid"`` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -127,6 +127,14 @@ class DataConfig(_Section):
     think_min_difficulty: int | None = None
     """R-4B-style curation: samples carrying both answers use the thinking one when their
     difficulty is at least this, the direct one below it (overrides ``think_ratio``)."""
+    think_ratio_by_difficulty: dict[int, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict
+    )
+    """P(thinking answer) per difficulty for samples carrying both answers, e.g.
+    ``{1: 0.2, 2: 0.2, 3: 0.2}`` next to ``think_min_difficulty: 4``: a curation that keeps some
+    thinking answers on easy questions (without them, forced thinking there is a mode the model
+    never saw). Listed difficulties take precedence; the others follow ``think_min_difficulty``
+    or ``think_ratio``."""
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 256 * 28 * 28
     num_workers: int = Field(0, ge=0)
@@ -334,6 +342,10 @@ class StageConfig(_Section):
     lr: float | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Dotted config overrides for this stage only, e.g. ``{rl.algorithm: reinforce}``."""
+    start_from: str = ""
+    """Name of an earlier stage whose final weights this stage starts from; empty: the stage
+    just before it. Several stages starting from one checkpoint are branches: e.g. BPO and a
+    plain GRPO control both from the annealed model (``recipes/demo_tiny.yaml``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,6 +439,16 @@ def check_static(cfg: AutothinkConfig) -> None:
         _fail("model.fp8", "FP8 needs model.transformer_impl=transformer_engine (or auto on GPU)")
     if cfg.rl.algorithm == "bpo" and cfg.rl.bpo.g_think + cfg.rl.bpo.g_nothink < 2:
         _fail("rl.bpo", "g_think + g_nothink must be >= 2 for group advantages")
+    names = [st.name for st in cfg.stages]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _fail("stages", f"stage names must be unique (each has its checkpoint folder): {dup}")
+    for i, stage in enumerate(cfg.stages):
+        if stage.start_from and stage.start_from not in names[:i]:
+            _fail(
+                f"stages[{i}] ({stage.name}).start_from",
+                f"{stage.start_from!r} is not an earlier stage; earlier: {names[:i]}",
+            )
     for i, stage in enumerate(cfg.stages):
         if stage.kind != "rl":
             continue

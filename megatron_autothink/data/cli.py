@@ -73,6 +73,8 @@ def _run_digits(args: argparse.Namespace) -> int:
                 digit_size=args.digit_size,
                 family=args.family,
                 depth_low_digit=args.depth_low_digit,
+                depth_any_letter=args.depth_any_letter,
+                depth_split_sum=args.depth_split_sum,
             ),
             overwrite=args.overwrite,
             s3_endpoint=args.s3_endpoint,
@@ -172,6 +174,16 @@ def add_prep_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         default=2,
         metavar="D",
         help="depth family: digits are drawn from D..9 (default 2: no 0/1 shortcuts)",
+    )
+    d.add_argument(
+        "--depth-any-letter",
+        action="store_true",
+        help="depth family: level 1 asks for a random one of a..d (default: always a)",
+    )
+    d.add_argument(
+        "--depth-split-sum",
+        action="store_true",
+        help="depth family: level 5's trace adds c*d's tens, then its ones (56+15=66+5=71)",
     )
     d.add_argument(
         "--max-shard-size", type=parse_size, default=parse_size("64MB"), help="bytes per shard"

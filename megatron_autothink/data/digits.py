@@ -24,7 +24,7 @@ expression over them:
 =====  ============  ====================================================
 level  expression    thinking trace after "The digits are a, b, c, d."
 =====  ============  ====================================================
-1      one letter    ``c=3``
+1      ``a``         ``a=7`` (any letter with ``depth_any_letter``)
 2      ``a+b``       ``a+b=7+8=15``
 3      ``a*b``       ``a*b=7*8=56``
 4      ``a*b+c``     ``a*b=7*8=56`` / ``a*b+c=56+3=59``
@@ -103,6 +103,14 @@ class DigitsConfig:
     """Depth family: digits are drawn from ``depth_low_digit..9``. 2 by default: a 0 or 1 among
     a*b+c*d's operands (59 % of problems with 0..9) turns the hardest level into a single lookup
     that a direct answer gets for free (docs/demo_study.md)."""
+    depth_any_letter: bool = False
+    """Depth family, level 1: ask for a random one of ``a..d`` (True) or always ``a`` (False,
+    the default: on images the tiny model never learned to bind a named letter to its position
+    in a direct answer and answered a random digit of the image; docs/demo_study.md)."""
+    depth_split_sum: bool = False
+    """Depth family, level 5: write the two-digit sum in two steps, tens first
+    (``a*b+c*d=56+15=66+5=71``): in the study every failed text-only level-5 trace failed in
+    that one sum (docs/demo_study.md)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,13 +209,17 @@ def _question(kind: Kind, k: int, text_only: bool, digits: tuple[int, ...]) -> s
     return prefix + q + BOX_SUFFIX
 
 
-def depth_steps(level: int, d: tuple[int, ...], letter: int = 0) -> tuple[str, int, list[str]]:
+def depth_steps(
+    level: int, d: tuple[int, ...], letter: int = 0, split_sum: bool = False
+) -> tuple[str, int, list[str]]:
     """``(expression, answer, steps after the reading line)`` of a depth-family problem.
 
     Args:
         level: 1..5 (the table in the module docstring).
         d: The four digits, left to right.
         letter: Level 1 only: which digit (0..3) the question names.
+        split_sum: Level 5: add ``c*d``'s tens, then its ones (``56+15=66+5=71``) when it has
+            both (one easy addition per step instead of a two-digit sum).
     """
     a, b, c, e = d
     if level == 1:
@@ -223,11 +235,10 @@ def depth_steps(level: int, d: tuple[int, ...], letter: int = 0) -> tuple[str, i
         return "a*b+c", ab + c, [*steps, f"a*b+c={ab}+{c}={ab + c}"]
     if level == 5:
         ce = c * e
-        return (
-            "a*b+c*d",
-            ab + ce,
-            [*steps, f"c*d={c}*{e}={ce}", f"a*b+c*d={ab}+{ce}={ab + ce}"],
-        )
+        total = f"a*b+c*d={ab}+{ce}="
+        if split_sum and ce >= 10 and ce % 10:
+            total += f"{ab + ce - ce % 10}+{ce % 10}="
+        return "a*b+c*d", ab + ce, [*steps, f"c*d={c}*{e}={ce}", f"{total}{ab + ce}"]
     raise ValueError(f"depth level must be 1..5, got {level}")
 
 
@@ -235,11 +246,13 @@ def _make_depth_problem(
     rng: np.random.Generator, seed: int, split: Split, text_only: bool, cfg: DigitsConfig
 ) -> DigitsProblem:
     difficulty = int(rng.integers(1, 6))
-    letter = int(rng.integers(DEPTH_DIGITS))
+    letter = int(rng.integers(DEPTH_DIGITS))  # drawn either way: the later draws stay the same
+    if not cfg.depth_any_letter:
+        letter = 0
     digits = tuple(int(x) for x in rng.integers(cfg.depth_low_digit, 10, size=DEPTH_DIGITS))
     pools = split_indices(seed, cfg.test_fraction)[split]
     image_indices = tuple(int(pools[x][int(rng.integers(len(pools[x])))]) for x in digits)
-    expr, answer, steps = depth_steps(difficulty, digits, letter)
+    expr, answer, steps = depth_steps(difficulty, digits, letter, cfg.depth_split_sum)
     where = "listed" if text_only else "in the image"
     prefix = "Digits: " + ", ".join(DIGIT_WORDS[x] for x in digits) + ". " if text_only else ""
     question = f"{prefix}Let a, b, c, d be the digits {where}, left to right. Compute {expr}."
@@ -447,7 +460,8 @@ def prep_digits(
             "config": {
                 k: v
                 for k, v in dataclasses.asdict(cfg).items()
-                if cfg.family == "depth" or k not in ("family", "depth_low_digit")
+                if cfg.family == "depth"
+                or k not in ("family", "depth_low_digit", "depth_any_letter", "depth_split_sum")
             },
         }
         reports[split] = write_samples(

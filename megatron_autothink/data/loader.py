@@ -40,7 +40,7 @@ import struct
 import tarfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, Literal, TypeVar
 
 import torch
@@ -166,6 +166,8 @@ class LoaderConfig(DataSourceConfig):
     think_min_difficulty: int | None = None
     """If set, samples carrying both responses take the thinking one when their difficulty is at
     least this and the direct one below it (R-4B's curation by difficulty); else think_ratio."""
+    think_ratio_by_difficulty: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    """P(thinking response) for samples of the listed difficulties (before the two rules above)."""
     packing_buffer_size: int = 128
     """Samples first-fit packed together (larger: fuller rows)."""
     plain_as_non_thinking: bool = True
@@ -486,18 +488,23 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
             return sample.mode
         if len(sample.responses) == 1:
             return next(iter(sample.responses))
-        if self.config.think_min_difficulty is not None and sample.difficulty is not None:
-            return (
-                "thinking"
-                if sample.difficulty >= self.config.think_min_difficulty
-                else "non_thinking"
-            )
+        ratio = self.config.think_ratio
+        if sample.difficulty is not None:
+            by_level = self.config.think_ratio_by_difficulty
+            if sample.difficulty in by_level:
+                ratio = by_level[sample.difficulty]
+            elif self.config.think_min_difficulty is not None:
+                return (
+                    "thinking"
+                    if sample.difficulty >= self.config.think_min_difficulty
+                    else "non_thinking"
+                )
         # A hash of (seed, sample id) rather than the global `random`: energon reseeds `random`
         # from a sample index that does not advance inside the packing pipeline, which gave
         # every sample the same draw (all thinking). Deterministic and restorable as well.
         digest = hashlib.blake2b(f"{self.config.seed}:{sample.id}".encode(), digest_size=8)
         u = int.from_bytes(digest.digest(), "big") / 2**64
-        return "thinking" if u < self.config.think_ratio else "non_thinking"
+        return "thinking" if u < ratio else "non_thinking"
 
     def encode(
         self, sample: Sample, images: list[Image.Image], mode: Mode | None

@@ -212,6 +212,9 @@ def select_training_set(
             solved.append(all_correct)
     metrics = {"zero_adv_group_frac": zero_groups / max(len(groups), 1)}
     if replay is None:
+        # VL-Rethinker's "effective" batch: only samples with a non-zero advantage move the
+        # policy (the rest contribute a zero policy-gradient term).
+        metrics["samples_nonzero_adv"] = float(sum(abs(x.advantage) > 1e-12 for x in samples))
         return TrainingSet(samples, [False] * len(samples), list(samples), metrics)
     records = []
     for s in samples:
@@ -238,6 +241,7 @@ def select_training_set(
             "ssr/buffer_size": float(len(replay.buffer.records())),
             "ssr/replay_share": sel.replay_share,
             "ssr/selected": float(len(chosen)),
+            "samples_nonzero_adv": float(sum(abs(x.advantage) > 1e-12 for x in chosen)),
             # Samples of the training set replayed from earlier steps (they are trained now).
             "ssr/replayed": float(sum(sel.is_replay)),
         }
@@ -345,6 +349,7 @@ def log_rollouts(path: Path, records: list[dict[str, Any]]) -> None:
 # Metrics that add up over data-parallel ranks (the others are averaged).
 SUMMED_METRICS = (
     "samples_trained",
+    "samples_nonzero_adv",
     "ssr/selected",
     "ssr/replayed",
     "ssr/buffer_size",

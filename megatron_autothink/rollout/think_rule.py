@@ -6,14 +6,20 @@ learnt to answer directly samples ``</think>`` at once, and after ``short``'s em
 rates, BPO's forced groups and the long-vs-short comparisons then measure the model's habit,
 not the mode. So the engine bans tokens while it decodes a forced mode:
 
-* **long** (the completion starts inside an open, empty think block): ``</think>`` and the stop
-  tokens (EOS, ``SamplingConfig.stop_token_ids``) are banned until the completion holds
-  ``min_think_tokens`` *content* tokens, i.e. tokens whose text is not whitespace only. Blank
-  tokens do not count because a block of newlines is an empty block (``rl.rewards.is_thinking``
-  strips it), and a model that wants to close would otherwise pad the block with ``"\\n"`` and
-  close after N of them. Stop tokens are banned too because ``<think>\\n<|im_end|>`` is as empty
-  as ``<think>\\n</think>``. After the N-th content token nothing is banned: the model decides
-  how long to think.
+* **long** (the completion starts inside an open, empty think block): ``</think>``, a nested
+  ``<think>`` and the stop tokens (EOS, ``SamplingConfig.stop_token_ids``) are banned until the
+  completion holds ``min_think_tokens`` *content* tokens, i.e. tokens whose text is not
+  whitespace only, and the *first* token must be content (blank tokens are banned until one
+  content token is written). Blank tokens do not count because a block of newlines is an empty
+  block (``rl.rewards.is_thinking`` strips it), and a model that wants to close would otherwise
+  pad the block with ``"\\n"`` and close after N of them. A blank first token is the direct
+  answer's path itself (``<think>\\n`` + ``"\\n"`` is the empty block's opening): a model that
+  answers directly takes it and then writes a direct answer, a second ``<think>`` or noise
+  inside the block (measured: 6 % on the hardest digits level with the ban on ``</think>``
+  alone, docs/demo_study.md), so the decision position itself is constrained, as a
+  ``<think>\\nThe`` prefill would, without naming the trace's first word. Stop tokens are banned
+  because ``<think>\\n<|im_end|>`` is as empty as ``<think>\\n</think>``. After the N-th content
+  token nothing is banned: the model decides how long to think.
 * **short** (the completion starts after an empty, closed think block): ``<think>`` is banned
   for the whole completion, so the think block stays the empty one of the prefill.
 * **auto**: nothing is banned; whether to think is the model's decision.
@@ -160,14 +166,15 @@ class RuleTracker:
     reference that grows as tokens are sampled); the tracker counts content tokens
     incrementally, so a step costs the new tokens only.
 
-    Example (``</think>`` = 2, blank ``"\\n"`` = 9, EOS = 0, two content tokens required):
+    Example (``<think>`` = 1, ``</think>`` = 2, blank ``"\\n"`` = 9, EOS = 0, two content tokens
+    required):
         >>> v = ThinkVocab((1,), (2,), (1, 9), (1, 9, 9, 2, 9, 9), frozenset({9}))
         >>> out: list[int] = []
         >>> t = RuleTracker(v, ForcedRule("long", 2, frozenset({0})), out)
-        >>> t.banned()
-        [2, 0]
-        >>> out += [9, 5]; t.banned()  # a blank and one content token
-        [2, 0]
+        >>> t.banned()  # the first token must be content
+        [2, 1, 0, 9]
+        >>> out += [5, 9]; t.banned()  # one content token and a blank
+        [2, 1, 0]
         >>> out += [6]; t.banned(), t.done
         ([], True)
     """
@@ -201,7 +208,11 @@ class RuleTracker:
         self._count()
         if self.done:
             return []
-        return _sequence_ban(self.vocab.close_ids, self.output_ids) + sorted(self.rule.stop_ids)
+        ban = _sequence_ban(self.vocab.close_ids, self.output_ids)
+        ban += _sequence_ban(self.vocab.open_ids, self.output_ids) + sorted(self.rule.stop_ids)
+        if self._content == 0:
+            ban += sorted(self.vocab.blank_ids)
+        return ban
 
 
 def _sequence_ban(tag: tuple[int, ...], output_ids: Sequence[int]) -> list[int]:

@@ -2,8 +2,9 @@
 
 Each stage checkpoints under ``<checkpoint.dir>/<stage name>/``. On start, a stage with a
 checkpoint resumes from it (model, optimizer, LR schedule, data position, RNG); a stage without
-one starts from the final weights of the stage before it (fresh optimizer), or from
-``train.init_from`` / random init for the first stage.
+one starts from the final weights of the stage before it (or of the earlier stage its
+``start_from`` names: a branch; fresh optimizer), or from ``train.init_from`` / random init for
+the first stage.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def build_sft_loader(
         micro_batch_size=d.micro_batch_size,
         think_ratio=d.think_ratio,
         think_min_difficulty=d.think_min_difficulty,
+        think_ratio_by_difficulty=dict(d.think_ratio_by_difficulty),
         s3_endpoint=d.s3_endpoint or None,
         image=image_config(cfg),
         **loader_options(cfg),
@@ -342,7 +344,10 @@ def main(cfg: AutothinkConfig) -> int:
             load_initial_weights(cfg, ctx, chunks)
         chunks = wrap_ddp(cfg, chunks, ctx)
         offset, previous = 0, None
+        finished: dict[str, CheckpointManager] = {}
         for stage in stages:
+            if stage.start_from:  # a branch: from that stage's final weights
+                previous = finished[stage.start_from]
             if stage.kind == "rl":
                 from megatron_autothink.rl.stage import run_stage as run_rl_stage
 
@@ -371,6 +376,8 @@ def main(cfg: AutothinkConfig) -> int:
                     "pre-empted at %s step %d: checkpoint saved, exiting", stage.name, state.step
                 )
                 return 0
+            if previous is not None:
+                finished[stage.name] = previous
             offset += stage.steps
         phase(f"done: {', '.join(s.name for s in stages)}", rank=ctx.rank)
         return 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from collections import Counter
 
+import pytest
 from PIL import Image
 
 from megatron_autothink.data.digits import (
@@ -49,10 +51,14 @@ def test_answers_match_the_expression() -> None:
             assert len(p.steps) == 1 + max(n_ops, 1)
 
 
-def test_trace_is_consistent() -> None:
-    """Every line ``lhs=x op y=z`` has the digits / earlier results as operands and z right."""
+@pytest.mark.parametrize("split_sum", [False, True])
+def test_trace_is_consistent(split_sum: bool) -> None:
+    """Every line ``lhs=x op y(=x' op y')=z`` has the digits / earlier results as operands, each
+    intermediate equals the sum before it, and z is right."""
+    cfg = dataclasses.replace(DEPTH, depth_split_sum=split_sum)
+    split_lines = 0
     for i in range(500):
-        p = make_problem(0, "train", i, config=DEPTH)
+        p = make_problem(0, "train", i, config=cfg)
         assert p.steps[0] == "The digits are " + ", ".join(map(str, p.digits)) + "."
         env = dict(zip("abcd", p.digits, strict=True))
         for line in p.steps[1:]:
@@ -60,17 +66,23 @@ def test_trace_is_consistent() -> None:
             if len(parts) == 2:  # level 1: "c=3"
                 assert env[parts[0]] == int(parts[1])
                 continue
-            lhs, ops, result = parts
+            lhs, *chain, result = parts
             assert int(result) == _value(lhs, p.digits)
-            operands = [int(x) for x in re.split(r"[*+]", ops)]
-            op = "*" if "*" in ops else "+"
-            assert int(result) == (operands[0] * operands[1] if op == "*" else sum(operands))
+            for ops in chain:  # every form of the expression has the same value
+                operands = [int(x) for x in re.split(r"[*+]", ops)]
+                op = "*" if "*" in ops else "+"
+                assert int(result) == (operands[0] * operands[1] if op == "*" else sum(operands))
+            if len(chain) == 2:  # 56+15=66+5: the tens of the second operand added first
+                x, y = (int(v) for v in chain[0].split("+"))
+                assert chain[1] == f"{x + y - y % 10}+{y % 10}" and y >= 10 and y % 10
+                split_lines += 1
         # the last line's result is the answer
         assert p.steps[-1].endswith(f"={p.answer}")
         _, thinking, direct = problem_texts(p)
         assert thinking.endswith(f"\\boxed{{{p.answer}}}.") and direct.endswith(
             f"\\boxed{{{p.answer}}}."
         )
+    assert (split_lines > 50) == split_sum
 
 
 def test_levels_balanced_and_deterministic() -> None:
@@ -93,6 +105,21 @@ def test_low_digit_option() -> None:
     assert seen == set(range(10))
 
 
+def test_level1_letter() -> None:
+    """Level 1 asks for ``a`` unless ``depth_any_letter``; the digits drawn are the same."""
+    anyl = DigitsConfig(family="depth", depth_any_letter=True)
+    letters, any_letters = set(), set()
+    for i in range(200):
+        p, q = make_problem(0, "train", i, config=DEPTH), make_problem(0, "train", i, config=anyl)
+        assert p.digits == q.digits and p.image_indices == q.image_indices
+        if p.difficulty == 1:
+            letters.add(p.question.split("Compute ")[1][0])
+            any_letters.add(q.question.split("Compute ")[1][0])
+        else:
+            assert p == q
+    assert letters == {"a"} and any_letters == set("abcd")
+
+
 def test_depth_steps_table() -> None:
     d = (7, 8, 3, 5)
     assert depth_steps(1, d, 2) == ("c", 3, ["c=3"])
@@ -104,6 +131,9 @@ def test_depth_steps_table() -> None:
         71,
         ["a*b=7*8=56", "c*d=3*5=15", "a*b+c*d=56+15=71"],
     )
+    assert depth_steps(5, d, split_sum=True)[2][-1] == "a*b+c*d=56+15=66+5=71"
+    assert depth_steps(5, (7, 8, 2, 5), split_sum=True)[2][-1] == "a*b+c*d=56+10=66"
+    assert depth_steps(5, (7, 8, 2, 3), split_sum=True)[2][-1] == "a*b+c*d=56+6=62"
 
 
 def test_samples_images_and_text_variant() -> None:

@@ -20,6 +20,7 @@ from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.data.image_processing import decode_image, image_patches
 from megatron_autothink.data.loader import (
     LoaderConfig,
+    PackingTaskEncoder,
     PromptLoaderConfig,
     build_packed_loader,
     build_prompt_loader,
@@ -141,6 +142,35 @@ def test_think_ratio(digits_dir: str, tokenizer: Any, ratio: float) -> None:
     )
     modes = torch.cat([next(loader).mode_ids.flatten() for _ in range(2)]).unique().tolist()
     assert set(modes) == {-1, int(ratio)}
+
+
+def test_think_ratio_by_difficulty_curates_per_level(digits_dir: str, tokenizer: Any) -> None:
+    """R-4B-style curation that keeps some thinking answers on easy levels: the listed levels
+    take their own ratio, the others the difficulty threshold."""
+    from megatron_autothink.data.schema import Sample
+
+    cfg = _cfg(digits_dir, think_min_difficulty=4, think_ratio_by_difficulty={1: 0.25, 5: 0.0})
+    enc = PackingTaskEncoder(tokenizer, cfg)
+    n = 2000
+
+    def think_share(level: int) -> float:
+        samples = [
+            Sample(
+                id=f"s{i}",
+                conversations=[{"role": "user", "content": "q"}],
+                responses={
+                    "thinking": "<think>\nx\n</think>\n\n1",
+                    "non_thinking": "<think>\n\n</think>\n\n1",
+                },
+                difficulty=level,
+            )
+            for i in range(n)
+        ]
+        return sum(enc.choose_mode(s) == "thinking" for s in samples) / n
+
+    assert abs(think_share(1) - 0.25) < 0.04  # listed: its own ratio
+    assert think_share(5) == 0.0  # listed: overrides the threshold
+    assert think_share(2) == 0.0 and think_share(4) == 1.0  # unlisted: the threshold
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -101,7 +101,7 @@ def test_training_set_without_ssr() -> None:
     ts = select_training_set(prompts, groups, advs, RLConfig(), None, gen, step=3)
     assert [s.sample_id for s in ts.samples] == list(range(8))
     assert ts.fresh == ts.samples and ts.is_replay == [False] * 8
-    assert ts.metrics == {"zero_adv_group_frac": 0.5}
+    assert ts.metrics == {"zero_adv_group_frac": 0.5, "samples_nonzero_adv": 4.0}
     s0, s4 = ts.samples[0], ts.samples[4]
     assert s0.version == 3 and s0.advantage == 0.5 and s0.correct and s0.mode_id == 0
     assert s0.prompt_ids.dtype == torch.int32 and s0.prompt_ids.tolist() == [1, 2, 3]
@@ -133,6 +133,7 @@ def test_training_set_with_ssr_replays_buffered_samples() -> None:
     for s in ts.fresh:
         s.behaviour_logprobs = torch.full((2,), -1.0 - s.sample_id)
     assert ts.metrics["ssr/buffer_size"] == 2.0 and "ssr/replay_age" not in ts.metrics
+    assert ts.metrics["samples_nonzero_adv"] == 4.0
     # Step 2: every group is flat, so the whole training set is replays from step 1
     flat = [[_resp(1.0, True) for _ in range(4)], [_resp(0.0) for _ in range(4)]]
     ts2 = select_training_set(prompts, flat, [[0.0] * 4] * 2, rl, store, gen, step=2)

@@ -43,11 +43,16 @@ def test_long_bans_close_and_stop_until_enough_content() -> None:
     assert rule == ForcedRule("long", 3, frozenset({0}))
     out: list[int] = []
     tracker = RuleTracker(VOCAB, rule, out)
-    assert tracker.banned() == [2, 0]
-    out += [9, 9, 5, 9, 6]  # blanks do not count: two content tokens so far
-    assert tracker.banned() == [2, 0] and not tracker.done
+    # The first token must be content: a blank one starts the direct answer's empty block.
+    assert tracker.banned() == [2, 1, 0, 9]
     out.append(-1)  # an async placeholder is not a token yet
-    assert tracker.banned() == [2, 0]
+    assert tracker.banned() == [2, 1, 0, 9]
+    out[-1] = 5
+    assert tracker.banned() == [2, 1, 0]  # blanks allowed now, nested <think> still not
+    out += [9, 9, 6]  # blanks do not count: two content tokens so far
+    assert tracker.banned() == [2, 1, 0] and not tracker.done
+    out.append(-1)
+    assert tracker.banned() == [2, 1, 0]
     out[-1] = 7  # ... until it is replaced by the sampled one
     assert tracker.banned() == [] and tracker.done
     out += [2, 5]  # closing afterwards is the model's choice; nothing is banned any more
@@ -80,7 +85,7 @@ def test_multi_token_tags_are_banned_as_sequences() -> None:
     vocab = ThinkVocab((10, 11), (20, 21, 22), (10, 11, 9), (10, 11, 9, 20, 21, 22), frozenset({9}))
     out: list[int] = []
     tracker = RuleTracker(vocab, ForcedRule("long", 2), out)
-    assert tracker.banned() == []
+    assert tracker.banned() == [9]  # only the blank first token: no tag is one token away
     out += [20, 21]  # counts as two content tokens, so the ban has ended after them
     assert tracker.banned() == []
     out.clear()
@@ -89,6 +94,8 @@ def test_multi_token_tags_are_banned_as_sequences() -> None:
     assert tracker.banned() == [22]
     out.append(5)
     assert tracker.banned() == []
+    out += [10]  # a nested "<think>" (10 11) is banned as a sequence too
+    assert tracker.banned() == [11]
 
 
 def test_settings_travel_as_flat_extra_args_and_are_validated() -> None:

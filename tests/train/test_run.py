@@ -297,3 +297,24 @@ def test_missing_data_path_is_reported_before_any_set_up(tmp_path: Path) -> None
     with pytest.raises(SystemExit, match=f"data.train_path={missing} does not exist"):
         main(cfg)
     assert dist.is_initialized() == was_initialized and not (tmp_path / "r").exists()
+
+
+def test_branch_stage_starts_from_the_stage_it_names(digits: Path, tmp_path: Path) -> None:
+    """``start_from``: stage ``c`` starts from ``a``'s final weights, not from ``b`` (the stage
+    before it), whose lr ruins the model: c's first loss is a's last, far below b's."""
+    run = tmp_path / "run"
+    stages = (
+        "stages=[{name: a, kind: sft, steps: 20}, {name: b, kind: sft, steps: 6, lr: 0.5},"
+        " {name: c, kind: sft, steps: 2, lr: 1.0e-9, start_from: a}]"
+    )
+    subprocess.run(
+        _cmd(digits, run, stages, "checkpoint.save_every=0"),
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loss = {st: [r["loss"] for r in rows if r["stage"] == st] for st in "abc"}
+    a_end, b_end, c_first = sum(loss["a"][-3:]) / 3, sum(loss["b"][-2:]) / 2, loss["c"][0]
+    assert b_end > a_end + 1.0, loss  # b really moved away from a
+    assert abs(c_first - a_end) < 0.5 < abs(c_first - b_end), loss
