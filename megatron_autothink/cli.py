@@ -197,7 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_openmp_env()
     silence_known_warnings()  # megatron-core's TE/Apex fallback notes & co. (compat/quiet.py)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional `nargs="*"` at the first option, so
+    # `train a=1 --config X b=2` leaves `b=2` over; dotted overrides may come in any order.
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        stray = [x for x in extra if x.startswith("-") or "=" not in x]
+        if not stray:
+            args.overrides += extra
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except ConfigError as e:

@@ -34,6 +34,16 @@ def test_train_print_config_applies_overrides(capsys: pytest.CaptureFixture[str]
     assert "steps: 7" in capsys.readouterr().out
 
 
+def test_overrides_before_and_after_options_all_apply(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "train.steps=7", "--config", "tiny_cpu", "train.seed=5", "--print-config"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "seed: 5" in out
+    with pytest.raises(SystemExit):  # a stray word is still refused, naming it
+        main(["train", "train.steps=7", "--config", "tiny_cpu", "oops", "--print-config"])
+    assert "unrecognized arguments: oops" in capsys.readouterr().err
+
+
 def test_bad_override_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "parallel.tp=3", "--print-config"]) == 2
     err = capsys.readouterr().err
