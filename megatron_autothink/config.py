@@ -294,6 +294,13 @@ class RewardWeights(_Section):
     """R-4B: response in the thinking or non-thinking format."""
     lmm_r1_format: float = 0.0
     """LMM-R1: whole response is <think>...</think><answer>...</answer> (paper: 0.5)."""
+    length_cost: float = Field(0.0, ge=0.0)
+    """A correct answer's reward loses ``length_cost * turn_tokens / rollout.max_new_tokens``
+    (prefill included, so both modes count the same tokens). Not in R-4B: a tie-break for BPO.
+    Where both forced modes are right (easy questions), accuracy alone gives every response the
+    same reward, zero advantage and no reason to stop thinking; the cost makes the shorter,
+    direct answer win there while a correct trace still beats a wrong direct answer (docs/rl.md,
+    "Length cost"). 0 disables it."""
     invalid_penalty: float = 0.0
     """VL-Rethinker: an invalid response (no EOS, no box, > 5 "wait") scores -invalid_penalty;
     0 disables the rule."""

@@ -64,6 +64,7 @@ from megatron_autothink.rl.advantages import group_advantages
 from megatron_autothink.rl.batching import TrainSequence, pack_sequences, per_sample_values
 from megatron_autothink.rl.bpo import bpo_advantages
 from megatron_autothink.rl.comm import RLComm, engine_owner
+from megatron_autothink.rl.rewards.rubric import length_cost
 from megatron_autothink.rl.rollout import (
     MODE_ID,
     ScoredResponse,
@@ -544,4 +545,12 @@ def _rollouts(
             )
         )
     rc.engine.sleep()
+    if rl.rewards.length_cost:
+        for group in groups:
+            for r in group:
+                cost = length_cost(
+                    r.correct, r.num_tokens, sampling.max_new_tokens, rl.rewards.length_cost
+                )
+                r.reward -= cost
+                r.components["length_cost"] = cost
     return groups, metrics

@@ -117,11 +117,15 @@ def load_initial_weights(
 ) -> None:
     """``train.init_from``: a Hugging Face Qwen2.5-VL directory (config.json + safetensors), a
     megatron dist-checkpoint made by ``autothink convert hf-to-mcore`` (autothink_model.json), or
-    a training checkpoint (``iter_N`` or its ``dist/``: the model part only, no optimizer).
+    a training checkpoint (``checkpoints/<stage>`` for its latest iteration, ``iter_N`` or its
+    ``dist/``: the model part only, no optimizer).
     Loaded before DDP wrapping, only when the run has nothing to resume."""
     from megatron_autothink.checkpoint_io import load_dist
 
     src = Path(cfg.train.init_from)
+    if (src / "latest").is_file():
+        # a stage's checkpoint folder (checkpoints/<stage>): its newest complete iteration
+        src = src / (src / "latest").read_text().strip()
     if (src / "meta.json").is_file() and (src / "dist").is_dir():
         src = src / "dist"  # an iter_N folder: its weights are in dist/
     if (src / "autothink_model.json").is_file() or (src / "metadata.json").is_file():
@@ -144,7 +148,8 @@ def load_initial_weights(
     else:
         raise SystemExit(
             f"train.init_from={src}: neither a HF model dir (config.json) nor a megatron "
-            "checkpoint from `autothink convert hf-to-mcore` (autothink_model.json)"
+            "checkpoint from `autothink convert hf-to-mcore` (autothink_model.json) nor a "
+            "training checkpoint (checkpoints/<stage>, its iter_N or iter_N/dist)"
         )
     log.info("initial weights from %s", src)
 

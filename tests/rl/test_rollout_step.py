@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
+
+import pytest
 
 from megatron_autothink.config import RethinkConfig, RLConfig
 from megatron_autothink.data.batch import PromptSample
@@ -117,3 +120,48 @@ def test_lengths_count_the_whole_assistant_turn_in_every_mode() -> None:
     assert m["rollout/auto/length"] == m["rollout/short/length"] == 28.0
     assert m["rollout/long/length"] == 31.0
     assert [r["tokens"] for r in rollout_records(1, [PROMPT], groups)] == [28, 28, 31]
+
+
+def test_length_cost_lets_bpo_prefer_the_direct_answer_only_where_both_modes_are_right() -> None:
+    """``rl.rewards.length_cost``, through the trainer's rollout step: on an easy prompt (both
+    modes right) the short answers win the mixed group; on a hard one (only the trace is right)
+    the trace still wins; wrong answers pay nothing. Without the cost the easy group's
+    advantages are all 0 (nothing tells BPO to stop thinking there)."""
+    from megatron_autothink.config import AutothinkConfig
+    from megatron_autothink.data.image_processing import ImageProcessingConfig
+    from megatron_autothink.rl.trainer import RLContext, _rollouts, compute_advantages
+
+    trace = "a=4\n</think>\n\nThe answer is \\boxed{4}"  # 8 prefill + 37 = 45 tokens
+    direct = "\\boxed{4}"  # 19 + 9 = 28 tokens
+    easy = PromptSample(id="e", prompt="a?", prompt_ids=[1], vllm_prompt="a?", answer="4")
+    hard = PromptSample(id="h", prompt="a*b?", prompt_ids=[2], vllm_prompt="a*b?", answer="4")
+    answers = {
+        "s0-p0-long-e": trace, "s0-p0-short-e": direct,
+        "s0-p1-long-h": trace, "s0-p1-short-h": "\\boxed{5}",
+    }  # fmt: skip
+    sampling = SamplingConfig(max_new_tokens=96)
+
+    def run(cost: float) -> tuple[list[list[ScoredResponse]], list[list[float]]]:
+        cfg = AutothinkConfig()
+        cfg.rl.algorithm, cfg.rl.rewards.length_cost = "bpo", cost
+        cfg.rl.bpo.g_think = cfg.rl.bpo.g_nothink = 2
+        rc: Any = RLContext(
+            cfg=cfg, ctx=None, chunks=[], ref_chunks=None, opt=None,
+            engine=ScriptedEngine(answers), tokenizer=CharTokenizer(), score=score, replay=None,
+            rng=None, gen=None, pad_id=0, image_token_id=99, image=ImageProcessingConfig(),
+            weight_sync=None, comm=None,
+        )  # fmt: skip
+        groups, _ = _rollouts(rc, [easy, hard], sampling, 0)
+        return groups, compute_advantages(groups, cfg.rl)
+
+    groups, adv = run(0.2)
+    e_long, _, e_short, _ = groups[0]
+    assert (e_long.num_tokens, e_short.num_tokens) == (45, 28)
+    assert e_long.reward == pytest.approx(1 - 0.2 * 45 / 96)
+    assert e_short.reward == pytest.approx(1 - 0.2 * 28 / 96)
+    assert adv[0][0] < 0 < adv[0][2]  # easy: the direct answer wins
+    _, _, h_short, _ = groups[1]
+    assert h_short.reward == 0.0 and h_short.components["length_cost"] == 0.0
+    assert adv[1][0] > 0 > adv[1][2]  # hard: the trace still wins
+    _, adv0 = run(0.0)
+    assert adv0[0] == [0.0] * 4 and adv0[1][0] > 0

@@ -142,12 +142,14 @@ def _init_from(src: str, iter_dir: str) -> dict:
 
 @pytest.mark.dist
 def test_init_from_a_training_checkpoint_and_its_corruption(tmp_path: Path) -> None:
-    """``train.init_from`` takes a training checkpoint's iter dir or its dist/ (the model part;
-    it used to fail on the optimizer's keys), and refuses it once a .distcp is corrupted."""
+    """``train.init_from`` takes a training checkpoint's iter dir, its dist/ (the model part;
+    it used to fail on the optimizer's keys) or the folder holding ``latest`` (a stage's
+    checkpoints: it used to be refused), and refuses it once a .distcp is corrupted."""
     root = tmp_path / "r"
     run_distributed(_train, 1, str(root), 2, 2, [])
     it = root / "iter_00000002"
-    for src in (it / "dist", it):
+    assert (root / "latest").read_text().strip() == it.name
+    for src in (it / "dist", it, root):
         (out,) = run_distributed(_init_from, 1, str(src), str(it))
         assert out == {"same": True}, src
     victim = max((it / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)

@@ -14,6 +14,8 @@ Per response (text including any forced prefill, ground truth, whether generatio
   ("...3+4=7") could score, which favours long thinking in BPO and inflates eval accuracy.
 * **think_format** (R-4B bi-mode turn) and **lmm_r1_format** (LMM-R1 ``<think><answer>``), each
   added with its weight when the weight is non-zero.
+* **length_cost** (ours, for BPO's mode choice): applied by the RL loop once token counts are
+  known (:func:`length_cost`), not by :class:`Rubric`, which sees text only.
 * **invalid_penalty** (VL-Rethinker): an invalid response (no EOS, no box, more than 5 "wait")
   scores ``-invalid_penalty`` whatever else it earned.
 
@@ -130,3 +132,22 @@ class Rubric:
             text, answer=prompt.answer, answer_type=prompt.answer_type, finished=finished
         )
         return s.reward, s.correct, s.components
+
+
+def length_cost(correct: bool, num_tokens: int, budget: int, weight: float) -> float:
+    """What a response loses for its length: ``weight * num_tokens / budget`` when correct, else 0.
+
+    Only correct answers pay, so a wrong short answer never beats a right long one (with
+    ``weight < 1`` and ``num_tokens <= budget`` a correct answer keeps a reward > 0); among
+    right answers the shorter wins, which is what lets BPO prefer the direct answer where both
+    modes are right. ``num_tokens`` is the whole assistant turn (prefill included).
+
+    Example (a 96-token budget, weight 0.2: a 10-token direct answer vs a 60-token trace):
+        >>> round(1.0 - length_cost(True, 10, 96, 0.2), 3), round(1.0 - length_cost(True, 60, 96, 0.2), 3)
+        (0.979, 0.875)
+        >>> length_cost(False, 10, 96, 0.2)
+        0.0
+    """
+    if not correct or weight == 0.0:
+        return 0.0
+    return weight * min(num_tokens, budget) / max(budget, 1)
