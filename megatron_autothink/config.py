@@ -262,6 +262,12 @@ class BPOConfig(_Section):
     """Train the forced mode prefill as part of the response. The prefill ends at the token where
     the policy decides to think or not; without it in the loss, BPO's advantages never reach
     that decision and auto mode cannot learn when to think."""
+    decision_weighting: Literal["none", "importance"] = "none"
+    """How the mode decision token is trained from the forced groups. ``none``: with the group
+    advantage like every other target, a push of the same size whatever the policy prefers.
+    ``importance``: weighted by ``pi(mode) / q(mode)`` (``q`` the forced share), the gradient auto
+    mode itself would get, which settles where the choice is made (``rl.bpo.decision_weights``;
+    docs/rl.md, "Decision weighting"). Needs ``train_decision``."""
     g_think: int = Field(4, ge=0)
     """Rollouts per prompt forced into thinking mode (``long`` prefill)."""
     g_nothink: int = Field(4, ge=0)

@@ -45,6 +45,10 @@ class TrainSequence:
     # as old_logp; None when the trainer is about to compute them (the generating step)
     old_logprobs: list[float] | None = None
     replay: bool = False  # an SSR replay from an earlier step (off-policy)
+    # BPO decision weighting: the advantage of target decision_target (-1: none) is scaled by
+    # decision_weight (rl.bpo.decision_weights)
+    decision_target: int = -1
+    decision_weight: float = 1.0
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.prefill_ids) + len(self.response_ids)
@@ -144,6 +148,13 @@ def pack_sequences(
             # label position t predicts token t+1: target token at index i sits at label i-1
             a, e = first_target - 1, response_start - 1 + len(s.response_ids)
             adv[a:e] = s.advantage
+            if s.decision_target >= 0:
+                if s.decision_target >= e - a:
+                    raise ValueError(
+                        f"sample {s.sample_index}: decision target {s.decision_target} beyond "
+                        f"its {e - a} target tokens"
+                    )
+                adv[a + s.decision_target] *= s.decision_weight
             # the prefill was forced, not sampled: no engine log-prob there (left at 0)
             r0 = response_start - 1
             elp[r0:e] = torch.tensor(s.engine_logprobs[: e - r0], dtype=torch.float32)

@@ -124,3 +124,69 @@ def per_mode_metrics(
         out["groups/thinking_better"] = math.nan
         out["groups/non_thinking_better"] = math.nan
     return out
+
+
+def decision_position(think_prefill: list[int], nothink_prefill: list[int]) -> int:
+    """Index of the mode decision in a BPO sample's targets (prefill first): the first token
+    where the two forced prefills part.
+
+    With a tokenizer that splits ``\\n\\n`` (the demo's) the thinking prefill is a prefix of the
+    other, so the decision is the thinking sample's first response token; with Qwen3's
+    (``\\n\\n`` one token) both prefills carry it at index 1.
+
+    Example:
+        >>> decision_position([775, 198], [775, 198, 198, 776, 198, 198])
+        2
+        >>> decision_position([151667, 198], [151667, 271, 151668, 271])
+        1
+    """
+    n = 0
+    for a, b in zip(think_prefill, nothink_prefill, strict=False):
+        if a != b:
+            break
+        n += 1
+    if n == len(nothink_prefill):
+        raise ValueError("the non-thinking prefill must not be a prefix of the thinking one")
+    return n
+
+
+def decision_weights(p_nothink: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
+    r"""Importance weights of the mode decision in BPO's forced groups.
+
+    A forced group picks each rollout's mode from ``q`` (the forced share, ``g_think / G``),
+    not from the policy, so training the decision token with the group advantage alone
+    follows ``sum_m q(m) A(m) grad log pi(m)``: for two modes that is ``2 q dA`` on the decision
+    logit whatever ``pi`` already prefers, a push that never settles. A strong signal on hard
+    prompts then drags the shared weights until easy prompts think too (docs/rl.md, "Decision
+    weighting"). Weighting each decision term by ``pi(m) / q(m)`` gives the gradient auto mode
+    would get, ``p (1 - p) dA`` for ``p = pi(think)``, which fades where the choice is settled
+    and leaves the prompts still undecided to move. R-4B (arXiv 2508.21113) does not say how its
+    decision is trained; this is our choice, off by default (``rl.bpo.decision_weighting``).
+
+    ``pi(think) = 1 - pi(non-thinking decision token)``: any decision but the empty block
+    thinks, and the non-thinking prefill's decision token is a trained target whose log-prob
+    the trainer has (the thinking sample's may be a sampled content token, one of many).
+
+    Args:
+        p_nothink: [G] policy probability of the non-thinking decision per prompt.
+        modes: [G, N] bool, True where the rollout was forced to think; each row must hold both.
+
+    Returns:
+        [G, N] weights, ``pi(m) / q(m)`` per rollout (mean 1 over a group when ``q = pi``).
+
+    Example:
+        The policy answers directly 80 % of the time; a 2 + 2 group samples each mode half the
+        time, so thinking rollouts count 0.4x and direct ones 1.6x:
+
+        >>> m = torch.tensor([[True, True, False, False]])
+        >>> [round(w, 3) for w in decision_weights(torch.tensor([0.8]), m)[0].tolist()]
+        [0.4, 0.4, 1.6, 1.6]
+    """
+    if p_nothink.dim() != 1 or modes.dim() != 2 or p_nothink.shape[0] != modes.shape[0]:
+        raise ValueError(f"p_nothink [G] and modes [G, N], got {p_nothink.shape}, {modes.shape}")
+    think = modes.bool()
+    q_think = think.float().mean(dim=1, keepdim=True)
+    if bool(((q_think == 0) | (q_think == 1)).any()):
+        raise ValueError("every group needs both modes to weight its decision")
+    p = p_nothink.float().clamp(0.0, 1.0).unsqueeze(1)
+    return torch.where(think, (1 - p) / q_think, p / (1 - q_think))

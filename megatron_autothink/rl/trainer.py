@@ -62,7 +62,7 @@ from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.actor import compute_logprobs, policy_update
 from megatron_autothink.rl.advantages import group_advantages
 from megatron_autothink.rl.batching import TrainSequence, pack_sequences, per_sample_values
-from megatron_autothink.rl.bpo import bpo_advantages
+from megatron_autothink.rl.bpo import bpo_advantages, decision_position, decision_weights
 from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rewards.rubric import length_cost
 from megatron_autothink.rl.rollout import (
@@ -473,6 +473,8 @@ def _sequences(
                 mode_id=s.mode_id,
                 nll=s.correct and s.advantage > 0,
                 train_prefill=train_prefill and s.prefill_ids.numel() > 0,
+                decision_target=s.decision_index if train_prefill else -1,
+                decision_weight=s.decision_weight,
                 pixel_values=pixels,
                 image_grid_thw=grid,
                 old_logprobs=old,
@@ -480,6 +482,45 @@ def _sequences(
             )
         )
     return seqs
+
+
+def weigh_decisions(
+    fresh: Sequence[TrainSample], g_think: int, g_nothink: int, *, apply: bool
+) -> dict[str, float]:
+    """BPO: the policy's probability of thinking per prompt, read off the behaviour log-prob
+    of the non-thinking samples' decision token, and (``apply``) each sample's decision weight
+    (:func:`~megatron_autothink.rl.bpo.decision_weights`), set on the samples in place.
+
+    A group is a prompt's ``g_think + g_nothink`` samples of one step: ids are handed out group
+    by group from a multiple of the group size (:func:`select_training_set`), so
+    ``sample_id // G`` names it. A group that is not whole here (SSR kept part of it) is left
+    unweighted: its forced share is not the one its samples were drawn with.
+
+    Returns ``bpo/p_think`` (mean over whole groups): auto mode's thinking probability on this
+    step's prompts, free with the behaviour log-probs.
+    """
+    size = g_think + g_nothink
+    groups: dict[tuple[int, int], list[TrainSample]] = {}
+    for s in fresh:
+        groups.setdefault((s.version, s.sample_id // size), []).append(s)
+    p_think = []
+    for members in groups.values():
+        think = [s for s in members if s.mode_id == MODE_ID["thinking"]]
+        short = [s for s in members if s.mode_id == MODE_ID["non_thinking"]]
+        if len(members) != size or not think or not short:
+            continue
+        d = decision_position(think[0].prefill_ids.tolist(), short[0].prefill_ids.tolist())
+        lp = [s.behaviour_logprobs[d] for s in short if s.behaviour_logprobs is not None]
+        if len(lp) != len(short):
+            raise RuntimeError("decision weights need the behaviour log-probs")
+        # The same context for every short sample of the prompt: equal up to packing numerics.
+        p = torch.stack(lp).exp().mean()
+        p_think.append(1.0 - float(p))
+        if apply:
+            modes = torch.tensor([[s.mode_id == MODE_ID["thinking"] for s in members]])
+            for s, w in zip(members, decision_weights(p.reshape(1), modes)[0], strict=True):
+                s.decision_index, s.decision_weight = d, float(w)
+    return {"bpo/p_think": sum(p_think) / len(p_think)} if p_think else {}
 
 
 def _update_policy(
@@ -518,6 +559,15 @@ def _update_policy(
         values = per_sample_values(scoring, behaviour, len(ts.fresh))
         for s, v in zip(ts.fresh, values, strict=True):
             s.behaviour_logprobs = torch.tensor(v, dtype=torch.float32)
+        if rl.algorithm == "bpo" and rl.bpo.train_decision:
+            metrics.update(
+                weigh_decisions(
+                    ts.fresh,
+                    rl.bpo.g_think,
+                    rl.bpo.g_nothink,
+                    apply=rl.bpo.decision_weighting == "importance",
+                )
+            )
     batches = pack(_sequences(rc, ts.samples, ts.is_replay, decoded, with_old=True))
     if rc.ref_chunks is not None:
         ref = compute_logprobs(rc.ref_chunks, batches, ctx, seq_length=cfg.data.seq_length)

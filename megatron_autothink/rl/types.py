@@ -63,6 +63,12 @@ class TrainSample:
     behaviour_logprobs: torch.Tensor | None = None
     """[K] float32 trainer log-probs of the targets under the generating policy; None until the
     generating step computed them."""
+    decision_index: int = -1
+    """BPO: target index of the mode decision (:func:`~megatron_autothink.rl.bpo.decision_position`),
+    -1 when its decision is not weighted."""
+    decision_weight: float = 1.0
+    """BPO ``decision_weighting=importance``: ``pi(mode) / q(mode)`` under the generating policy,
+    multiplied into the advantage of the decision target only."""
 
     def nbytes(self) -> int:
         """Host bytes of the tensors and image bytes (what a buffered sample costs)."""
@@ -86,6 +92,8 @@ class TrainSample:
             "correct": self.correct,
             "image_bytes": list(self.image_bytes),
             "behaviour_logprobs": self.behaviour_logprobs,
+            "decision_index": self.decision_index,
+            "decision_weight": self.decision_weight,
         }
 
     @classmethod
@@ -102,6 +110,9 @@ class TrainSample:
             correct=bool(s["correct"]),
             image_bytes=[bytes(b) for b in s["image_bytes"]],
             behaviour_logprobs=s["behaviour_logprobs"],
+            # buffers checkpointed before decision weighting existed load unweighted
+            decision_index=int(s.get("decision_index", -1)),
+            decision_weight=float(s.get("decision_weight", 1.0)),
         )
 
     def __eq__(self, other: object) -> bool:

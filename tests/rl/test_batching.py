@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_autothink.rl.batching import TrainSequence, pack_sequences, per_sample_values
@@ -76,3 +77,13 @@ def test_per_sample_values_undoes_the_packing() -> None:
         [300.0, 301.0, 302.0, 303.0],
         [200.0, 300.0, 301.0],
     ]
+
+
+def test_bpo_decision_weight_scales_only_the_decision_target() -> None:
+    seq = _seq(0, 3, 2, 4, 2.0, train_prefill=True)
+    seq.decision_target, seq.decision_weight = 2, 0.25  # the first response token
+    (mb,) = pack_sequences([seq], seq_length=12, micro_batch_size=1, pad_id=0, image_token_id=7)
+    assert mb.advantages[0, 2:8].tolist() == [2.0, 2.0, 0.5, 2.0, 2.0, 2.0]
+    seq.decision_target = 6
+    with pytest.raises(ValueError, match="decision target 6 beyond its 6 target tokens"):
+        pack_sequences([seq], seq_length=12, micro_batch_size=1, pad_id=0, image_token_id=7)

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from megatron_autothink.rl.advantages import group_advantages
-from megatron_autothink.rl.bpo import bpo_advantages, per_mode_metrics
+from megatron_autothink.rl.bpo import (
+    bpo_advantages,
+    decision_position,
+    decision_weights,
+    per_mode_metrics,
+)
 
 
 def test_advantages_use_whole_mixed_group() -> None:
@@ -81,3 +86,36 @@ def test_per_mode_metrics_shape_check() -> None:
         per_mode_metrics(
             torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 3).bool(), torch.zeros(1, 2)
         )
+
+
+def test_decision_weights_give_the_auto_policy_gradient() -> None:
+    """Summed over a forced 2 + 2 group, the weighted decision terms equal the on-policy
+    gradient ``sum_m pi(m) A(m) grad log pi(m)`` on the decision logit, for a settled and an
+    unsettled policy; unweighted they are a fixed push whatever the policy prefers."""
+    modes = torch.tensor([[True, True, False, False]])
+    adv = torch.tensor([0.5, 0.5, -0.5, -0.5])  # thinking wins the group
+    for logit in (-2.0, 0.0, 3.0):
+        z = torch.tensor(logit, requires_grad=True)  # log-odds of thinking
+        p_think = torch.sigmoid(z)
+        logp = torch.stack([p_think, p_think, 1 - p_think, 1 - p_think]).log()
+        w = decision_weights((1 - p_think).detach().reshape(1), modes)[0]
+        (weighted,) = torch.autograd.grad((w * adv * logp).sum() / 4, z, retain_graph=True)
+        (plain,) = torch.autograd.grad((adv * logp).sum() / 4, z)
+        p = float(p_think)
+        on_policy = p * 0.5 * (1 - p) + (1 - p) * -0.5 * -p  # = p (1 - p) dA, dA = 1
+        assert float(weighted) == pytest.approx(on_policy, rel=1e-5)
+        assert float(plain) == pytest.approx(0.25, rel=1e-5)  # q dA / 2, any p
+
+
+def test_decision_weights_need_both_modes_per_group() -> None:
+    with pytest.raises(ValueError, match="both modes"):
+        decision_weights(torch.tensor([0.5]), torch.tensor([[True, True]]))
+    with pytest.raises(ValueError, match="p_nothink"):
+        decision_weights(torch.tensor([0.5, 0.5]), torch.tensor([[True, False]]))
+
+
+def test_decision_position_is_where_the_prefills_part() -> None:
+    assert decision_position([775, 198], [775, 198, 198, 776, 198, 198]) == 2
+    assert decision_position([151667, 198], [151667, 271, 151668, 271]) == 1
+    with pytest.raises(ValueError, match="prefix"):
+        decision_position([1, 2, 3], [1, 2])

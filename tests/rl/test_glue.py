@@ -263,3 +263,54 @@ def test_update_policy_trains_replays_on_their_behaviour_logprobs(
     old = torch.cat([mb.old_logp[mb.packed.loss_mask > 0] for mb in seen["trained"]])
     rep = torch.cat([mb.replay_mask[mb.packed.loss_mask > 0] for mb in seen["trained"]])
     assert sorted(old[rep].tolist()) == [-2.0, -2.0] and old[~rep].tolist() == [-0.5, -0.5]
+
+
+# ---------------------------------------------------------------------------------------------
+# BPO decision weighting
+# ---------------------------------------------------------------------------------------------
+
+LONG, SHORT = [775, 198], [775, 198, 198, 776, 198, 198]  # the demo tokenizer's prefills
+
+
+def _forced(mode: str, reward: float) -> ScoredResponse:
+    r = _resp(reward, correct=reward > 0, mode=mode, n=3)
+    r.prefill_ids = list(LONG if mode == "long" else SHORT)
+    return r
+
+
+def test_weigh_decisions_reads_p_think_and_weights_whole_groups_only() -> None:
+    """Two prompts, 2 + 2 each: the policy answers prompt 0 directly with p = 0.8 and prompt 1
+    with p = 0.3 (the short samples' decision log-prob, target 2); each sample's decision
+    weight is pi(mode) / q(mode), and only that target's advantage is scaled in the packing."""
+    rl = RLConfig(algorithm="bpo", std_normalize=False)
+    groups = [
+        [_forced("long", 1.0), _forced("long", 1.0), _forced("short", 0.0), _forced("short", 0.0)]
+        for _ in range(2)
+    ]
+    prompts = [_prompt("p0"), _prompt("p1")]
+    advs = compute_advantages(groups, rl)
+    gen = torch.Generator().manual_seed(0)
+    ts = select_training_set(prompts, groups, advs, rl, None, gen, step=1)
+    for s in ts.samples:
+        s.behaviour_logprobs = torch.full((s.prefill_ids.numel() + 3,), -0.1)
+    for s, p in zip(ts.samples[2:4] + ts.samples[6:8], (0.8, 0.8, 0.3, 0.3), strict=True):
+        s.behaviour_logprobs[2] = math.log(p)
+    m = trainer.weigh_decisions(ts.samples, 2, 2, apply=True)
+    assert m["bpo/p_think"] == pytest.approx((0.2 + 0.7) / 2)
+    assert [s.decision_index for s in ts.samples] == [2] * 8
+    weights = [round(s.decision_weight, 4) for s in ts.samples]
+    assert weights == [0.4, 0.4, 1.6, 1.6, 1.4, 1.4, 0.6, 0.6]
+    # the weight survives a replay buffer checkpoint
+    again = TrainSample.from_state_dict(ts.samples[2].state_dict())
+    assert (again.decision_index, again.decision_weight) == (2, pytest.approx(1.6))
+    # without apply only the probability is read; a partial group (SSR kept 3 of 4) is skipped
+    fresh = [TrainSample.from_state_dict(s.state_dict()) for s in ts.samples[:3]]
+    for s in fresh:
+        s.decision_index, s.decision_weight = -1, 1.0
+    assert trainer.weigh_decisions(fresh, 2, 2, apply=True) == {}
+    assert [s.decision_weight for s in fresh] == [1.0] * 3
+    plain = [TrainSample.from_state_dict(s.state_dict()) for s in ts.samples]
+    for s in plain:
+        s.decision_index, s.decision_weight = -1, 1.0
+    assert trainer.weigh_decisions(plain, 2, 2, apply=False)["bpo/p_think"] == pytest.approx(0.45)
+    assert all(s.decision_index == -1 for s in plain)
