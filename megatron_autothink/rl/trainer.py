@@ -505,11 +505,22 @@ def weigh_decisions(
         groups.setdefault((s.version, s.sample_id // size), []).append(s)
     p_think = []
     for members in groups.values():
-        think = [s for s in members if s.mode_id == MODE_ID["thinking"]]
-        short = [s for s in members if s.mode_id == MODE_ID["non_thinking"]]
-        if len(members) != size or not think or not short:
+        if len(members) != size or not g_think or not g_nothink:
             continue
-        d = decision_position(think[0].prefill_ids.tolist(), short[0].prefill_ids.tolist())
+        # The forced mode, not mode_id (what the response did: a forced trace can come out
+        # empty): the first g_think of a group were forced to think (rl.bpo's layout).
+        members.sort(key=lambda s: s.sample_id)
+        think, short = members[:g_think], members[g_think:]
+        prefills = (
+            {tuple(s.prefill_ids.tolist()) for s in think},
+            {tuple(s.prefill_ids.tolist()) for s in short},
+        )
+        if len(prefills[0]) != 1 or len(prefills[1]) != 1:
+            raise RuntimeError(
+                f"group of samples {members[0].sample_id}..: the forced prefills differ within "
+                "a mode (rollouts out of BPO's layout)"
+            )
+        d = decision_position(list(*prefills[0]), list(*prefills[1]))
         lp = [s.behaviour_logprobs[d] for s in short if s.behaviour_logprobs is not None]
         if len(lp) != len(short):
             raise RuntimeError("decision weights need the behaviour log-probs")
@@ -517,7 +528,7 @@ def weigh_decisions(
         p = torch.stack(lp).exp().mean()
         p_think.append(1.0 - float(p))
         if apply:
-            modes = torch.tensor([[s.mode_id == MODE_ID["thinking"] for s in members]])
+            modes = torch.tensor([[True] * g_think + [False] * g_nothink])
             for s, w in zip(members, decision_weights(p.reshape(1), modes)[0], strict=True):
                 s.decision_index, s.decision_weight = d, float(w)
     return {"bpo/p_think": sum(p_think) / len(p_think)} if p_think else {}

@@ -295,6 +295,9 @@ def test_weigh_decisions_reads_p_think_and_weights_whole_groups_only() -> None:
         s.behaviour_logprobs = torch.full((s.prefill_ids.numel() + 3,), -0.1)
     for s, p in zip(ts.samples[2:4] + ts.samples[6:8], (0.8, 0.8, 0.3, 0.3), strict=True):
         s.behaviour_logprobs[2] = math.log(p)
+    # a forced trace that came out empty is a non-thinking *response* (mode_id 0) of a sample
+    # forced to think: its weight is the thinking one (the forced share is what q is)
+    ts.samples[1].mode_id = 0
     m = trainer.weigh_decisions(ts.samples, 2, 2, apply=True)
     assert m["bpo/p_think"] == pytest.approx((0.2 + 0.7) / 2)
     assert [s.decision_index for s in ts.samples] == [2] * 8
@@ -314,3 +317,17 @@ def test_weigh_decisions_reads_p_think_and_weights_whole_groups_only() -> None:
         s.decision_index, s.decision_weight = -1, 1.0
     assert trainer.weigh_decisions(plain, 2, 2, apply=False)["bpo/p_think"] == pytest.approx(0.45)
     assert all(s.decision_index == -1 for s in plain)
+
+
+def test_weigh_decisions_refuses_groups_out_of_bpo_layout() -> None:
+    rl = RLConfig(algorithm="bpo", std_normalize=False)
+    groups = [
+        [_forced("long", 1.0), _forced("short", 0.0), _forced("long", 1.0), _forced("short", 0.0)]
+    ]
+    ts = select_training_set(
+        [_prompt("p0")], groups, compute_advantages(groups, rl), rl, None, torch.Generator(), step=1
+    )
+    for s in ts.samples:
+        s.behaviour_logprobs = torch.full((s.prefill_ids.numel() + 3,), -0.1)
+    with pytest.raises(RuntimeError, match="forced prefills differ within a mode"):
+        trainer.weigh_decisions(ts.samples, 2, 2, apply=True)
