@@ -331,3 +331,37 @@ def test_weigh_decisions_refuses_groups_out_of_bpo_layout() -> None:
         s.behaviour_logprobs = torch.full((s.prefill_ids.numel() + 3,), -0.1)
     with pytest.raises(RuntimeError, match="forced prefills differ within a mode"):
         trainer.weigh_decisions(ts.samples, 2, 2, apply=True)
+
+
+def test_weigh_decisions_skips_a_forced_trace_with_no_tokens() -> None:
+    """A thinking-forced rollout the engine returned empty (seen once in 160 steps, unfinished,
+    0 tokens) has no decision target: it is left unweighted and packs, the others are weighted."""
+    rl = RLConfig(algorithm="bpo", std_normalize=False)
+    groups = [
+        [_forced("long", 1.0), _forced("long", 0.0), _forced("short", 0.0), _forced("short", 0.0)]
+    ]
+    groups[0][1].response_ids, groups[0][1].engine_logprobs = [], []
+    ts = select_training_set(
+        [_prompt("p0")], groups, compute_advantages(groups, rl), rl, None, torch.Generator(), step=1
+    )
+    for s in ts.samples:
+        s.behaviour_logprobs = torch.full((s.prefill_ids.numel() + s.response_ids.numel(),), -0.1)
+    trainer.weigh_decisions(ts.samples, 2, 2, apply=True)
+    assert [s.decision_index for s in ts.samples] == [2, -1, 2, 2]
+    seqs = [
+        TrainSequence(
+            sample_index=i,
+            prompt_ids=s.prompt_ids.tolist(),
+            prefill_ids=s.prefill_ids.tolist(),
+            response_ids=s.response_ids.tolist(),
+            engine_logprobs=s.engine_logprobs.tolist(),
+            advantage=s.advantage,
+            mode_id=s.mode_id,
+            train_prefill=True,
+            old_logprobs=s.behaviour_logprobs.tolist(),
+            decision_target=s.decision_index,
+            decision_weight=s.decision_weight,
+        )
+        for i, s in enumerate(ts.samples)
+    ]
+    assert pack_sequences(seqs, seq_length=64, micro_batch_size=1, pad_id=0, image_token_id=7)
