@@ -155,8 +155,9 @@ def decision_weights(p_nothink: torch.Tensor, modes: torch.Tensor) -> torch.Tens
 
     A forced group picks each rollout's mode from ``q`` (the forced share, ``g_think / G``),
     not from the policy, so training the decision token with the group advantage alone
-    follows ``sum_m q(m) A(m) grad log pi(m)``: for two modes that is ``2 q dA`` on the decision
-    logit whatever ``pi`` already prefers, a push that never settles. A strong signal on hard
+    follows ``sum_m q(m) A(m) grad log pi(m)``: with the mean baseline that is ``q (1 - q) dA``
+    per rollout on the decision logit (``dA`` the thinking minus non-thinking mean reward; 0.25
+    dA for a 2 + 2 group) whatever ``pi`` already prefers, a push that never settles. A strong signal on hard
     prompts then drags the shared weights until easy prompts think too (docs/rl.md, "Decision
     weighting"). Weighting each decision term by ``pi(m) / q(m)`` gives the gradient auto mode
     would get, ``p (1 - p) dA`` for ``p = pi(think)``, which fades where the choice is settled

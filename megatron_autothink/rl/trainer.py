@@ -532,7 +532,7 @@ def weigh_decisions(
             for s, w in zip(members, decision_weights(p.reshape(1), modes)[0], strict=True):
                 # A thinking-forced rollout that generated nothing has no decision target
                 # (its prefill stops before the decision when the tokenizer splits "\n\n").
-                if s.behaviour_logprobs is not None and d < s.behaviour_logprobs.numel():
+                if d < s.prefill_ids.numel() + s.response_ids.numel():
                     s.decision_index, s.decision_weight = d, float(w)
     return {"bpo/p_think": sum(p_think) / len(p_think)} if p_think else {}
 

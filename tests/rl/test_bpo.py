@@ -104,7 +104,7 @@ def test_decision_weights_give_the_auto_policy_gradient() -> None:
         p = float(p_think)
         on_policy = p * 0.5 * (1 - p) + (1 - p) * -0.5 * -p  # = p (1 - p) dA, dA = 1
         assert float(weighted) == pytest.approx(on_policy, rel=1e-5)
-        assert float(plain) == pytest.approx(0.25, rel=1e-5)  # q dA / 2, any p
+        assert float(plain) == pytest.approx(0.25, rel=1e-5)  # q (1 - q) dA, any p
 
 
 def test_decision_weights_need_both_modes_per_group() -> None:
