@@ -268,6 +268,14 @@ class BPOConfig(_Section):
     ``importance``: weighted by ``pi(mode) / q(mode)`` (``q`` the forced share), the gradient auto
     mode itself would get, which settles where the choice is made (``rl.bpo.decision_weights``;
     docs/rl.md, "Decision weighting"). Needs ``train_decision``."""
+    prefill_anchor: float = Field(0.0, ge=0.0)
+    """Advantage of the forced prefills' *shared* targets (those before the decision, e.g.
+    ``<think>\n``), in place of the sample's own. Both modes of a group train them in the same
+    context, so their group advantages cancel and nothing holds auto mode's opening in place
+    while the rest of the policy moves (from the m3 checkpoint, BPO left 65-77 % of level-5
+    auto answers without the think block; docs/demo_study.md). A positive value trains them
+    like an NLL term of that weight, which fades where their probability is already 1; 0 keeps
+    the sample's advantage. Needs ``train_decision`` (docs/rl.md, "Anchoring the opening")."""
     g_think: int = Field(4, ge=0)
     """Rollouts per prompt forced into thinking mode (``long`` prefill)."""
     g_nothink: int = Field(4, ge=0)

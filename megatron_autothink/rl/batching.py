@@ -49,6 +49,9 @@ class TrainSequence:
     # decision_weight (rl.bpo.decision_weights)
     decision_target: int = -1
     decision_weight: float = 1.0
+    # BPO rl.bpo.prefill_anchor: the advantage of the targets before decision_target (the
+    # opening both forced prefills share), None: the sample's own
+    prefix_advantage: float | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.prefill_ids) + len(self.response_ids)
@@ -155,6 +158,8 @@ def pack_sequences(
                         f"its {e - a} target tokens"
                     )
                 adv[a + s.decision_target] *= s.decision_weight
+                if s.prefix_advantage is not None:
+                    adv[a : a + s.decision_target] = s.prefix_advantage
             # the prefill was forced, not sampled: no engine log-prob there (left at 0)
             r0 = response_start - 1
             elp[r0:e] = torch.tensor(s.engine_logprobs[: e - r0], dtype=torch.float32)

@@ -450,6 +450,7 @@ def _sequences(
     (replays) into it; ``with_old`` packs the behaviour log-probs."""
     rl = rc.cfg.rl
     train_prefill = rl.algorithm == "bpo" and rl.bpo.train_decision
+    anchor = rl.bpo.prefill_anchor if train_prefill and rl.bpo.prefill_anchor > 0 else None
     seqs = []
     for i, (s, rep) in enumerate(zip(samples, is_replay, strict=True)):
         key = tuple(s.image_bytes)
@@ -475,6 +476,7 @@ def _sequences(
                 train_prefill=train_prefill and s.prefill_ids.numel() > 0,
                 decision_target=s.decision_index if train_prefill else -1,
                 decision_weight=s.decision_weight,
+                prefix_advantage=anchor,
                 pixel_values=pixels,
                 image_grid_thw=grid,
                 old_logprobs=old,
@@ -487,54 +489,70 @@ def _sequences(
 def weigh_decisions(
     fresh: Sequence[TrainSample], g_think: int, g_nothink: int, *, apply: bool
 ) -> dict[str, float]:
-    """BPO: the policy's probability of thinking per prompt, read off the behaviour log-prob
-    of the non-thinking samples' decision token, and (``apply``) each sample's decision weight
-    (:func:`~megatron_autothink.rl.bpo.decision_weights`), set on the samples in place.
+    """BPO: find each sample's mode decision, read the policy's probability of thinking per
+    prompt off the behaviour log-prob of the non-thinking samples' decision token, and
+    (``apply``) set each sample's decision weight
+    (:func:`~megatron_autothink.rl.bpo.decision_weights`); samples are updated in place.
 
     A group is a prompt's ``g_think + g_nothink`` samples of one step: ids are handed out group
     by group from a multiple of the group size (:func:`select_training_set`), so
-    ``sample_id // G`` names it. A group that is not whole here (SSR kept part of it) is left
-    unweighted: its forced share is not the one its samples were drawn with.
+    ``sample_id // G`` names it and ``sample_id % G < g_think`` says it was forced to think
+    (the forced mode, not ``mode_id``: a forced trace can come out empty). Every sample with a
+    prefill gets its ``decision_index`` (where the two modes' prefills part); a group that is
+    not whole here (SSR kept part of it) gets no weights: its forced share is not the one its
+    samples were drawn with.
 
     Returns ``bpo/p_think`` (mean over whole groups): auto mode's thinking probability on this
-    step's prompts, free with the behaviour log-probs.
+    step's prompts, and ``bpo/p_opening``: the policy's probability of the tokens both prefills
+    open with (``<think>\n``), i.e. of auto mode's answer starting in the format at all
+    (``rl.bpo.prefill_anchor`` holds it up), both free with the behaviour log-probs.
     """
     size = g_think + g_nothink
+    if not fresh or not g_think or not g_nothink:
+        return {}
+    prefills: tuple[set[tuple[int, ...]], set[tuple[int, ...]]] = (set(), set())
+    for s in fresh:
+        prefills[0 if s.sample_id % size < g_think else 1].add(tuple(s.prefill_ids.tolist()))
+    if len(prefills[0]) > 1 or len(prefills[1]) > 1:
+        raise RuntimeError(
+            f"samples {fresh[0].sample_id}..: the forced prefills differ within a mode "
+            "(rollouts out of BPO's layout)"
+        )
+    if not prefills[0] or not prefills[1]:
+        return {}  # one mode only in this step's samples: nothing to tell the decision by
+    d = decision_position(list(*prefills[0]), list(*prefills[1]))
+    opening = []
+    for s in fresh:
+        if s.behaviour_logprobs is None:
+            raise RuntimeError(f"sample {s.sample_id}: decision weights need behaviour log-probs")
+        # A thinking-forced rollout that generated nothing has no decision target (its
+        # prefill stops before the decision when the tokenizer splits "\n\n").
+        if d < s.prefill_ids.numel() + s.response_ids.numel():
+            s.decision_index = d
+        opening.append(float(s.behaviour_logprobs[:d].sum().exp()))
     groups: dict[tuple[int, int], list[TrainSample]] = {}
     for s in fresh:
         groups.setdefault((s.version, s.sample_id // size), []).append(s)
     p_think = []
     for members in groups.values():
-        if len(members) != size or not g_think or not g_nothink:
+        if len(members) != size:
             continue
-        # The forced mode, not mode_id (what the response did: a forced trace can come out
-        # empty): the first g_think of a group were forced to think (rl.bpo's layout).
         members.sort(key=lambda s: s.sample_id)
-        think, short = members[:g_think], members[g_think:]
-        prefills = (
-            {tuple(s.prefill_ids.tolist()) for s in think},
-            {tuple(s.prefill_ids.tolist()) for s in short},
-        )
-        if len(prefills[0]) != 1 or len(prefills[1]) != 1:
-            raise RuntimeError(
-                f"group of samples {members[0].sample_id}..: the forced prefills differ within "
-                "a mode (rollouts out of BPO's layout)"
-            )
-        d = decision_position(list(*prefills[0]), list(*prefills[1]))
-        lp = [s.behaviour_logprobs[d] for s in short if s.behaviour_logprobs is not None]
-        if len(lp) != len(short):
-            raise RuntimeError("decision weights need the behaviour log-probs")
+        lp = [
+            s.behaviour_logprobs[d] for s in members[g_think:] if s.behaviour_logprobs is not None
+        ]
         # The same context for every short sample of the prompt: equal up to packing numerics.
         p = torch.stack(lp).exp().mean()
         p_think.append(1.0 - float(p))
         if apply:
             modes = torch.tensor([[True] * g_think + [False] * g_nothink])
             for s, w in zip(members, decision_weights(p.reshape(1), modes)[0], strict=True):
-                # A thinking-forced rollout that generated nothing has no decision target
-                # (its prefill stops before the decision when the tokenizer splits "\n\n").
-                if d < s.prefill_ids.numel() + s.response_ids.numel():
-                    s.decision_index, s.decision_weight = d, float(w)
-    return {"bpo/p_think": sum(p_think) / len(p_think)} if p_think else {}
+                if s.decision_index >= 0:
+                    s.decision_weight = float(w)
+    out = {"bpo/p_opening": sum(opening) / len(opening)}
+    if p_think:
+        out["bpo/p_think"] = sum(p_think) / len(p_think)
+    return out
 
 
 def _update_policy(

@@ -65,7 +65,7 @@ class TrainSample:
     generating step computed them."""
     decision_index: int = -1
     """BPO: target index of the mode decision (:func:`~megatron_autothink.rl.bpo.decision_position`),
-    -1 when its decision is not weighted."""
+    -1 when it has none (auto mode, the prefill not trained, or no response tokens)."""
     decision_weight: float = 1.0
     """BPO ``decision_weighting=importance``: ``pi(mode) / q(mode)`` under the generating policy,
     multiplied into the advantage of the decision target only."""

@@ -17,6 +17,7 @@ from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.data.image_processing import ImageProcessingConfig, encode_image
 from megatron_autothink.rl import trainer
 from megatron_autothink.rl.batching import RLMicroBatch, TrainSequence, pack_sequences
+from megatron_autothink.rl.losses import policy_loss
 from megatron_autothink.rl.rollout import ScoredResponse
 from megatron_autothink.rl.trainer import (
     ReplayStore,
@@ -300,23 +301,26 @@ def test_weigh_decisions_reads_p_think_and_weights_whole_groups_only() -> None:
     ts.samples[1].mode_id = 0
     m = trainer.weigh_decisions(ts.samples, 2, 2, apply=True)
     assert m["bpo/p_think"] == pytest.approx((0.2 + 0.7) / 2)
+    # the shared opening (targets 0-1, log-prob -0.1 each) under the policy
+    assert m["bpo/p_opening"] == pytest.approx(math.exp(-0.2))
     assert [s.decision_index for s in ts.samples] == [2] * 8
     weights = [round(s.decision_weight, 4) for s in ts.samples]
     assert weights == [0.4, 0.4, 1.6, 1.6, 1.4, 1.4, 0.6, 0.6]
     # the weight survives a replay buffer checkpoint
     again = TrainSample.from_state_dict(ts.samples[2].state_dict())
     assert (again.decision_index, again.decision_weight) == (2, pytest.approx(1.6))
-    # without apply only the probability is read; a partial group (SSR kept 3 of 4) is skipped
+    # a partial group (SSR kept 3 of 4) finds its decision but is not weighted, and gives no
+    # p_think; without apply only the probabilities are read
     fresh = [TrainSample.from_state_dict(s.state_dict()) for s in ts.samples[:3]]
     for s in fresh:
         s.decision_index, s.decision_weight = -1, 1.0
-    assert trainer.weigh_decisions(fresh, 2, 2, apply=True) == {}
-    assert [s.decision_weight for s in fresh] == [1.0] * 3
+    assert "bpo/p_think" not in trainer.weigh_decisions(fresh, 2, 2, apply=True)
+    assert [(s.decision_index, s.decision_weight) for s in fresh] == [(2, 1.0)] * 3
     plain = [TrainSample.from_state_dict(s.state_dict()) for s in ts.samples]
     for s in plain:
         s.decision_index, s.decision_weight = -1, 1.0
     assert trainer.weigh_decisions(plain, 2, 2, apply=False)["bpo/p_think"] == pytest.approx(0.45)
-    assert all(s.decision_index == -1 for s in plain)
+    assert [(s.decision_index, s.decision_weight) for s in plain] == [(2, 1.0)] * 8
 
 
 def test_weigh_decisions_refuses_groups_out_of_bpo_layout() -> None:
@@ -365,3 +369,73 @@ def test_weigh_decisions_skips_a_forced_trace_with_no_tokens() -> None:
         for i, s in enumerate(ts.samples)
     ]
     assert pack_sequences(seqs, seq_length=64, micro_batch_size=1, pad_id=0, image_token_id=7)
+
+
+@pytest.mark.parametrize("anchor", [0.0, 1.0])
+def test_prefill_anchor_holds_the_opening_both_forced_modes_share(
+    monkeypatch: pytest.MonkeyPatch, anchor: float
+) -> None:
+    """A bigram policy trained by the trainer's own packing and loss on one BPO group (a right
+    thinking answer, a wrong direct one). The tokens both prefills open with (``<think>``,
+    ``\\n``) are targets of both samples in the same context, so their advantages cancel: the
+    update leaves auto mode's opening exactly where it was, whatever the rest of the policy
+    does. ``rl.bpo.prefill_anchor`` gives them a push of their own; the decision still moves."""
+    vocab = 800
+    w = torch.zeros(vocab, vocab, requires_grad=True)  # logits of the next token given this one
+    with torch.no_grad():
+        w[3, 775] = w[775, 198] = -1.0  # an opening the policy has partly unlearnt
+
+    def logp_of(mb: RLMicroBatch) -> torch.Tensor:
+        t = mb.packed.tokens
+        lp = torch.log_softmax(w[t], -1).gather(-1, mb.packed.labels.unsqueeze(-1)).squeeze(-1)
+        return lp * mb.packed.loss_mask
+
+    trained: list[RLMicroBatch] = []
+    monkeypatch.setattr(
+        trainer, "compute_logprobs", lambda c, b, x, **k: [logp_of(mb).detach() for mb in b]
+    )
+    monkeypatch.setattr(
+        trainer, "policy_update", lambda c, o, b, *a, **k: trained.extend(b) or {"actor/loss": 0}
+    )
+    cfg = AutothinkConfig()
+    cfg.data.seq_length, cfg.data.micro_batch_size = 64, 1
+    cfg.rl.algorithm, cfg.rl.std_normalize = "bpo", False
+    cfg.rl.bpo.g_think = cfg.rl.bpo.g_nothink = 1
+    cfg.rl.bpo.prefill_anchor = anchor
+    rc: Any = RLContext(
+        cfg=cfg, ctx=None, chunks=[], ref_chunks=None, opt=None, engine=None, tokenizer=None,
+        score=None, replay=None, rng=None, gen=None, pad_id=0, image_token_id=99,
+        image=ImageProcessingConfig(), weight_sync=None, comm=None,
+    )  # fmt: skip
+    groups = [[_forced("long", 1.0), _forced("short", 0.0)]]
+    ts = select_training_set(
+        [_prompt("p0", images=False)], groups, compute_advantages(groups, cfg.rl), cfg.rl, None,
+        torch.Generator(), step=1,
+    )  # fmt: skip
+    m = trainer._update_policy(rc, ts)
+    assert m["bpo/p_opening"] == pytest.approx(float(torch.softmax(w.detach()[3], -1)[775]) * float(
+        torch.softmax(w.detach()[775], -1)[198]), rel=1e-5)  # fmt: skip
+
+    def probs() -> tuple[float, float, float]:
+        p = torch.softmax(w.detach(), -1)
+        return float(p[3, 775]), float(p[775, 198]), float(p[198, 198])  # opening, decision
+
+    before = probs()
+    mask = [mb.packed.loss_mask > 0 for mb in trained]
+    total = sum(int(k.sum()) for k in mask)
+    loss = sum(
+        policy_loss(
+            logp_of(mb), mb.old_logp, mb.advantages, k, clip_low=0.2, clip_high=0.28,
+            num_tokens_global=total,
+        )[0]
+        for mb, k in zip(trained, mask, strict=True)
+    )  # fmt: skip
+    loss.backward()  # type: ignore[union-attr]
+    with torch.no_grad():
+        w -= 50.0 * w.grad
+    after = probs()
+    assert after[2] < before[2] - 1e-3  # the direct answer lost: its decision token falls
+    if anchor:
+        assert after[0] > before[0] + 1e-3 and after[1] > before[1] + 1e-3
+    else:
+        assert after[:2] == pytest.approx(before[:2], abs=1e-7)

@@ -75,7 +75,8 @@ def test_r4b_bpo_steps(data: dict[str, Path], tmp_path: Path) -> None:
     tag-free answer is format-valid, long mode's open think block rarely is for a barely
     trained model, so groups have non-zero advantages; two updates per step, so the second
     one's approx. KL against the rollout policy is > 0 exactly when the first moved the
-    parameters. The decision is importance-weighted (``rl.bpo.decision_weighting``)."""
+    parameters. The decision is importance-weighted (``rl.bpo.decision_weighting``) and the
+    opening both prefills share is anchored (``rl.bpo.prefill_anchor``)."""
     run = tmp_path / "bpo"
     stages = "[{name: anneal, kind: sft, steps: 3}, {name: bpo, kind: rl, steps: 2}]"
     extra = [
@@ -83,6 +84,7 @@ def test_r4b_bpo_steps(data: dict[str, Path], tmp_path: Path) -> None:
         "rl.rewards.think_format=0.5",
         "rl.updates_per_step=2",
         "rl.bpo.decision_weighting=importance",
+        "rl.bpo.prefill_anchor=1.0",
     ]
     _finish(_train("r4b_bpo_tiny", data, run, stages, *extra), run)
     steps = _metrics(run, "bpo")
@@ -92,6 +94,7 @@ def test_r4b_bpo_steps(data: dict[str, Path], tmp_path: Path) -> None:
         assert r["actor/grad_norm"] > 0 and r["actor/approx_kl"] > 0, r  # parameters moved
         # the policy's own thinking probability, read off the decision token (weighted by it)
         assert 0.0 < r["bpo/p_think"] < 1.0, r
+        assert 0.0 < r["bpo/p_opening"] <= 1.0, r  # auto mode's chance to open with <think>
     rollouts = [json.loads(x) for x in (run / "rollouts" / "bpo.jsonl").read_text().splitlines()]
     assert {r["mode"] for r in rollouts} == {"long", "short"}
     assert len(rollouts) == 2 * 2 * 4  # steps x prompts x (g_think + g_nothink)
