@@ -84,12 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="run the tiny end-to-end pipeline on CPU (data, annealing, RL, eval, export, report)",
-        description="Tiny end-to-end run: prep digits -> bi-mode annealing -> RL -> eval -> "
-        "HF export -> report. Resumable; prints total time.",
+        help="reproduce R-4B's bi-mode effects at tiny scale on CPU (data, annealing, BPO, "
+        "GRPO and SSR controls, eval, export, report)",
+        description="The digits-depth task from scratch: naive bi-mode annealing (thinking\n"
+        "atrophy) -> a curated continuation -> BPO, with plain GRPO and GRPO+SSR from the same\n"
+        "checkpoint as controls; every checkpoint evaluated in auto/long/short mode; HF export;\n"
+        "report.md with the goal table and plots (~30 min on 2 cores). Resumable phase by\n"
+        "phase; prints each phase's time.",
+        epilog="Examples:\n  autothink demo --out runs/demo_s2 --seed 2\n"
+        "  autothink demo --out runs/demo_lc05 rl.rewards.length_cost=0.5\n"
+        "Settings are recorded in OUT/demo_args.json; resuming OUT with others is refused.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--smoke", action="store_true", help="minutes-long version used by CI")
+    p.add_argument(
+        "--seed", type=int, default=None, help="train.seed (default: the recipe's, 1234)"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides of recipes/demo_tiny.yaml (demo_smoke.yaml with --smoke)",
+    )
     p.set_defaults(func=_entry("megatron_autothink.demo:main", "demo", "issue #9: the demo"))
 
     add_prep = _resolve("megatron_autothink.data.cli:add_prep_subcommands")

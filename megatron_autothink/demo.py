@@ -1,18 +1,28 @@
-"""``autothink demo``: the tiny end-to-end pipeline on CPU, resumable phase by phase.
+"""``autothink demo``: the R-4B / VL-Rethinker effects reproduced at tiny scale on CPU, resumable
+phase by phase (issue #19; the study that picked every setting: docs/demo_study.md).
 
 Phases (each leaves ``<out>/.done/<phase>``; a rerun skips finished phases, and training resumes
 inside a phase from its checkpoints):
 
-1. ``prep``        digits train/test shards, the text-only variant, the tiny tokenizer;
-2. ``anneal``      bi-mode annealing (SFT on mixed thinking / direct answers);
-3. ``eval_before`` greedy eval of the annealed model in auto/long/short on the test split;
-4. ``rl``          LMM-R1-style text-only RL (stage ``fre``), then BPO on the images (``bpo``);
-5. ``eval_after``  the same eval on the final RL checkpoint;
-6. ``export``      HF directory of the final model, reloaded in transformers, one test answer;
-7. ``report``      report.md + PNG plots (``megatron_autothink.report``).
+1. ``prep``         the digits-depth task (four handwritten digits per image, five levels of
+   computation depth), train/test shards and the tiny tokenizer;
+2. ``anneal``       bi-mode annealing from scratch on the naive mix (thinking atrophy);
+3. ``eval_anneal``  greedy auto / long / short eval, and auto mode sampled at temperature 1
+   (its thinking rate estimates the policy's P(think) per level);
+4. ``curate``       a short continuation whose think ratio rises with the level;
+5. ``eval_curate``
+6. ``bpo``          Bi-mode Policy Optimization from the curated checkpoint;
+7. ``eval_bpo``
+8. ``grpo``         the control: plain GRPO from the same checkpoint, same rollouts per step;
+9. ``eval_grpo``
+10. ``ssr``         the same GRPO with Selective Sample Replay (its advantages per step);
+11. ``export``      HF directory of the BPO model, reloaded in transformers, one test answer;
+12. ``report``      report.md, the goal table and PNGs (``megatron_autothink.report``).
 
 Training runs through ``train.run.main`` on ``recipes/demo_tiny.yaml`` (``--smoke``:
-``demo_smoke.yaml``) with the data paths of this run filled in.
+``demo_smoke.yaml``), whose stages are named like the training phases, with this run's data
+paths, ``--seed`` and any dotted overrides applied. The settings are recorded in
+``<out>/demo_args.json``; resuming with other settings is refused (it would mix two runs).
 """
 
 from __future__ import annotations
@@ -21,15 +31,37 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_autothink.config import AutothinkConfig, load_config
+from megatron_autothink.config import AutothinkConfig, ConfigError, load_config
 
 log = logging.getLogger("megatron_autothink.demo")
 
-PHASES = ("prep", "anneal", "eval_before", "rl", "eval_after", "export", "report")
+TRAIN_PHASES = ("anneal", "curate", "bpo", "grpo", "ssr")
+# eval phase -> the stage it evaluates
+EVAL_PHASES = {
+    "eval_anneal": "anneal",
+    "eval_curate": "curate",
+    "eval_bpo": "bpo",
+    "eval_grpo": "grpo",
+}
+PHASES = (
+    "prep",
+    "anneal",
+    "eval_anneal",
+    "curate",
+    "eval_curate",
+    "bpo",
+    "eval_bpo",
+    "grpo",
+    "eval_grpo",
+    "ssr",
+    "export",
+    "report",
+)
+SAMPLED = "sampled"  # <eval dir>/sampled: auto mode at temperature 1
 
 
 class DemoSettings:
@@ -37,86 +69,110 @@ class DemoSettings:
 
     def __init__(self, smoke: bool) -> None:
         self.recipe = "demo_smoke" if smoke else "demo_tiny"
-        self.n_train = 400 if smoke else 4000
-        # 500 test questions: ~100 per difficulty, so the 2-point accuracy goal is above the
-        # 1-sample granularity (~3 points at 150 questions).
-        self.n_test = 30 if smoke else 500
-        self.eval_limit: int | None = 12 if smoke else None
-        self.max_new_tokens = 48 if smoke else 96
+        # 40k samples: the 1500-step anneal sees each about twice (8 packed rows of ~7 samples)
+        self.n_train = 400 if smoke else 40_000
+        # 1200 test questions: >= 200 per level (levels are drawn uniformly), so a 3-point gap
+        # is 6 questions
+        self.n_test = 30 if smoke else 1200
+        self.eval_limit: int | None = 10 if smoke else None
+        self.max_new_tokens = 96
 
 
-def build_config(out: Path, s: DemoSettings) -> AutothinkConfig:
-    """The recipe with this run's folders: every stage gets its own train_path."""
-    data = out / "data"
+def build_config(
+    out: Path, s: DemoSettings, seed: int | None = None, overrides: Sequence[str] = ()
+) -> AutothinkConfig:
+    """The recipe with this run's data and run folders, ``train.seed`` and ``overrides``."""
+    data = out / "data" / "digits"
+    extra = [f"train.seed={seed}"] if seed is not None else []
     cfg = load_config(
         s.recipe,
         [
-            f"data.train_path={data / 'digits'}",
-            f"data.eval_path={data / 'digits'}",
-            f"data.tokenizer_path={data / 'digits' / 'tokenizer'}",
+            f"data.train_path={data}",
+            f"data.eval_path={data}",
+            f"data.tokenizer_path={data / 'tokenizer'}",
             f"logging.run_dir={out / 'run'}",
+            *extra,
+            *overrides,
         ],
     )
-    stages = [
-        st.model_copy(
-            update={
-                "train_path": str(data / ("digits_text" if st.text_only else "digits")),
-            }
+    names = tuple(st.name for st in cfg.stages)
+    if names != TRAIN_PHASES:
+        raise ConfigError(
+            f"{s.recipe}: the demo's stages must be {list(TRAIN_PHASES)} in that order, got "
+            f"{list(names)}"
         )
-        for st in cfg.stages
-    ]
-    return cfg.model_copy(update={"stages": stages})
+    return cfg
 
 
-def _phase_prep(out: Path, s: DemoSettings, cfg: AutothinkConfig) -> dict[str, Any]:
-    from megatron_autothink.data.digits import prep_digits
-    from megatron_autothink.data.tokenizer import build_tiny_tokenizer
+def _check_args(out: Path, args: dict[str, Any]) -> None:
+    """Record this run's settings; refuse to resume a demo folder made with other ones."""
+    path = out / "demo_args.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != args:
+            raise SystemExit(
+                f"{out} holds a demo run with other settings ({before}); this run asks for "
+                f"{args}. Use another --out, or delete {out} to start over."
+            )
+    else:
+        path.write_text(json.dumps(args, indent=1))
 
-    data = out / "data"
-    for name, text_only in (("digits", False), ("digits_text", True)):
-        prep_digits(
-            str(data / name),
-            n_train=s.n_train,
-            n_test=s.n_test,
-            seed=0,
-            text_only=text_only,
-            progress=False,
-        )
-    tok = data / "digits" / "tokenizer"
-    if not (tok / "tokenizer.json").is_file():
-        build_tiny_tokenizer(str(tok))
+
+def _phase_prep(out: Path, s: DemoSettings) -> dict[str, Any]:
+    from megatron_autothink.data.digits import DigitsConfig, prep_digits
+
+    prep_digits(
+        str(out / "data" / "digits"),
+        n_train=s.n_train,
+        n_test=s.n_test,
+        seed=0,
+        config=DigitsConfig(family="depth", depth_split_sum=True),
+        progress=False,
+    )
     return {"train": s.n_train, "test": s.n_test}
 
 
-def _run_stages(cfg: AutothinkConfig, n: int) -> None:
+def _run_stages(cfg: AutothinkConfig, stage: str) -> dict[str, Any]:
+    """Train up to and including ``stage`` (earlier finished stages are skipped by the run)."""
     from megatron_autothink.train.run import main as train_main
 
+    n = TRAIN_PHASES.index(stage) + 1
     rc = train_main(cfg.model_copy(update={"stages": cfg.stages[:n]}))
     if rc != 0:
         raise RuntimeError(f"training exited with code {rc}")
+    return {"stage": stage, "steps": cfg.stages[n - 1].steps}
 
 
 def _stage_dir(cfg: AutothinkConfig, stage: str) -> Path:
     return Path(cfg.logging.run_dir) / "checkpoints" / stage
 
 
-def _eval(out: Path, s: DemoSettings, cfg: AutothinkConfig, stage: str, name: str) -> Any:
+def _eval(out: Path, s: DemoSettings, cfg: AutothinkConfig, name: str) -> dict[str, Any]:
+    """Greedy auto / long / short into ``out/name``, auto sampled at T = 1 into ``.../sampled``."""
     from megatron_autothink.eval.runner import evaluate
 
-    summary = evaluate(
-        _stage_dir(cfg, stage),
-        str(out / "data" / "digits"),
-        split="test",
-        limit=s.eval_limit,
-        out=out / name,
-        max_new_tokens=s.max_new_tokens,
-    )
+    kw: dict[str, Any] = {
+        "split": "test",
+        "limit": s.eval_limit,
+        "max_new_tokens": s.max_new_tokens,
+    }
+    model = _stage_dir(cfg, EVAL_PHASES[name])
+    greedy = evaluate(model, str(out / "data" / "digits"), out=out / name, temperature=0.0, **kw)
     print((out / name / "summary.md").read_text())
-    return summary["goals"]
+    evaluate(
+        model,
+        str(out / "data" / "digits"),
+        modes=("auto",),
+        out=out / name / SAMPLED,
+        temperature=1.0,
+        **kw,
+    )
+    auto = greedy["modes"]["auto"]["all"]
+    return {"auto_accuracy": auto["accuracy"], "auto_think_rate": auto["think_rate"]}
 
 
 def _phase_export(out: Path, s: DemoSettings, cfg: AutothinkConfig) -> dict[str, Any]:
-    """Export the final checkpoint to HF, reload it in transformers, answer one test prompt."""
+    """Export the BPO checkpoint to HF, reload it in transformers, answer one test prompt."""
     import shutil
 
     import torch
@@ -126,10 +182,9 @@ def _phase_export(out: Path, s: DemoSettings, cfg: AutothinkConfig) -> dict[str,
     from megatron_autothink.eval.model import export_training_checkpoint, latest_iter
     from megatron_autothink.eval.runner import load_prompts
 
-    last = cfg.stages[-1].name
     hf = out / "hf_model"
     shutil.rmtree(hf, ignore_errors=True)  # a half-written export from an interrupted run
-    export_training_checkpoint(latest_iter(_stage_dir(cfg, last)), hf)
+    export_training_checkpoint(latest_iter(_stage_dir(cfg, "bpo")), hf)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32)
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(hf))
@@ -166,29 +221,29 @@ def _phase_export(out: Path, s: DemoSettings, cfg: AutothinkConfig) -> dict[str,
     return result
 
 
-def _phase_report(out: Path, s: DemoSettings, cfg: AutothinkConfig) -> dict[str, Any]:
+def _phase_report(out: Path) -> dict[str, Any]:
     from megatron_autothink.report import write_report
 
     return {"report": str(write_report(out))}
 
 
-def run_demo(out: Path, smoke: bool) -> dict[str, Any]:
+def run_demo(
+    out: Path, smoke: bool, seed: int | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
     """Run (or resume) every phase; return ``{phase: result}`` of the phases run now."""
     s = DemoSettings(smoke)
+    cfg = build_config(out, s, seed, overrides)  # a bad override fails before any work
     out.mkdir(parents=True, exist_ok=True)
+    _check_args(out, {"smoke": smoke, "seed": cfg.train.seed, "overrides": list(overrides)})
     done = out / ".done"
     done.mkdir(exist_ok=True)
-    cfg = build_config(out, s)
-    n_stages = len(cfg.stages)
-    steps: dict[str, Callable[[], Any]] = {
-        "prep": lambda: _phase_prep(out, s, cfg),
-        "anneal": lambda: _run_stages(cfg, 1),
-        "eval_before": lambda: _eval(out, s, cfg, cfg.stages[0].name, "eval_before"),
-        "rl": lambda: _run_stages(cfg, n_stages),
-        "eval_after": lambda: _eval(out, s, cfg, cfg.stages[-1].name, "eval_after"),
-        "export": lambda: _phase_export(out, s, cfg),
-        "report": lambda: _phase_report(out, s, cfg),
-    }
+    steps: dict[str, Callable[[], Any]] = {"prep": lambda: _phase_prep(out, s)}
+    for st in TRAIN_PHASES:
+        steps[st] = lambda st=st: _run_stages(cfg, st)  # type: ignore[misc]
+    for ev in EVAL_PHASES:
+        steps[ev] = lambda ev=ev: _eval(out, s, cfg, ev)  # type: ignore[misc]
+    steps["export"] = lambda: _phase_export(out, s, cfg)
+    steps["report"] = lambda: _phase_report(out)
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
     for i, phase in enumerate(PHASES, 1):
@@ -202,6 +257,8 @@ def run_demo(out: Path, smoke: bool) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         marker.write_text(json.dumps({"seconds": dt, "result": results[phase]}, default=str))
         print(f"[demo {i}/{len(PHASES)}] {phase} finished in {dt:.1f}s", flush=True)
+        if phase != "report" and (done / "report").exists():
+            (done / "report").unlink()  # a phase rerun after the report: write it again
     total = time.perf_counter() - t_start
     timing = {p: json.loads((done / p).read_text())["seconds"] for p in PHASES}
     (out / "timing.json").write_text(json.dumps({"this_run_s": total, "phases_s": timing}))
@@ -213,9 +270,15 @@ def run_demo(out: Path, smoke: bool) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry of ``autothink demo`` (``args.out``, ``args.smoke``)."""
+    """Entry of ``autothink demo`` (``args.out``, ``args.smoke``, ``args.seed``,
+    ``args.overrides``)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_demo(Path(args.out), bool(args.smoke))
+    run_demo(
+        Path(args.out),
+        bool(args.smoke),
+        getattr(args, "seed", None),
+        list(getattr(args, "overrides", []) or []),
+    )
     return 0
