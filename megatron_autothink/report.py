@@ -444,8 +444,9 @@ def write_report(out: Path) -> Path:
     done = out / ".done"
     if done.is_dir():
         lines += ["## Phase times", "", "| phase | seconds |", "|---|---|"]
-        for f in sorted(done.iterdir(), key=lambda p: p.stat().st_mtime):
-            lines.append(f"| {f.name} | {json.loads(f.read_text())['seconds']:.1f} |")
+        for marker in sorted(done.iterdir(), key=lambda p: p.stat().st_mtime):
+            seconds = json.loads(marker.read_text())["seconds"]
+            lines.append(f"| {marker.name} | {seconds:.1f} |")
         lines.append("")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
