@@ -7,8 +7,8 @@ differs and exits 1 if anything does (timings are never compared):
 
 1. ``autothink train --config tiny_cpu`` on the digits set, 60 steps: per-step losses;
 2. the same run at TP=2 and at PP=2 (10 steps each, two gloo ranks): per-step losses;
-3. ``autothink demo --smoke``: the evaluation tables before and after RL, the training losses
-   of every stage, and the digest of the exported weights;
+3. ``autothink demo --smoke``: the evaluation table of every evaluated checkpoint, the training
+   losses of every stage, and the digest of the exported weights;
 4. a conversion round trip: run 1's checkpoint -> HF -> megatron -> HF; digests of both HF
    exports (equal to each other, and to the record's).
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.tiny_runs import REPO, env
+from megatron_autothink.demo import EVAL_PHASES
 
 CLI = [sys.executable, "-m", "megatron_autothink.cli"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]
@@ -129,7 +130,7 @@ def record(out: Path) -> dict[str, Any]:
     rec["demo_losses"] = _losses(demo / "run")
     rec["demo_eval"] = {
         name: json.loads((demo / name / "summary.json").read_text())["modes"]
-        for name in ("eval_before", "eval_after")
+        for name in EVAL_PHASES
     }
     rec["demo_export_digest"] = _digest(demo / "hf_model")
     return rec
