@@ -289,10 +289,19 @@ class SSRConfig(_Section):
 
 
 class RethinkConfig(_Section):
+    """VL-Rethinker's forced rethinking (``rl/rethinking.py``). The token budgets are the paper's
+    (a 2k-4k answer budget); scale them with ``rollout.max_new_tokens``, or rethinking never
+    triggers (a 96-token budget never leaves 1024 tokens) or every continuation is too short."""
+
     enabled: bool = False
     drop_prob: float = 0.35
     truncate_prob: float = 0.5
-    min_budget_tokens: int = 1024
+    min_budget_tokens: int = Field(1024, ge=1)
+    """A finished response is eligible only if it leaves this many of ``rollout.max_new_tokens``."""
+    min_continuation_tokens: int = Field(30, ge=1)
+    """A continuation shorter than this is rejected (``too_short``); one longer than 1024 (the
+    paper's cap) too, and none is longer than what ``rollout.max_new_tokens`` leaves after its
+    prefix and trigger."""
     temperature: float = 0.9
 
 

@@ -233,7 +233,13 @@ def force_rethinking(
         r = groups[gi][ri]
         full_text = tokenizer.decode(r.prefill_ids) + plan.continuation_prompt + c.text
         reward, correct, compscores = score(full_text, prompts[gi], c.finish_reason == "stop")
-        verdict = accept_rethink(c.text, len(c.token_ids), correct, kept_per_prompt.get(gi, 0))
+        verdict = accept_rethink(
+            c.text,
+            len(c.token_ids),
+            correct,
+            kept_per_prompt.get(gi, 0),
+            min_tokens=rt.min_continuation_tokens,
+        )
         if not verdict.accept:
             r.rethink = f"rejected:{verdict.reason}"
             continue

@@ -165,3 +165,28 @@ def test_length_cost_lets_bpo_prefer_the_direct_answer_only_where_both_modes_are
     assert adv[1][0] > 0 > adv[1][2]  # hard: the trace still wins
     _, adv0 = run(0.0)
     assert adv0[0] == [0.0] * 4 and adv0[1][0] > 0
+
+
+def test_rethink_budgets_scale_to_a_short_answer_budget() -> None:
+    """The paper's budgets (1024 tokens left, continuations of >= 30) can never trigger at a
+    96-token answer budget; scaled down, a short right continuation is accepted."""
+    short_fix = " so \\boxed{4}"  # 13 tokens
+
+    def run(rethink: RethinkConfig) -> tuple[dict[str, float], ScoredResponse]:
+        groups = [[response(RIGHT, True)]]
+        engine = ScriptedEngine({"rethink-0-0": short_fix})
+        sampling = SamplingConfig(temperature=1.0, max_new_tokens=96, seed=3)
+        m = force_rethinking(
+            engine, [PROMPT], groups, RLConfig(rethink=rethink), sampling, CharTokenizer(),
+            score, AlwaysHigh(),
+        )  # fmt: skip
+        return m, groups[0][0]
+
+    paper = RethinkConfig(enabled=True, drop_prob=0.0, truncate_prob=0.0)
+    m, r = run(paper)
+    assert m["rethink/attempted"] == 0.0 and r.rethink == ""  # 96 - 15 tokens left < 1024
+    m, r = run(paper.model_copy(update={"min_budget_tokens": 48}))
+    assert m["rethink/attempted"] == 1.0 and r.rethink == "rejected:too_short"  # 13 < 30
+    m, r = run(paper.model_copy(update={"min_budget_tokens": 48, "min_continuation_tokens": 8}))
+    assert m["rethink/acceptance"] == 1.0 and r.rethink == "accepted"
+    assert r.text == RIGHT + DOUBLE_CHECK + short_fix
