@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_autothink.report import demo_goals, load_evals, load_metrics
+from megatron_autothink.report import demo_goals, load_evals, load_metrics, load_rollouts
 
 
 def main(dirs: list[Path]) -> str:
-    runs = {d: demo_goals(load_evals(d), load_metrics(d)) for d in dirs}
+    runs = {d: demo_goals(load_evals(d), load_metrics(d), load_rollouts(d)) for d in dirs}
     seeds = {d: json.loads((d / "demo_args.json").read_text())["seed"] for d in dirs}
     first = next(iter(runs.values()))
     lines = [

@@ -75,6 +75,14 @@ def load_metrics(out: Path) -> dict[str, list[dict[str, Any]]]:
     return by_stage
 
 
+def load_rollouts(out: Path, stage: str = "bpo") -> list[dict[str, Any]]:
+    """The records of a stage's rollout log (``run/rollouts/<stage>.jsonl``), [] without one."""
+    path = out / "run" / "rollouts" / f"{stage}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 # ---------------------------------------------------------------------------------------------
 # Goals (issue #19)
 # ---------------------------------------------------------------------------------------------
@@ -110,9 +118,11 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
 def demo_goals(
     evals: dict[str, tuple[dict[str, Any], dict[str, Any] | None]],
     metrics: dict[str, list[dict[str, Any]]],
+    rollouts: list[dict[str, Any]] | None = None,
 ) -> list[Goal]:
     """Issue #19's goals 0-4 checked on one demo run (greedy evals; the thresholds are the
-    issue's, "well below" in goal 2 is read as 20 points). BPO starts from ``curate``.
+    issue's, "well below" in goal 2 is read as 20 points). BPO starts from ``curate``;
+    ``rollouts`` are its rollout log's records (:func:`load_rollouts`).
 
     Example:
         >>> cell = lambda acc, think, tok=16.0: {"n": 200, "accuracy": acc, "think_rate": think,
@@ -139,20 +149,25 @@ def demo_goals(
         for s, _ in evals.values()
         if "long" in s["modes"] and "short" in s["modes"]
     )
-    bpo_rows = metrics.get("bpo", [])
-    roll_long, roll_short = (
-        _mean(bpo_rows, "rollout/long/think_rate"),
-        _mean(bpo_rows, "rollout/short/think_rate"),
-    )
-    extra = ""
-    if roll_long is not None and roll_short is not None:
-        forced_ok = forced_ok and roll_long == 1.0 and roll_short == 0.0
-        extra = f"; BPO's forced rollouts: long {_pct(roll_long)}, short {_pct(roll_short)}"
+    measured = ("yes" if forced_ok else "no") + f" in {len(evals)} evals"
+    if rollouts:
+        # counted per rollout: a per-step rate rounds a single miss away
+        longs = [r for r in rollouts if r["mode"] == "long"]
+        shorts = [r for r in rollouts if r["mode"] == "short"]
+        no_think = [r for r in longs if not r["thinking"]]
+        empty = sum(1 for r in no_think if not r["finished"] and r["text"] == "<think>\n")
+        thinks = sum(1 for r in shorts if r["thinking"])
+        forced_ok = forced_ok and not no_think and not thinks
+        measured += (
+            f"; BPO's forced rollouts: {len(longs) - len(no_think)} of {len(longs)} long think"
+            + (f" ({empty} came back empty and unfinished)" if empty else "")
+            + f", {thinks} of {len(shorts)} short"
+        )
     goals.append(
         Goal(
             "0",
             "long mode thinks on 100 %, short on 0 % of every level (eval and BPO rollouts)",
-            ("yes" if forced_ok else "no") + f" in {len(evals)} evals" + extra,
+            measured,
             forced_ok,
         )
     )
@@ -406,7 +421,7 @@ def write_report(out: Path) -> Path:
     args = _load(out / "demo_args.json")
     if args:
         lines += [f"Settings: `{json.dumps(args)}`", ""]
-    goals = demo_goals(evals, metrics)
+    goals = demo_goals(evals, metrics, load_rollouts(out))
     if goals:
         lines += ["## Goals (issue #19)", "", format_goals(goals), ""]
     figures = []

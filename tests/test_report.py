@@ -61,3 +61,19 @@ def test_a_lost_format_fails_the_accuracy_gap_and_long_mode_not_forced_fails_goa
         demo_goals({"anneal": (_summary({"1": (0.9, 0, 16), "5": (0.1, 0, 17)}), None)}, {})
     )
     assert table.count("\n") == 4 and "| 2 |" in table  # header, rule, goals 0, 1 and 2
+
+
+def test_goal_0_counts_forced_rollouts_one_by_one() -> None:
+    """One empty, unfinished thinking-forced rollout in 64 fails goal 0 (a per-step rate would
+    round it to 100 %) and is named as such."""
+    s = _summary({"1": (0.95, 0.0, 16), "5": (0.1, 0.0, 17)})
+    ok = {"mode": "long", "thinking": True, "finished": True, "text": "<think>\nx</think>\n\n4"}
+    empty = {"mode": "long", "thinking": False, "finished": False, "text": "<think>\n"}
+    short = {"mode": "short", "thinking": False, "finished": True, "text": "4"}
+    (g0,) = [g for g in demo_goals({"anneal": (s, None)}, {}, [ok] * 31 + [empty] + [short] * 32)
+             if g.goal == "0"]  # fmt: skip
+    assert g0.met is False
+    assert "31 of 32 long think (1 came back empty and unfinished), 0 of 32 short" in g0.measured
+    (g0,) = [g for g in demo_goals({"anneal": (s, None)}, {}, [ok] * 32 + [short] * 32)
+             if g.goal == "0"]  # fmt: skip
+    assert g0.met is True
