@@ -42,7 +42,8 @@ CAPTIONS = {
     "tokens.png": "Mean output tokens per level in each mode, the whole turn with the prefill "
     "counted, so every mode counts the same tokens (the analogue of R-4B's Fig. 7).",
     "rl.png": "Rollout reward and thinking rate per RL step (BPO: the policy's P(think) read off "
-    "its decision token; GRPO: the share of its auto-mode rollouts that think).",
+    "its decision token; GRPO: the share of its auto-mode rollouts that think); the two rewards "
+    "are not on one scale (BPO's carries the length cost, half its rollouts are forced direct).",
     "advantages.png": "Share of fresh prompts whose group has a non-zero advantage, and samples "
     "trained with a non-zero advantage, per step: plain GRPO against GRPO with Selective Sample "
     "Replay (the analogue of VL-Rethinker's Fig. 2).",
