@@ -25,6 +25,7 @@ from megatron_autothink.rollout.types import (
     PreprocessedImages,
     SamplingConfig,
     ThinkingMode,
+    vision_token_ids,
 )
 
 MODE_ID = {"thinking": 1, "non_thinking": 0}
@@ -106,15 +107,10 @@ def generate_groups(
     return groups
 
 
-def vision_token_ids(tokenizer: Any) -> set[int]:
-    names = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
-    ids = {tokenizer.convert_tokens_to_ids(n) for n in names}
-    return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
-
-
 def cut_at_vision_tokens(c: Completion, banned: set[int]) -> bool:
-    """A weak policy can sample image placeholder tokens; the trainer would try to put image
-    features there. Cut the response before the first one (it then counts as unfinished)."""
+    """The trainer would try to put image features at an image placeholder token in a response.
+    The vLLM engine never samples them (``VLLMRolloutEngine`` biases them away); an engine that
+    does gets the response cut before the first one (it then counts as unfinished)."""
     for j, t in enumerate(c.token_ids):
         if t in banned:
             c.token_ids = c.token_ids[:j]

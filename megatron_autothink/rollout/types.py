@@ -41,6 +41,16 @@ ThinkingMode = Literal["auto", "long", "short"]
 FinishReason = Literal["stop", "length"]
 """``"stop"``: an EOS/stop token was sampled (it is the last token); ``"length"``: budget hit."""
 
+# Image placeholder and vision delimiter tokens (Qwen2-VL family): input-only, never output.
+VISION_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+
+
+def vision_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of :data:`VISION_TOKENS` the tokenizer has (unknown ones left out)."""
+    ids = {tokenizer.convert_tokens_to_ids(n) for n in VISION_TOKENS}
+    return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
+
+
 THINKING_PREFILLS: dict[str, str] = {
     "auto": "",
     "long": "<think>\n",

@@ -71,6 +71,7 @@ from megatron_autothink.rollout.types import (
     SamplingConfig,
     ThinkingMode,
     WeightUpdate,
+    vision_token_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -321,6 +322,10 @@ class VLLMRolloutEngine(RolloutEngine):
             mode: list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
             for mode, text in THINKING_PREFILLS.items()
         }
+        # Image placeholders are input-only: a sampled one would be cut from the response
+        # (rl.rollout.cut_at_vision_tokens), leaving e.g. a forced trace empty. -100 is a ban
+        # in practice (e^-100); the reported log-probs are the raw, unbiased ones.
+        self._vision_bias = {t: -100.0 for t in sorted(vision_token_ids(self.tokenizer))}
         logger.info(
             "vLLM rollout engine up on %s in %.1f s (%s, in_process=%s)",
             self.device,
@@ -506,6 +511,7 @@ class VLLMRolloutEngine(RolloutEngine):
             # The processor reads the mode from the prompt's end (our prefill); auto requests
             # carry the settings too and are left alone.
             extra_args=sampling.think_rule.to_extra_args(),
+            logit_bias=dict(self._vision_bias) or None,
         )
 
     def generate(

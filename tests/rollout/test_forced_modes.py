@@ -210,3 +210,33 @@ def test_eval_long_mode_thinks_on_every_question(
         assert think_rate(ThinkRuleSettings(min_think_tokens=0))["long"] == 0.0
         rates = think_rate(ThinkRuleSettings())
         assert rates["long"] == 1.0 and rates["short"] == 0.0
+
+
+def test_the_engine_never_samples_an_image_placeholder(
+    engine: Any, hf_model: Any, tiny_vl_dir: Path
+) -> None:
+    """A forced-thinking rollout whose first sampled token was ``<|image_pad|>`` came back empty
+    (the rollout cuts responses at vision tokens: 4 of 10 240 in the demo's BPO). With the pad
+    token the argmax after the thinking prefill, the engine samples it in no mode, and its
+    reported log-prob is still the unbiased policy's (what the trainer recomputes)."""
+    pad = engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    prompts = _prompts(engine)
+    with tag_boosted(engine, hf_model, tiny_vl_dir, "<|image_pad|>", "long") as boosted:
+        for mode in ("long", "auto", "short"):
+            for n, sampling in (
+                (1, SamplingConfig(temperature=0.0, max_new_tokens=8, seed=0)),
+                (3, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)),
+            ):
+                requests = [
+                    GenerationRequest(f"v{mode}{n}{i}", p, mode=mode, n=n)
+                    for i, p in enumerate(prompts)
+                ]
+                for c in (c for g in engine.generate(requests, sampling) for c in g):
+                    assert pad not in c.token_ids, (mode, c.text)
+        prefill = engine.tokenizer.encode(THINKING_PREFILLS["long"], add_special_tokens=False)
+        (c,) = engine.generate([GenerationRequest("vlp", prompts[0], mode="long")],
+                               SamplingConfig(temperature=0.0, max_new_tokens=1, seed=0))[0]  # fmt: skip
+        with torch.no_grad():
+            logits = boosted(input_ids=torch.tensor([prompts[0] + prefill]), use_cache=False).logits
+        expected = torch.log_softmax(logits[0, -1].float(), -1)[c.token_ids[0]]
+        assert abs(c.logprobs[0] - float(expected)) < 1e-3  # the pad's boost is in it: unbiased
