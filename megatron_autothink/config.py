@@ -272,8 +272,9 @@ class BPOConfig(_Section):
     """Advantage of the forced prefills' *shared* targets (those before the decision, e.g.
     ``<think>\n``), in place of the sample's own. Both modes of a group train them in the same
     context, so their group advantages cancel and nothing holds auto mode's opening in place
-    while the rest of the policy moves (from the m3 checkpoint, BPO left 65-77 % of level-5
-    auto answers without the think block; docs/demo_study.md). A positive value trains them
+    while the rest of the policy moves (from the first m3 checkpoint, BPO left 65-77 % of
+    level-5 auto answers without the think block; not reproduced from the rebuilt m3, with or
+    without the anchor, so its effect is not shown; docs/demo_study.md). A positive value trains them
     like an NLL term of that weight, which fades where their probability is already 1; 0 keeps
     the sample's advantage. Needs ``train_decision`` (docs/rl.md, "Anchoring the opening")."""
     g_think: int = Field(4, ge=0)

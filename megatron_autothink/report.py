@@ -301,6 +301,19 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _label_steps(axes: Any, legend_size: int) -> None:
+    """The RL plots' panels: RL steps on x, a legend."""
+    for ax in axes:
+        ax.set_xlabel("RL step")
+        ax.legend(fontsize=legend_size)
+
+
 def _per_level_bars(
     path: Path,
     evals: dict[str, tuple[dict[str, Any], dict[str, Any] | None]],
@@ -321,9 +334,7 @@ def _per_level_bars(
         ax.set_ylabel(ylabel)
         ax.set_title(name)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _think_rate_plot(
@@ -343,9 +354,7 @@ def _think_rate_plot(
     ax.set_ylabel("auto-mode thinking rate")
     ax.set_title("solid: greedy, dashed: sampled (T = 1)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _fig5(path: Path, evals: dict[str, tuple[dict[str, Any], dict[str, Any] | None]]) -> None:
@@ -359,9 +368,7 @@ def _fig5(path: Path, evals: dict[str, tuple[dict[str, Any], dict[str, Any] | No
     ax.set_xlim(-0.05, 1.05)
     ax.set_xlabel("auto thinking rate (sampled, all levels)")
     ax.set_ylabel("auto accuracy (greedy, all levels)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _rl_plot(path: Path, metrics: dict[str, list[dict[str, Any]]]) -> bool:
@@ -383,12 +390,8 @@ def _rl_plot(path: Path, metrics: dict[str, list[dict[str, Any]]]) -> bool:
     axes[0].set_title("rollout reward (mean over the step's modes)")
     axes[1].set_title("thinking rate")
     axes[1].set_ylim(-0.05, 1.05)
-    for ax in axes:
-        ax.set_xlabel("RL step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _label_steps(axes, legend_size=7)
+    _save(plt, fig, path)
     return True
 
 
@@ -405,12 +408,8 @@ def _advantage_plot(path: Path, metrics: dict[str, list[dict[str, Any]]]) -> boo
     axes[0].set_title("prompts with a non-zero advantage (fresh groups)")
     axes[0].set_ylim(-0.05, 1.05)
     axes[1].set_title("samples trained with a non-zero advantage")
-    for ax in axes:
-        ax.set_xlabel("RL step")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _label_steps(axes, legend_size=8)
+    _save(plt, fig, path)
     return True
 
 
