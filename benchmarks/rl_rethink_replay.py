@@ -85,7 +85,8 @@ def coin_samples(n: int, seed: int = 0, start: int = 0) -> Iterator[Any]:
     import numpy as np
 
     from megatron_autothink.data.digits import _digit_data, compose_image
-    from megatron_autothink.data.schema import EMPTY_THINK, IMAGE_PLACEHOLDER, Sample, Turn
+    from megatron_autothink.data.schema import IMAGE_PLACEHOLDER, Sample, Turn
+    from megatron_autothink.modes import EMPTY_THINK
     from megatron_autothink.rl.rethinking import (
         TRIGGER_DOUBLE_CHECK,
         TRIGGER_MISTAKE,

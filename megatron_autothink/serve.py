@@ -6,8 +6,8 @@ Two ways, one command (documented in ``docs/serving.md``):
   (:class:`~megatron_autothink.rollout.vllm_engine.VLLMRolloutEngine`, the engine RL and eval
   use) on the directory, renders the user turn with the directory's chat template and answers
   once per ``--mode`` (a comma list: ``auto,long,short`` answers three times from one engine
-  start). The mode is the engine's prefill of the assistant turn (``rollout.types.
-  THINKING_PREFILLS``): ``auto`` none (the model decides whether to think), ``long``
+  start). The mode is the engine's prefill of the assistant turn (``modes.
+  PREFILLS``): ``auto`` none (the model decides whether to think), ``long``
   ``<think>\\n``, ``short`` the empty block ``<think>\\n\\n</think>\\n\\n``. Each answer is
   printed as the whole assistant turn, prefill included (``--json``: one JSON line per mode).
 * **server** (no ``--prompt``): vLLM's OpenAI-compatible API server (``vllm serve``) on
@@ -41,16 +41,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # torch-free at import: `autothink --help` builds this module's parser
-    from megatron_autothink.rollout.types import ThinkingMode
+from megatron_autothink.modes import MODES, PREFILLS, ThinkingMode
 
 __all__ = ["Answer", "add_arguments", "answer", "main", "parse_modes", "server_argv"]
 
 log = logging.getLogger(__name__)
 
-MODES: tuple[ThinkingMode, ...] = ("auto", "long", "short")  # rollout.types.ThinkingMode
 DEFAULT_MAX_MODEL_LEN = 4096
 
 
@@ -153,7 +151,6 @@ def answer(
 
     from megatron_autothink.data.tokenizer import load_tokenizer
     from megatron_autothink.rollout.types import (
-        THINKING_PREFILLS,
         GenerationRequest,
         SamplingConfig,
         ThinkRuleSettings,
@@ -198,7 +195,7 @@ def answer(
         out.append(
             Answer(
                 mode=req.mode,
-                prefill=THINKING_PREFILLS[req.mode],
+                prefill=PREFILLS[req.mode],
                 text=c.text,
                 finish_reason=c.finish_reason,
                 num_tokens=len(c.token_ids),

@@ -11,7 +11,7 @@ build: TP=1/PP=1 in one process, or the ``torchrun`` layout), then
     tokenizer / processor files, copied from the checkpoint's tokenizer/ (or --tokenizer-dir)
     preprocessor_config.json  copied, or from the training run's data.min/max_pixels
     video_preprocessor_config.json  copied, or the stock video processor (stock AutoProcessor)
-    chat_template.jinja     Qwen2.5-VL template + thinking_mode auto/long/short
+    chat_template.jinja     modes.CHAT_TEMPLATE: ChatML turns + thinking_mode auto/long/short
 
 The source may be a converted checkpoint or a training run (see :mod:`.source`). For a training
 run the special-token ids (bos/eos/pad/image/vision) come from its tokenizer, eos being the chat
@@ -46,7 +46,6 @@ from megatron_autothink.checkpoint_io import (
     verify_dist_dir,
 )
 from megatron_autothink.config import ModelConfig
-from megatron_autothink.convert.chat_template import THINKING_CHAT_TEMPLATE
 from megatron_autothink.convert.gather import iter_hf_weights
 from megatron_autothink.convert.hf_config import hf_config_from_model
 from megatron_autothink.convert.hf_io import (
@@ -65,6 +64,7 @@ from megatron_autothink.data.image_processing import (
     write_preprocessor_config,
     write_video_preprocessor_config,
 )
+from megatron_autothink.modes import CHAT_TEMPLATE
 from megatron_autothink.parallel import ParallelContext
 
 __all__ = ["checkpoint_dtype", "mcore_to_hf", "write_hf_assets"]
@@ -125,7 +125,7 @@ def write_hf_assets(
     if "video_preprocessor_config.json" not in copied:  # for stock AutoProcessor (torchvision)
         write_video_preprocessor_config(out_dir, geometry)
     if chat_template == "thinking":
-        (out_dir / "chat_template.jinja").write_text(THINKING_CHAT_TEMPLATE)
+        (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         # One source of truth: a template embedded in these files would shadow the .jinja file
         # in some loaders.
         for name in ("tokenizer_config.json", "processor_config.json"):

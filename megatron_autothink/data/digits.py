@@ -56,7 +56,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from megatron_autothink.data.schema import EMPTY_THINK, IMAGE_PLACEHOLDER, Sample, Turn
+from megatron_autothink.data.schema import IMAGE_PLACEHOLDER, Sample, Turn
+from megatron_autothink.modes import EMPTY_THINK
 
 Split = Literal["train", "test"]
 Kind = Literal["first", "count", "sum", "expr", "depth"]
@@ -380,7 +381,7 @@ def digits_corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
 
     Images are not rendered (only their placeholder tokens), which keeps this fast.
     """
-    from megatron_autothink.data.chat_template import render_messages
+    from megatron_autothink.modes import render_messages
 
     for text_only in (False, True):
         for i in range(n):

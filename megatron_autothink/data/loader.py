@@ -69,13 +69,7 @@ from pydantic import ValidationError
 
 from megatron_autothink.data import loader_state
 from megatron_autothink.data.batch import PackedBatch, PromptSample
-from megatron_autothink.data.chat_template import (
-    DEFAULT_SYSTEM,
-    IMAGE_PAD,
-    render_messages,
-    tokenize_messages,
-    turns_to_messages,
-)
+from megatron_autothink.data.chat_template import tokenize_messages, turns_to_messages
 from megatron_autothink.data.image_processing import (
     ImageProcessingConfig,
     decode_image,
@@ -89,9 +83,16 @@ from megatron_autothink.data.packing import (
     mrope_position_ids,
     pack_row,
 )
-from megatron_autothink.data.schema import EMPTY_THINK, Mode, Sample, Turn, response_mode
+from megatron_autothink.data.schema import Mode, Sample, Turn, response_mode
 from megatron_autothink.data.storage import energon_path
 from megatron_autothink.data.tokenizer import load_tokenizer
+from megatron_autothink.modes import (
+    DEFAULT_SYSTEM,
+    EMPTY_THINK,
+    IMAGE_PAD,
+    mode_id,
+    render_messages,
+)
 
 # The loader forks workers after the tokenizer may have used its thread pool; without this the
 # Rust tokenizer warns and silently turns parallelism off in every worker anyway.
@@ -441,10 +442,6 @@ class _PromptEnergonBatch(Batch):
     stats: dict[str, int]
 
 
-def _mode_id(mode: Mode | None) -> int:
-    return {"thinking": 1, "non_thinking": 0}.get(mode or "", -1)
-
-
 class _Renderer:
     """Shared by both task encoders: validate, decode images, render and tokenize."""
 
@@ -534,7 +531,7 @@ class PackingTaskEncoder(TaskEncoder[ConversationSample, _Encoded, _PackedEnergo
             position_ids=mrope_position_ids(
                 tokens, grids, self.renderer.image_token_id, self.config.image.merge_size
             ),
-            mode_id=_mode_id(final),
+            mode_id=mode_id(final),
             pixel_values=pixel_values,
             image_grid_thw=grids,
         )

@@ -31,27 +31,17 @@ Example:
 from __future__ import annotations
 
 import itertools
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from megatron_autothink.modes import THINK_CLOSE, THINK_OPEN, ResponseMode, think_mode
+
 IMAGE_PLACEHOLDER = "<image>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-#: The empty think block that opens every non-thinking response (and the `short` prefill).
-EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 Role = Literal["system", "user", "assistant"]
-Mode = Literal["thinking", "non_thinking"]
+Mode = ResponseMode
 AnswerType = Literal["number", "expression", "choice", "text"]
-
-# `\n(.+?)\n</think>` rather than `\n(.*)\n` so an empty block never counts as thinking; DOTALL
-# because reasoning spans lines. The answer after the block must be non-empty.
-_THINKING_RE = re.compile(
-    r"\A<think>\n(?P<reasoning>.*\S.*?)\n</think>\n\n(?P<answer>.*\S.*)\Z", re.S
-)
-_NON_THINKING_RE = re.compile(r"\A<think>\n\n</think>\n\n(?P<answer>.*\S.*)\Z", re.S)
 
 
 def response_mode(text: str) -> Mode | None:
@@ -79,12 +69,9 @@ def response_mode(text: str) -> Mode | None:
         if THINK_OPEN in text or THINK_CLOSE in text:
             raise ValueError("a think block must open the response")
         return None
-    m = _NON_THINKING_RE.match(text)
-    if m and THINK_OPEN not in m.group(1) and THINK_CLOSE not in m.group(1):
-        return "non_thinking"
-    m = _THINKING_RE.match(text)
-    if m and not any(tag in m.group(g) for tag in (THINK_OPEN, THINK_CLOSE) for g in (1, 2)):
-        return "thinking"
+    mode = think_mode(text)
+    if mode != "invalid":
+        return mode
     raise ValueError(
         "malformed think block: expected '<think>\\n…\\n</think>\\n\\nanswer' (thinking) or "
         "'<think>\\n\\n</think>\\n\\nanswer' (non-thinking)"

@@ -32,7 +32,7 @@ from tokenizers import (
     trainers,
 )
 
-from megatron_autothink.data.chat_template import CHAT_TEMPLATE
+from megatron_autothink.modes import CHAT_TEMPLATE, SPECIAL_TOKENS, THINK_TOKENS
 
 if TYPE_CHECKING:
     from megatron_autothink.config import AutothinkConfig
@@ -42,19 +42,6 @@ QWEN_PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-#: Control tokens (special: stripped by ``skip_special_tokens``). ``<|video_pad|>`` is not used
-#: by our data but HF/vLLM Qwen2.5-VL processors look it up.
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-#: Added but not special (kept when decoding).
-THINK_TOKENS = ("<think>", "</think>")
 
 
 # Frequent English words, so text beyond the digits task (e.g. LLaVA-style test data) does not
@@ -125,7 +112,7 @@ def build_tiny_tokenizer(
     """Train the tiny tokenizer and save it as an HF tokenizer directory.
 
     The directory holds ``tokenizer.json`` and ``tokenizer_config.json`` (with
-    :data:`~megatron_autothink.data.chat_template.CHAT_TEMPLATE` as ``chat_template``, eos
+    :data:`~megatron_autothink.modes.CHAT_TEMPLATE` as ``chat_template``, eos
     ``<|im_end|>``, pad ``<|endoftext|>``) and loads offline with
     ``transformers.AutoTokenizer.from_pretrained(out_dir)``. Deterministic for fixed arguments.
 

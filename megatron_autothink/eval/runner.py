@@ -29,20 +29,18 @@ from megatron_autothink.config import RewardWeights
 from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.eval.model import resolve_model
 from megatron_autothink.eval.summary import EvalRecord, format_markdown, goal_checks, summarize
-from megatron_autothink.rl.rewards import Rubric, is_thinking
+from megatron_autothink.modes import MODES, ThinkingMode, is_thinking
+from megatron_autothink.rl.rewards import Rubric
 from megatron_autothink.rl.rollout import cut_at_vision_tokens
 from megatron_autothink.rollout.types import (
     GenerationRequest,
     PreprocessedImages,
     SamplingConfig,
-    ThinkingMode,
     ThinkRuleSettings,
     vision_token_ids,
 )
 
 log = logging.getLogger(__name__)
-
-MODES: tuple[ThinkingMode, ...] = ("auto", "long", "short")
 
 
 def parse_modes(text: str) -> list[ThinkingMode]:

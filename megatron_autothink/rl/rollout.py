@@ -16,19 +16,16 @@ from typing import Any
 
 from megatron_autothink.config import RLConfig
 from megatron_autothink.data.batch import PromptSample
+from megatron_autothink.modes import ThinkingMode, is_thinking
 from megatron_autothink.rl.rethinking import accept_rethink, plan_rethink
-from megatron_autothink.rl.rewards import is_thinking
 from megatron_autothink.rollout.engine import RolloutEngine
 from megatron_autothink.rollout.types import (
     Completion,
     GenerationRequest,
     PreprocessedImages,
     SamplingConfig,
-    ThinkingMode,
     vision_token_ids,
 )
-
-MODE_ID = {"thinking": 1, "non_thinking": 0}
 
 
 @dataclass

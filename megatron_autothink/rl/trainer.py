@@ -58,6 +58,7 @@ from megatron_autothink.data.image_processing import (
     decode_image,
     image_patches,
 )
+from megatron_autothink.modes import mode_id
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.actor import compute_logprobs, policy_update
 from megatron_autothink.rl.advantages import group_advantages
@@ -66,7 +67,6 @@ from megatron_autothink.rl.bpo import bpo_advantages, decision_position, decisio
 from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rewards.rubric import length_cost
 from megatron_autothink.rl.rollout import (
-    MODE_ID,
     ScoredResponse,
     ScoreFn,
     force_rethinking,
@@ -167,7 +167,7 @@ def train_sample(
         response_ids=torch.tensor(resp.response_ids, dtype=torch.int32),
         engine_logprobs=torch.tensor(resp.engine_logprobs, dtype=torch.float32),
         advantage=adv,
-        mode_id=MODE_ID["thinking" if resp.thinking else "non_thinking"],
+        mode_id=mode_id("thinking" if resp.thinking else "non_thinking"),
         correct=resp.correct,
         image_bytes=list(prompt.image_bytes),
     )

@@ -16,18 +16,15 @@ from megatron_autothink.rollout.engine import (
 )
 from megatron_autothink.rollout.parity import format_parity, logprob_parity
 from megatron_autothink.rollout.types import (
-    THINKING_PREFILLS,
     Completion,
     GenerationRequest,
     PreprocessedImages,
     SamplingConfig,
-    ThinkingMode,
     WeightUpdate,
 )
 from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
 __all__ = [
-    "THINKING_PREFILLS",
     "Completion",
     "EngineStartError",
     "GenerationRequest",
@@ -37,7 +34,6 @@ __all__ = [
     "RolloutError",
     "SamplingConfig",
     "StaleWeightsError",
-    "ThinkingMode",
     "VLLMEngineConfig",
     "VLLMRolloutEngine",
     "WeightUpdate",

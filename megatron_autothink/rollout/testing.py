@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-# One definition of the Qwen special / think tokens, shared with the data tokenizer.
 from megatron_autothink.data.tokenizer import SPECIAL_TOKENS, THINK_TOKENS
+
+# One definition of the Qwen special / think tokens, shared with the data tokenizer.
+from megatron_autothink.modes import PREFILLS
 from megatron_autothink.rollout.engine import RolloutEngine
 from megatron_autothink.rollout.images import expand_image_pads
 from megatron_autothink.rollout.types import (
-    THINKING_PREFILLS,
     Completion,
     GenerationRequest,
     PreprocessedImages,
@@ -444,7 +445,7 @@ class ScriptedEngine(RolloutEngine):
         for r in requests:
             text = self.answers[r.request_id]
             ids = list(self.tokenizer.encode(text))
-            prefill = list(self.tokenizer.encode(THINKING_PREFILLS[r.mode]))
+            prefill = list(self.tokenizer.encode(PREFILLS[r.mode]))
             out.append(
                 [
                     Completion(ids, [-0.25] * len(ids), text, "stop", prefill, r.mode)

@@ -46,9 +46,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from megatron_autothink.modes import PREFILLS
 from megatron_autothink.rollout.types import (
     DEFAULT_MIN_THINK_TOKENS,
-    THINKING_PREFILLS,
     ThinkRuleSettings,
 )
 
@@ -69,8 +69,8 @@ class ThinkVocab:
     Attributes:
         open_ids: ``<think>`` as tokens.
         close_ids: ``</think>`` as tokens.
-        long_prefill: ``THINKING_PREFILLS["long"]`` as tokens (how the engine appends it).
-        short_prefill: ``THINKING_PREFILLS["short"]`` as tokens.
+        long_prefill: ``PREFILLS["long"]`` as tokens (how the engine appends it).
+        short_prefill: ``PREFILLS["short"]`` as tokens.
         blank_ids: Tokens whose text is whitespace only (they do not count as thinking).
     """
 
@@ -102,8 +102,8 @@ class ThinkVocab:
         return cls(
             open_ids=encode("<think>"),
             close_ids=encode("</think>"),
-            long_prefill=encode(THINKING_PREFILLS["long"]),
-            short_prefill=encode(THINKING_PREFILLS["short"]),
+            long_prefill=encode(PREFILLS["long"]),
+            short_prefill=encode(PREFILLS["short"]),
             blank_ids=frozenset(i for i, t in enumerate(texts) if t and not t.strip()),
         )
 

@@ -7,12 +7,9 @@ Everything that crosses the rollout boundary is one of these dataclasses, never 
 * :class:`Completion` -- one sampled response with the log-probs of its tokens.
 * :class:`WeightUpdate` -- what one ``update_weights`` call did (version, size, time).
 
-Thinking modes follow R-4B / Qwen3 (see ``/work/shared/recipes.md``): the assistant turn of the
-prompt ends with ``"<|im_start|>assistant\\n"`` and the engine appends a *prefill* to it:
-
-* ``"auto"``: nothing, the model decides whether to think;
-* ``"long"``: ``"<think>\\n"`` (force thinking);
-* ``"short"``: ``"<think>\\n\\n</think>\\n\\n"`` (force an empty think block, i.e. no thinking).
+Thinking modes (:mod:`megatron_autothink.modes`): the assistant turn of the prompt ends with
+``"<|im_start|>assistant\\n"`` and the engine appends the mode's *prefill*
+(:data:`~megatron_autothink.modes.PREFILLS`) to it.
 
 A prefill alone forces nothing (the model may close the block at once, or open a second one), so
 the engine also constrains decoding in the forced modes: :mod:`megatron_autothink.rollout.
@@ -30,33 +27,22 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from megatron_autothink.modes import PREFILLS, VISION_TOKENS, ThinkingMode
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from megatron_autothink.config import RolloutConfig
 
-ThinkingMode = Literal["auto", "long", "short"]
-"""How the assistant turn starts; see the module docstring."""
-
 FinishReason = Literal["stop", "length"]
 """``"stop"``: an EOS/stop token was sampled (it is the last token); ``"length"``: budget hit."""
 
-# Image placeholder and vision delimiter tokens (Qwen2-VL family): input-only, never output.
-VISION_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
-
 
 def vision_token_ids(tokenizer: Any) -> set[int]:
-    """Ids of :data:`VISION_TOKENS` the tokenizer has (unknown ones left out)."""
+    """Ids of :data:`~megatron_autothink.modes.VISION_TOKENS` the tokenizer has (unknown ones left out)."""
     ids = {tokenizer.convert_tokens_to_ids(n) for n in VISION_TOKENS}
     return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
 
-
-THINKING_PREFILLS: dict[str, str] = {
-    "auto": "",
-    "long": "<think>\n",
-    "short": "<think>\n\n</think>\n\n",
-}
-"""Prefill text appended to the prompt for each :data:`ThinkingMode` (Qwen3 convention)."""
 
 DEFAULT_MIN_THINK_TOKENS = 8
 """Content tokens a forced ``long`` completion writes before it may close its think block
@@ -198,8 +184,8 @@ class GenerationRequest:
     max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in THINKING_PREFILLS:
-            raise ValueError(f"mode must be one of {list(THINKING_PREFILLS)}, got {self.mode!r}")
+        if self.mode not in PREFILLS:
+            raise ValueError(f"mode must be one of {list(PREFILLS)}, got {self.mode!r}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not self.prompt_token_ids:

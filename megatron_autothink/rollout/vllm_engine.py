@@ -52,6 +52,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from megatron_autothink.cpus import configure_threads
+from megatron_autothink.modes import PREFILLS, ThinkingMode
 from megatron_autothink.rollout.engine import (
     MEMORY_PARTS,
     EngineStartError,
@@ -64,12 +65,10 @@ from megatron_autothink.rollout.engine import (
 )
 from megatron_autothink.rollout.images import collapse_image_pads, preprocess_images
 from megatron_autothink.rollout.types import (
-    THINKING_PREFILLS,
     Completion,
     GenerationRequest,
     PreprocessedImages,
     SamplingConfig,
-    ThinkingMode,
     WeightUpdate,
     vision_token_ids,
 )
@@ -320,7 +319,7 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         self._prefill_ids = {
             mode: list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
-            for mode, text in THINKING_PREFILLS.items()
+            for mode, text in PREFILLS.items()
         }
         # Image placeholders are input-only: a sampled one would be cut from the response
         # (rl.rollout.cut_at_vision_tokens), leaving e.g. a forced trace empty. -100 is a ban

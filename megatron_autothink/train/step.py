@@ -20,10 +20,11 @@ from torch import Tensor
 
 from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.models.varlen import packed_row_segments
+from megatron_autothink.modes import MODE_IDS
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.setup import OptimizerBundle
 
-THINKING, NON_THINKING = 1, 0
+THINKING, NON_THINKING = MODE_IDS["thinking"], MODE_IDS["non_thinking"]
 
 
 def loss_func(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_autothink.config import ModelConfig, VisionConfig
-from megatron_autothink.convert import chat_template, hf_io, mapping
+from megatron_autothink.convert import hf_io, mapping
 from megatron_autothink.convert.mapping import (
     ConversionError,
     Kind,
@@ -51,7 +51,7 @@ def _random_hf(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("module", [mapping, hf_io, chat_template])
+@pytest.mark.parametrize("module", [mapping, hf_io])
 def test_doctests(module: types.ModuleType) -> None:
     assert doctest.testmod(module, raise_on_error=True).attempted >= 0
 

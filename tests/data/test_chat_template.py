@@ -1,4 +1,5 @@
-"""The Jinja template and the Python renderer agree; the loss mask covers assistant tokens only."""
+"""Samples to messages to ids: the loss mask covers assistant tokens only (the template itself:
+tests/test_modes.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,9 @@ from typing import Any
 
 import pytest
 
-from megatron_autothink.data.chat_template import (
-    CHAT_TEMPLATE,
-    PREFILLS,
-    render_messages,
-    tokenize_messages,
-    turns_to_messages,
-)
+from megatron_autothink.data.chat_template import tokenize_messages, turns_to_messages
 from megatron_autothink.data.schema import Turn
+from megatron_autothink.modes import CHAT_TEMPLATE, render_messages
 
 THINK = "<think>\nread 3 and 4\n3+4 = 7.\n</think>\n\nThe answer is \\boxed{7}."
 DIRECT = "<think>\n\n</think>\n\nThe answer is \\boxed{7}."
@@ -38,37 +34,8 @@ CONVERSATIONS: list[list[dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS)
-@pytest.mark.parametrize("gen", [False, True])
-@pytest.mark.parametrize("mode", ["auto", "long", "short"])
-@pytest.mark.parametrize("system", ["You are a helpful assistant.", None])
-def test_jinja_equals_python(
-    tokenizer: Any, messages: list[dict[str, Any]], gen: bool, mode: str, system: str | None
-) -> None:
-    kwargs: dict[str, Any] = {"add_generation_prompt": gen, "thinking_mode": mode}
-    if system is None:
-        kwargs["default_system"] = ""
-    jinja = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    python = render_messages(
-        messages,
-        add_generation_prompt=gen,
-        thinking_mode=mode,
-        default_system=system,  # type: ignore[arg-type]
-    )
-    assert jinja == python
-    if gen:
-        assert python.endswith("<|im_start|>assistant\n" + PREFILLS[mode])
-
-
 def test_template_is_the_saved_one(tokenizer: Any) -> None:
     assert tokenizer.chat_template == CHAT_TEMPLATE
-
-
-def test_bad_thinking_mode(tokenizer: Any) -> None:
-    with pytest.raises(ValueError):
-        render_messages(CONVERSATIONS[0], thinking_mode="medium")  # type: ignore[arg-type]
-    with pytest.raises(Exception, match="thinking_mode"):
-        tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False, thinking_mode="medium")
 
 
 def test_turns_to_messages_images() -> None:

@@ -62,8 +62,6 @@ def test_extract_huge_response() -> None:
         (X.extract_answer, "<answer>7</answer>" + "<answer>" * 20_000, "7"),
         (X.extract_answer, "Answer: 3\nAnswer" + " " * 50_000, "3"),
         (X.extract_choice, "The answer is B. Then the answer" + " " * 2000 + "x", "B"),
-        (X.think_mode, "<think>\n" + "<think>" * 8000, "invalid"),
-        (X.is_thinking, "<think>\n" + "<think>" * 8000, True),
     ],
 )
 def test_degenerate_text_is_extracted_in_linear_time(fn, text: str, expected: object) -> None:
@@ -102,38 +100,3 @@ def test_choice_letter_set() -> None:
     assert X.extract_choice("Answer: I think it is B") is None
     assert X.extract_choice("Answer: I think it is B", choices="ABCDEFGHIJK") == "I"
     assert X.is_choice_letter("B") and X.is_choice_letter("(B)") and not X.is_choice_letter("Bob")
-
-
-@pytest.mark.parametrize(
-    ("response", "mode"),
-    [
-        ("<think>\nreason\n</think>\n\nB", "thinking"),
-        ("<think>\nline1\n\nline2\n</think>\n\nthe answer is 4\n", "thinking"),
-        ("<think>\n\n</think>\n\nB", "non_thinking"),
-        ("<think>\n \n</think>\n\nB", "invalid"),  # blank but not the canonical empty block
-        ("<think>\nreason\n</think>\n\n", "invalid"),  # missing answer
-        ("<think>\n\n</think>\n\n  \n", "invalid"),  # blank answer
-        ("<think>reason</think>B", "invalid"),  # wrong newlines
-        ("<think>\nreason\n</think>\nB", "invalid"),  # single newline before answer
-        ("x<think>\nreason\n</think>\n\nB", "invalid"),  # text before the block
-        ("<think>\na\n</think>\n\n<think>\nb\n</think>\n\nB", "invalid"),  # two blocks
-        ("<think>\nno end", "invalid"),
-        ("B", "invalid"),
-    ],
-)
-def test_think_mode(response: str, mode: str) -> None:
-    assert X.think_mode(response) == mode
-
-
-@pytest.mark.parametrize(
-    ("response", "thinking"),
-    [
-        ("<think>\nreason\n</think>\n\nB", True),
-        ("<think>\n\n</think>\n\nB", False),
-        ("<think>\nstill thinking when the limit hit", True),
-        ("<think>\n   ", False),
-        ("plain answer", False),
-    ],
-)
-def test_is_thinking(response: str, thinking: bool) -> None:
-    assert X.is_thinking(response) is thinking

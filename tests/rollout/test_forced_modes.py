@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_autothink.rl.rewards import is_thinking
-from megatron_autothink.rollout import THINKING_PREFILLS, GenerationRequest, SamplingConfig
+from megatron_autothink.modes import PREFILLS, is_thinking
+from megatron_autothink.rollout import GenerationRequest, SamplingConfig
 from megatron_autothink.rollout.testing import chat_prompt, hf_token_logprobs
 from megatron_autothink.rollout.types import ThinkRuleSettings
 
@@ -45,7 +45,7 @@ def tag_boosted(
 
     tok = engine.tokenizer
     tag_id = tok.convert_tokens_to_ids(tag)
-    prefill = tok.encode(THINKING_PREFILLS[mode], add_special_tokens=False)
+    prefill = tok.encode(PREFILLS[mode], add_special_tokens=False)
     with torch.no_grad():
         hs, top = [], []
         for p in _prompts(engine):
@@ -99,7 +99,7 @@ def test_long_mode_writes_min_think_tokens_before_closing(
         # The prefill alone: every long answer closes its think block at once.
         for (c,) in engine.generate(greedy, off):
             assert c.token_ids[0] == close, c.text
-            assert not is_thinking(THINKING_PREFILLS["long"] + c.text)
+            assert not is_thinking(PREFILLS["long"] + c.text)
 
         on = SamplingConfig(
             temperature=0.0, max_new_tokens=24, seed=0, think_rule=ThinkRuleSettings(N)
@@ -128,7 +128,7 @@ def test_long_mode_writes_min_think_tokens_before_closing(
         completions += [c for g in engine.generate(sampled, hot) for c in g]
         for c in completions:
             assert content_tokens(engine, think_block(engine, c.token_ids)) >= N, c.text
-            assert is_thinking(THINKING_PREFILLS["long"] + c.text), c.text
+            assert is_thinking(PREFILLS["long"] + c.text), c.text
 
         # The engine reports the *unconstrained* policy's log-probs (raw, before the ban):
         # what the trainer recomputes, so mismatch/* compares the same distribution.
@@ -173,7 +173,7 @@ def test_short_mode_never_opens_a_think_block(
             for g in engine.generate(requests, sampling):
                 for c in g:
                     assert open_id not in c.token_ids and "<think>" not in c.text, c.text
-                    assert not is_thinking(THINKING_PREFILLS["short"] + c.text)
+                    assert not is_thinking(PREFILLS["short"] + c.text)
 
 
 def test_eval_long_mode_thinks_on_every_question(
@@ -233,7 +233,7 @@ def test_the_engine_never_samples_an_image_placeholder(
                 ]
                 for c in (c for g in engine.generate(requests, sampling) for c in g):
                     assert pad not in c.token_ids, (mode, c.text)
-        prefill = engine.tokenizer.encode(THINKING_PREFILLS["long"], add_special_tokens=False)
+        prefill = engine.tokenizer.encode(PREFILLS["long"], add_special_tokens=False)
         (c,) = engine.generate([GenerationRequest("vlp", prompts[0], mode="long")],
                                SamplingConfig(temperature=0.0, max_new_tokens=1, seed=0))[0]  # fmt: skip
         with torch.no_grad():

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from megatron_autothink.modes import PREFILLS
 from megatron_autothink.rollout import (
-    THINKING_PREFILLS,
     EngineStartError,
     GenerationRequest,
     PreprocessedImages,
@@ -66,7 +66,7 @@ def test_modes_prefill_follows_and_is_reported(engine: Any, hf_model: Any) -> No
     requests = [GenerationRequest(f"m-{m}", prompt, mode=m) for m in ("auto", "long", "short")]
     groups = engine.generate(requests, GREEDY)
     for request, (completion,) in zip(requests, groups, strict=True):
-        expected = tok.encode(THINKING_PREFILLS[request.mode], add_special_tokens=False)
+        expected = tok.encode(PREFILLS[request.mode], add_special_tokens=False)
         assert completion.prefill_token_ids == expected
         assert completion.mode == request.mode
         assert len(completion.token_ids) == len(completion.logprobs) > 0

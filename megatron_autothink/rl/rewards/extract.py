@@ -1,5 +1,5 @@
 r"""Answer extraction from model text: ``\boxed{}``, ``<answer>``, ``Answer:``, choice letters,
-"wait" counts and R-4B's think-mode parsing. Pure string functions, no scoring.
+"wait" counts. Pure string functions, no scoring (the think format is `megatron_autothink.modes`).
 
 Every function here runs in time linear in the response length (issue #21 item 7): a degenerate
 policy that emits thousands of unclosed ``\boxed{`` or ``<answer>`` must not stall the trainer,
@@ -22,9 +22,6 @@ Deviations from the released recipe code, on purpose:
 from __future__ import annotations
 
 import re
-from typing import Literal
-
-ThinkModeOrInvalid = Literal["thinking", "non_thinking", "invalid"]
 
 _BOXED = "\\boxed"
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
@@ -298,73 +295,3 @@ def is_choice_letter(ground_truth: str, choices: str = MC_DETECT_CHOICES) -> boo
     """
     m = _BARE_LETTER_RE.fullmatch(ground_truth.strip())
     return m is not None and m.group(1) in choices
-
-
-# ---------------------------------------------------------------------------------------------
-# R-4B think format
-# ---------------------------------------------------------------------------------------------
-
-# Only matched after checking there is exactly one of each tag, so the lazy group can end at
-# one place only: linear.
-_R4B_RE = re.compile(r"\A<think>\n(.*?)\n</think>\n\n(.*)\Z", re.DOTALL)
-
-
-def think_mode(response: str) -> ThinkModeOrInvalid:
-    r"""Classify a full assistant turn in R-4B's bi-mode format (arXiv 2508.21113).
-
-    Thinking is ``<think>\n{reasoning}\n</think>\n\n{answer}`` with non-blank reasoning;
-    non-thinking is exactly ``<think>\n\n</think>\n\n{answer}``. Exactly one of each tag and a
-    non-blank answer are required; a whitespace-only think block other than the canonical empty
-    one is invalid (it is neither mode the template can produce). Pass the text *including*
-    any forced prefill (``long``/``short`` modes put ``<think>\n`` in the prompt).
-
-    Args:
-        response: Full assistant turn.
-
-    Returns:
-        ``"thinking"``, ``"non_thinking"`` or ``"invalid"``.
-
-    Example:
-        >>> think_mode("<think>\n2+2=4\n</think>\n\n4")
-        'thinking'
-        >>> think_mode("<think>\n\n</think>\n\n4")
-        'non_thinking'
-        >>> think_mode("<think>\n\n</think>\n\n")
-        'invalid'
-        >>> think_mode("4")
-        'invalid'
-    """
-    if response.count("<think>") != 1 or response.count("</think>") != 1:
-        return "invalid"
-    m = _R4B_RE.match(response)
-    if m is None:
-        return "invalid"
-    thought, answer = m.group(1), m.group(2)
-    if not answer.strip():
-        return "invalid"
-    if thought == "":
-        return "non_thinking"
-    if not thought.strip():
-        return "invalid"
-    return "thinking"
-
-
-def is_thinking(response: str) -> bool:
-    r"""Whether the response opened a non-empty think block (R-4B "thinking trigger rate").
-
-    Deliberately lenient: a think block cut off by the length limit (no ``</think>``) still
-    counts, because the metric asks whether the model *chose* to think, not whether it
-    finished.
-
-    Example:
-        >>> is_thinking("<think>\nlet me see"), is_thinking("<think>\n\n</think>\n\n4")
-        (True, False)
-        >>> is_thinking("4")
-        False
-    """
-    start = response.find("<think>")
-    if start < 0:
-        return False
-    start += len("<think>")
-    end = response.find("</think>", start)
-    return bool(response[start : end if end >= 0 else len(response)].strip())

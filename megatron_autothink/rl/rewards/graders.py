@@ -7,7 +7,7 @@ Sources:
     * Math: VL-Rethinker (arXiv 2504.08837) and LMM-R1 (arXiv 2503.07536) both grade with
       math-verify on the last ``\boxed{}`` (else ``<answer>``, else ``Answer:``).
     * Multiple choice by letter (VL-Rethinker).
-    * Formats: R-4B's bi-mode turn (arXiv 2508.21113, :func:`.extract.think_mode`), LMM-R1's
+    * Formats: R-4B's bi-mode turn (arXiv 2508.21113, :func:`megatron_autothink.modes.think_mode`), LMM-R1's
       ``<think>...</think><answer>...</answer>``, VL-Rethinker's invalid-response rules.
 """
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from megatron_autothink.config import RewardWeights
-from megatron_autothink.rl.rewards.extract import think_mode
+from megatron_autothink.modes import think_mode
 from megatron_autothink.rl.rewards.graders import (
     grade_choice,
     grade_math,
