@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from megatron_autothink.train.progress import phase
 
     phase("importing torch and megatron-core")
-    run = _resolve("megatron_autothink.train.run:main")
+    run = _resolve("megatron_autothink.pipeline:main")
     if run is None:
         return _not_yet("train", "issue #4: the training loop")(args)
     return int(run(cfg) or 0)  # type: ignore[call-overload]

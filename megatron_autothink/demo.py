@@ -19,7 +19,7 @@ inside a phase from its checkpoints):
 11. ``export``      HF directory of the BPO model, reloaded in transformers, one test answer;
 12. ``report``      report.md, the goal table and PNGs (``megatron_autothink.report``).
 
-Training runs through ``train.run.main`` on ``recipes/demo_tiny.yaml`` (``--smoke``:
+Training runs through ``pipeline.main`` on ``recipes/demo_tiny.yaml`` (``--smoke``:
 ``demo_smoke.yaml``), whose stages are named like the training phases, with this run's data
 paths, ``--seed`` and any dotted overrides applied. The settings are recorded in
 ``<out>/demo_args.json``; resuming with other settings is refused (it would mix two runs).
@@ -134,7 +134,7 @@ def _phase_prep(out: Path, s: DemoSettings) -> dict[str, Any]:
 
 def _run_stages(cfg: AutothinkConfig, stage: str) -> dict[str, Any]:
     """Train up to and including ``stage`` (earlier finished stages are skipped by the run)."""
-    from megatron_autothink.train.run import main as train_main
+    from megatron_autothink.pipeline import main as train_main
 
     n = TRAIN_PHASES.index(stage) + 1
     rc = train_main(cfg.model_copy(update={"stages": cfg.stages[:n]}))

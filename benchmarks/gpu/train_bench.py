@@ -442,7 +442,7 @@ def fp8(out: str, steps: int) -> None:
 
 
 def quiet() -> None:
-    """megatron's INFO chatter and its apex / TE import warnings off (as ``train.run`` does;
+    """megatron's INFO chatter and its apex / TE import warnings off (as ``pipeline`` does;
     not imported from there: it pulls in the data stack, seconds of imports per step)."""
     import logging
     import warnings

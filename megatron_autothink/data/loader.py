@@ -41,7 +41,7 @@ import tarfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import torch
 from megatron.energon import (
@@ -73,6 +73,7 @@ from megatron_autothink.data.chat_template import tokenize_messages, turns_to_me
 from megatron_autothink.data.image_processing import (
     ImageProcessingConfig,
     decode_image,
+    image_config,
     image_patches,
 )
 from megatron_autothink.data.packing import (
@@ -93,6 +94,9 @@ from megatron_autothink.modes import (
     mode_id,
     render_messages,
 )
+
+if TYPE_CHECKING:
+    from megatron_autothink.config import AutothinkConfig
 
 # The loader forks workers after the tokenizer may have used its thread pool; without this the
 # Rust tokenizer warns and silently turns parallelism off in every worker anyway.
@@ -182,6 +186,48 @@ class PromptLoaderConfig(DataSourceConfig):
 
     batch_size: int = 8
     """Prompts per batch (per data-parallel rank)."""
+
+
+def sft_loader_config(
+    cfg: AutothinkConfig, path: str, *, training: bool, split: str
+) -> LoaderConfig:
+    """The packed SFT loader of a recipe (``data.*``, ``train.seed``) reading ``path``."""
+    d = cfg.data
+    return LoaderConfig(
+        path=path,
+        split=split,
+        seed=cfg.train.seed,
+        training=training,
+        num_workers=d.num_workers,
+        shuffle_buffer_size=d.shuffle_buffer,
+        seq_length=d.seq_length,
+        micro_batch_size=d.micro_batch_size,
+        think_ratio=d.think_ratio,
+        think_min_difficulty=d.think_min_difficulty,
+        think_ratio_by_difficulty=dict(d.think_ratio_by_difficulty),
+        s3_endpoint=d.s3_endpoint or None,
+        image=image_config(cfg),
+        max_error_rate=d.max_error_rate,
+        max_unusable_in_a_row=d.max_unusable_in_a_row,
+        on_shard_change=d.on_shard_change,
+    )
+
+
+def prompt_loader_config(cfg: AutothinkConfig, path: str, *, batch_size: int) -> PromptLoaderConfig:
+    """The RL prompt loader of a recipe reading ``path``'s train split, ``batch_size`` prompts
+    per batch and data-parallel rank; the same data-quality limits as the SFT loader."""
+    d = cfg.data
+    return PromptLoaderConfig(
+        path=path,
+        split="train",
+        seed=cfg.train.seed,
+        batch_size=batch_size,
+        image=image_config(cfg),
+        s3_endpoint=d.s3_endpoint or None,
+        max_error_rate=d.max_error_rate,
+        max_unusable_in_a_row=d.max_unusable_in_a_row,
+        on_shard_change=d.on_shard_change,
+    )
 
 
 # ----------------------------------------------------------------------------- worker-side stats

@@ -308,7 +308,7 @@ def _launch_cmd(opts: SlurmOptions, config_path: str, overrides: Sequence[str]) 
     )
     lines += [
         "# Ranks start with USR1 ignored; the trainer's PreemptionWatcher takes it over",
-        f"# (megatron_autothink/launch/preempt.py), so {survivors} survive it.",
+        f"# (megatron_autothink/train/preempt.py), so {survivors} survive it.",
         "# shellcheck disable=SC2016  # the single-quoted command expands on each node, not here",
         f"RANK_CMD={q(wrapper)}",
         'rm -f "${MARKER}"',

@@ -29,8 +29,9 @@ import torch
 
 from megatron_autothink.config import AutothinkConfig, StageConfig, stage_config
 from megatron_autothink.data.image_processing import image_config
+from megatron_autothink.data.loader import build_prompt_loader, fetch_agreed, prompt_loader_config
 from megatron_autothink.data.tokenizer import hf_token_ids, resolve_tokenizer_dir
-from megatron_autothink.launch.preempt import PreemptionWatcher
+from megatron_autothink.modes import IMAGE_PAD
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rewards import Rubric
@@ -40,9 +41,11 @@ from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    checkpoint_root,
     rng_untouched,
 )
 from megatron_autothink.train.loop import LoopState, data_metrics
+from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.progress import phase
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
 
@@ -146,13 +149,6 @@ def run_stage(
 ) -> tuple[LoopState, CheckpointManager]:
     """One RL stage. ``engine_slot`` carries the run's rollout engine across its RL stages; the
     caller shuts it down after the last one."""
-    from megatron_autothink.data.loader import (
-        PromptLoaderConfig,
-        build_prompt_loader,
-        fetch_agreed,
-    )
-    from megatron_autothink.train.run import checkpoint_root, loader_options
-
     run_cfg, cfg = cfg, stage_config(cfg, stage)
     rl = cfg.rl
     path = stage.train_path or cfg.data.train_path
@@ -165,15 +161,7 @@ def run_stage(
         rank=ctx.rank,
     )
     loader = build_prompt_loader(
-        PromptLoaderConfig(
-            path=path,
-            split="train",
-            seed=cfg.train.seed,
-            batch_size=rl.prompts_per_step // ctx.dp,
-            image=image_config(cfg),
-            s3_endpoint=cfg.data.s3_endpoint or None,
-            **loader_options(cfg),
-        ),
+        prompt_loader_config(cfg, path, batch_size=rl.prompts_per_step // ctx.dp),
         tokenizer,
         dp_rank=ctx.dp_rank,
         dp_world_size=ctx.dp,
@@ -355,7 +343,7 @@ def release_trainer_memory() -> None:
 
 
 def _image_id(tokenizer: Any) -> int:
-    return int(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    return int(tokenizer.convert_tokens_to_ids(IMAGE_PAD))
 
 
 def _as_tuple(x: Any) -> Any:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,10 +50,19 @@ from megatron_autothink.fileio import atomic_write_text
 from megatron_autothink.parallel import ParallelContext, serial_gloo_workers
 from megatron_autothink.train.setup import OptimizerBundle, inner_optimizers
 
+if TYPE_CHECKING:
+    from megatron_autothink.config import AutothinkConfig
+
 log = logging.getLogger(__name__)
 
 _ITER_RE = re.compile(r"^iter_(\d{8})$")
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def checkpoint_root(cfg: AutothinkConfig) -> Path:
+    """Where a run's stages checkpoint (``<root>/<stage name>/``): ``checkpoint.dir``, else
+    ``<logging.run_dir>/checkpoints``."""
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
 
 
 def _barrier(ctx: ParallelContext) -> None:

@@ -20,12 +20,12 @@ import torch
 from megatron_autothink.config import AutothinkConfig, dump_config
 from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.fileio import drop_steps_after
-from megatron_autothink.launch.preempt import PreemptionWatcher
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train import resume as resume_rules
 from megatron_autothink.train.callbacks import METRICS_FILE, Callback
 from megatron_autothink.train.checkpoint import CheckpointManager
 from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
+from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.setup import OptimizerBundle
 from megatron_autothink.train.step import train_step
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_autothink.launch.preempt import (
+from megatron_autothink.train.preempt import (
     ENV_RUN_DIR,
     PreemptionWatcher,
     marker_path,

@@ -1,6 +1,6 @@
 """A tiny stand-in for ``autothink train`` that obeys the launcher's pre-emption protocol.
 
-It proves the SLURM mechanics for real while the trainer (``megatron_autothink.train.run``) is
+It proves the SLURM mechanics for real while the trainer (``megatron_autothink.pipeline``) is
 being written: it reads the same ``--config`` + overrides, joins a gloo process group through the
 torchrun/srun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), "trains" by all-reducing
 a counter each step, checkpoints the counter, and on USR1/TERM (PreemptionWatcher) agrees across
@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, when run as a script
 
-from megatron_autothink.launch.preempt import (
+from megatron_autothink.train.preempt import (
     PreemptionWatcher,
     marker_path,
     restart_count,

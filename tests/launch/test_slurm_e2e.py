@@ -7,7 +7,7 @@ exactly as users do, and run the tiny CPU recipe on 2 nodes. Two programs play t
   checkpoint, so the SLURM mechanics (rendezvous, node ranks, per-node logs, USR1, requeue,
   SLURM_RESTART_COUNT, resume) are proven now;
 * ``autothink-train``: the real ``autothink train``; skipped while
-  ``megatron_autothink.train.run`` does not exist in this branch.
+  ``megatron_autothink.pipeline`` does not exist in this branch.
 
 Skipped, with the reason, when SLURM/munge are missing or their daemons cannot start here.
 """
@@ -31,7 +31,7 @@ from tests.launch.slurm_cluster import HOST, NODES, SlurmCluster, host_is_loopba
 
 pytestmark = pytest.mark.timeout(600)
 
-HAVE_TRAINER = importlib.util.find_spec("megatron_autothink.train.run") is not None
+HAVE_TRAINER = importlib.util.find_spec("megatron_autothink.pipeline") is not None
 TRAINERS = [
     pytest.param("standin", id="standin"),
     pytest.param(
@@ -39,7 +39,7 @@ TRAINERS = [
         id="autothink-train",
         # The real trainer needs prepared shards and minutes per job: slow.
         marks=[
-            pytest.mark.skipif(not HAVE_TRAINER, reason="megatron_autothink.train.run missing"),
+            pytest.mark.skipif(not HAVE_TRAINER, reason="megatron_autothink.pipeline missing"),
             pytest.mark.slow,
         ],
     ),

@@ -120,8 +120,8 @@ def _init_from(src: str, iter_dir: str) -> dict:
     the resume path (model only)."""
     from megatron_autothink.config import load_config
     from megatron_autothink.parallel import init_distributed, seed_everything
+    from megatron_autothink.pipeline import load_initial_weights
     from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
-    from megatron_autothink.train.run import load_initial_weights
     from megatron_autothink.train.setup import build_model_chunks
 
     cfg = load_config("tiny_cpu", [f"train.init_from={src}"])

@@ -1,5 +1,9 @@
 """``autothink train``: run a recipe's stages in order, resuming wherever a previous run stopped.
 
+The top of the house below the CLI: it builds the process groups, the tokenizer and the model
+once, and hands them to each stage in turn: ``train/sft.py`` for ``kind: sft``, ``rl/stage.py``
+for ``kind: rl`` (one rollout engine shared by all RL stages of the run).
+
 Each stage checkpoints under ``<checkpoint.dir>/<stage name>/``. On start, a stage with a
 checkpoint resumes from it (model, optimizer, LR schedule, data position, RNG); a stage without
 one starts from the final weights of the stage before it (or of the earlier stage its
@@ -13,7 +17,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +28,12 @@ from megatron_autothink.config import (
     StageConfig,
     dump_config,
     input_paths,
-    stage_config,
 )
 from megatron_autothink.cpus import configure_threads
-from megatron_autothink.data.image_processing import image_config
-from megatron_autothink.data.tokenizer import resolve_tokenizer_dir
-from megatron_autothink.launch.preempt import PreemptionWatcher, marker_path, write_marker
+from megatron_autothink.data.loader import DataQualityError
+from megatron_autothink.data.tokenizer import load_tokenizer, resolve_tokenizer_dir
 from megatron_autothink.models.specs import resolve_backend
+from megatron_autothink.modes import IMAGE_PAD
 from megatron_autothink.parallel import (
     ParallelContext,
     destroy_distributed,
@@ -39,13 +41,15 @@ from megatron_autothink.parallel import (
     seed_everything,
     serial_gloo_workers,
 )
-from megatron_autothink.train.callbacks import standard_callbacks
-from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager
-from megatron_autothink.train.loop import LoopState, run_sft
+from megatron_autothink.rl.stage import EngineSlot
+from megatron_autothink.rl.stage import run_stage as run_rl_stage
+from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager, checkpoint_root
+from megatron_autothink.train.loop import LoopState
+from megatron_autothink.train.preempt import PreemptionWatcher, marker_path, write_marker
 from megatron_autothink.train.progress import phase
 from megatron_autothink.train.resume import ResumeRefused
-from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
-from megatron_autothink.train.step import train_step
+from megatron_autothink.train.setup import build_model_chunks, wrap_ddp
+from megatron_autothink.train.sft import run_sft_stage
 
 log = logging.getLogger("megatron_autothink")
 
@@ -65,51 +69,6 @@ def setup_logging(rank: int) -> None:
 
 def stages_of(cfg: AutothinkConfig) -> list[StageConfig]:
     return cfg.stages or [StageConfig(name="sft", kind="sft", steps=cfg.train.steps)]
-
-
-def checkpoint_root(cfg: AutothinkConfig) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
-
-
-def loader_options(cfg: AutothinkConfig) -> dict[str, Any]:
-    """The data-quality settings every training loader takes from ``data.*``."""
-    d = cfg.data
-    return {
-        "max_error_rate": d.max_error_rate,
-        "max_unusable_in_a_row": d.max_unusable_in_a_row,
-        "on_shard_change": d.on_shard_change,
-    }
-
-
-def build_sft_loader(
-    cfg: AutothinkConfig,
-    ctx: ParallelContext,
-    path: str,
-    tokenizer: Any,
-    *,
-    training: bool,
-    split: str,
-) -> Any:
-    from megatron_autothink.data.loader import LoaderConfig, build_packed_loader
-
-    d = cfg.data
-    lcfg = LoaderConfig(
-        path=path,
-        split=split,
-        seed=cfg.train.seed,
-        training=training,
-        num_workers=d.num_workers,
-        shuffle_buffer_size=d.shuffle_buffer,
-        seq_length=d.seq_length,
-        micro_batch_size=d.micro_batch_size,
-        think_ratio=d.think_ratio,
-        think_min_difficulty=d.think_min_difficulty,
-        think_ratio_by_difficulty=dict(d.think_ratio_by_difficulty),
-        s3_endpoint=d.s3_endpoint or None,
-        image=image_config(cfg),
-        **loader_options(cfg),
-    )
-    return build_packed_loader(lcfg, tokenizer, dp_rank=ctx.dp_rank, dp_world_size=ctx.dp)
 
 
 def load_initial_weights(
@@ -154,92 +113,6 @@ def load_initial_weights(
     log.info("initial weights from %s", src)
 
 
-def make_eval_fn(
-    cfg: AutothinkConfig,
-    ctx: ParallelContext,
-    chunks: list[torch.nn.Module],
-    opt: Any,
-    path: str,
-    tokenizer: Any,
-) -> Any:
-    """Forward-only loss per mode over the first ``train.eval_steps`` global batches of the
-    held-out split (the same batches every time)."""
-    n_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * ctx.dp)
-
-    from megatron_autothink.data.loader import fetch_agreed
-
-    def evaluate() -> dict[str, float]:
-        loader = build_sft_loader(cfg, ctx, path, tokenizer, training=False, split="test")
-        losses: list[tuple[float, float, float, int]] = []
-        for _ in range(cfg.train.eval_steps):
-            try:
-                batches = fetch_agreed(
-                    lambda: [next(loader) for _ in range(n_micro)], device=ctx.device
-                )
-            except StopIteration:
-                break
-            r = train_step(
-                chunks, opt, batches, ctx, seq_length=cfg.data.seq_length, forward_only=True
-            )
-            losses.append((r.loss, r.loss_thinking, r.loss_non_thinking, r.tokens))
-        if not losses:
-            return {}
-        total = sum(t for *_, t in losses) or 1
-        return {
-            "eval_loss": sum(a * t for a, _, _, t in losses) / total,
-            "eval_loss_thinking": sum(b for _, b, _, _ in losses) / len(losses),
-            "eval_loss_non_thinking": sum(c for _, _, c, _ in losses) / len(losses),
-        }
-
-    return evaluate
-
-
-def run_sft_stage(
-    cfg: AutothinkConfig,
-    ctx: ParallelContext,
-    stage: StageConfig,
-    chunks: list[torch.nn.Module],
-    tokenizer: Any,
-    *,
-    step_offset: int,
-    previous: CheckpointManager | None,
-    watcher: PreemptionWatcher | None = None,
-) -> tuple[LoopState, CheckpointManager]:
-    cfg = stage_config(cfg, stage)
-    d = cfg.data
-    path = stage.train_path or d.train_path
-    n_micro = d.global_batch_size // (d.micro_batch_size * ctx.dp)
-    phase(
-        f"stage {stage.name} ({stage.kind}, {stage.steps} steps): optimizer and data loader "
-        f"({path})",
-        rank=ctx.rank,
-    )
-    opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
-    loader = build_sft_loader(cfg, ctx, path, tokenizer, training=True, split="train")
-    ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
-    state = LoopState(
-        cfg=cfg,
-        ctx=ctx,
-        chunks=chunks,
-        opt=opt,
-        data=loader,
-        ckpt=ckpt,
-        stage=stage.name,
-        total_steps=stage.steps,
-        step_offset=step_offset,
-    )
-    state.resume(previous)
-    if state.step >= stage.steps:
-        log.info("stage %s already finished (step %d)", stage.name, state.step)
-        return state, ckpt
-    eval_path = d.eval_path or path
-    state.eval_fn = make_eval_fn(cfg, ctx, chunks, opt, eval_path, tokenizer)
-    callbacks = standard_callbacks(cfg, evaluate=True)
-    phase(f"stage {stage.name}: training steps {state.step + 1}-{stage.steps}", rank=ctx.rank)
-    run_sft(state, callbacks, num_micro_batches=n_micro, watcher=watcher)
-    return state, ckpt
-
-
 def record_config(run_dir: Path, text: str) -> Callable[[], None]:
     """Write ``config.yaml`` (the config of this start). An earlier start's that differs is
     kept as ``config.<n>.yaml`` (n = 1, 2, ... oldest first), so the record never claims that
@@ -277,7 +150,7 @@ def main(cfg: AutothinkConfig) -> int:
     resolve_backend(cfg.model)
     check_input_paths(cfg)
     # Before any process group, loader worker or engine exists, so they inherit the signal mask
-    # (SLURM's USR1 reaches every process of the step; see launch/preempt.py).
+    # (SLURM's USR1 reaches every process of the step; see train/preempt.py).
     watcher = (
         PreemptionWatcher(boundary_timeout_s=cfg.checkpoint.preempt_timeout_s).install()
         if cfg.checkpoint.save_on_signal
@@ -287,8 +160,6 @@ def main(cfg: AutothinkConfig) -> int:
     # Threads from the CPUs this rank may use (or AUTOTHINK_THREADS), before any worker, process
     # group or engine exists, so they inherit the same budget (megatron_autothink/cpus.py).
     log.info("torch threads: %d", configure_threads())
-    from megatron_autothink.data.loader import DataQualityError
-    from megatron_autothink.data.tokenizer import load_tokenizer
 
     stages = stages_of(cfg)
     first_path = stages[0].train_path or cfg.data.train_path
@@ -308,8 +179,6 @@ def main(cfg: AutothinkConfig) -> int:
         f"{torch.get_num_threads()} torch thread(s) each",
         rank=ctx.rank,
     )
-    from megatron_autothink.rl.stage import EngineSlot
-
     engine_slot = EngineSlot()  # one rollout engine for all RL stages of the run
     undo_config_record: Callable[[], None] | None = None
     try:
@@ -324,7 +193,7 @@ def main(cfg: AutothinkConfig) -> int:
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer "
                 f"({len(tokenizer)} tokens)"
             )
-        image_token_id = int(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_PAD))
         if cfg.model.image_token_id < 0:
             cfg.model.image_token_id = image_token_id
         elif cfg.model.image_token_id != image_token_id:
@@ -353,22 +222,30 @@ def main(cfg: AutothinkConfig) -> int:
         for stage in stages:
             if stage.start_from:  # a branch: from that stage's final weights
                 previous = finished[stage.start_from]
+            state: LoopState
             if stage.kind == "rl":
-                from megatron_autothink.rl.stage import run_stage as run_rl_stage
-
-                run_stage: Any = partial(run_rl_stage, engine_slot=engine_slot)
+                state, previous = run_rl_stage(
+                    cfg,
+                    ctx,
+                    stage,
+                    chunks,
+                    tokenizer,
+                    step_offset=offset,
+                    previous=previous,
+                    watcher=watcher,
+                    engine_slot=engine_slot,
+                )
             else:
-                run_stage = run_sft_stage
-            state, previous = run_stage(
-                cfg,
-                ctx,
-                stage,
-                chunks,
-                tokenizer,
-                step_offset=offset,
-                previous=previous,
-                watcher=watcher,
-            )
+                state, previous = run_sft_stage(
+                    cfg,
+                    ctx,
+                    stage,
+                    chunks,
+                    tokenizer,
+                    step_offset=offset,
+                    previous=previous,
+                    watcher=watcher,
+                )
             if state.stop_requested:
                 if ctx.rank == 0:
                     write_marker(

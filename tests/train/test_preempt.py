@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_autothink.launch.preempt import (
+from megatron_autothink.train.preempt import (
     ENV_MARKER,
     MARKER_NAME,
     marker_path,
@@ -25,7 +25,7 @@ from tests.launch.cases import REPO
 CHILD = textwrap.dedent(
     """
     import multiprocessing as mp, os, signal, sys, time
-    from megatron_autothink.launch.preempt import PreemptionWatcher
+    from megatron_autothink.train.preempt import PreemptionWatcher
 
     def helper(q):
         q.put(os.getpid())
@@ -75,7 +75,7 @@ def test_term_is_noted_but_not_blocked() -> None:
     code = textwrap.dedent(
         """
         import os, signal, time
-        from megatron_autothink.launch.preempt import PreemptionWatcher
+        from megatron_autothink.train.preempt import PreemptionWatcher
         w = PreemptionWatcher().install()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
@@ -110,7 +110,7 @@ def test_marker_path_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_install_refuses_other_threads() -> None:
     import threading
 
-    from megatron_autothink.launch.preempt import PreemptionWatcher
+    from megatron_autothink.train.preempt import PreemptionWatcher
 
     errors: list[BaseException] = []
 
@@ -134,7 +134,7 @@ SAVER = textwrap.dedent(
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron_autothink.checkpoint_io import save_dist
     from megatron_autothink.compat import cpu
-    from megatron_autothink.launch.preempt import PreemptionWatcher
+    from megatron_autothink.train.preempt import PreemptionWatcher
 
     def state():
         return {"w": ShardedTensor.from_rank_offsets("w", torch.ones(256, 256), replica_id=0)}
@@ -224,7 +224,7 @@ def test_no_checkpoint_helper_outlives_a_killed_trainer(tmp_path: Path) -> None:
 STUCK = textwrap.dedent(
     """
     import sys, time
-    from megatron_autothink.launch.preempt import PreemptionWatcher
+    from megatron_autothink.train.preempt import PreemptionWatcher
     w = PreemptionWatcher(repeat_after_s=float(sys.argv[1])).install()
     print("ready", flush=True)
     while True:  # a rank that never reaches a step boundary (stuck loading data)
@@ -256,7 +256,7 @@ def test_second_sigterm_ends_a_process_stuck_before_the_step_boundary() -> None:
 BOUNDED = textwrap.dedent(
     """
     import sys, time
-    from megatron_autothink.launch.preempt import PreemptionWatcher
+    from megatron_autothink.train.preempt import PreemptionWatcher
     w = PreemptionWatcher(boundary_timeout_s=float(sys.argv[1])).install()
     print("ready", flush=True)
     while not w.requested:

@@ -287,7 +287,7 @@ def test_missing_data_path_is_reported_before_any_set_up(tmp_path: Path) -> None
     import torch.distributed as dist
 
     from megatron_autothink.config import load_config
-    from megatron_autothink.train.run import main
+    from megatron_autothink.pipeline import main
 
     missing = tmp_path / "no-such-data"
     cfg = load_config("tiny_cpu", [f"data.train_path={missing}", f"logging.run_dir={tmp_path}/r"])
