@@ -57,7 +57,7 @@ def main() -> None:
         logprob_parity,
     )
     from megatron_autothink.rollout.images import preprocess_images
-    from megatron_autothink.rollout.testing import (
+    from tests.rollout.harness import (
         build_tiny_qwen2_5_vl,
         chat_prompt,
         megatron_model_from_hf,

@@ -55,7 +55,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         VLLMEngineConfig,
         VLLMRolloutEngine,
     )
-    from megatron_autothink.rollout.testing import build_tiny_qwen2_5_vl, chat_prompt
+    from tests.rollout.harness import build_tiny_qwen2_5_vl, chat_prompt
 
     hidden, layers, heads, kv_heads, inter = SIZES[args.one]
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Step 5 of ``run.sh``: colocated rollout on vLLM with sleep / wake and the weight sync.
 
 The package's own pieces, in the order an RL step runs them (``rl/stage.py``): a random
-Qwen2.5-VL checkpoint at the 3B width (``rollout.testing.build_tiny_qwen2_5_vl``, fewer layers:
+Qwen2.5-VL checkpoint at the 3B width (``tests.rollout.harness.build_tiny_qwen2_5_vl``, fewer layers:
 the checkpoint is built on the host within the step's limit), a :class:`VLLMRolloutEngine`
 in this process, then
 
@@ -94,12 +94,12 @@ def run(out: str) -> dict[str, Any]:
     from megatron_autothink.rl.stage import release_trainer_memory
     from megatron_autothink.rollout import GenerationRequest, SamplingConfig
     from megatron_autothink.rollout.engine import colocated_weight_sync
-    from megatron_autothink.rollout.testing import (
+    from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+    from tests.rollout.harness import (
         build_tiny_qwen2_5_vl,
         chat_prompt,
         megatron_model_from_hf,
     )
-    from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
     dry = dry_mode()
     # (hidden, layers, heads, kv_heads, ffn, vocab): the 3B width (recipes/r4b_bpo_3b.yaml) at

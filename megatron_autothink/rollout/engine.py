@@ -265,16 +265,8 @@ def colocated_weight_sync(
 
     Weights first (the update needs them), then the push, then ``release_trainer_memory``
     (e.g. ``torch.cuda.empty_cache``: the gathered weight buckets are freed by now), and the KV
-    cache last, once that memory has been given back. See the module docstring.
-
-    Example:
-        >>> from megatron_autothink.rollout.testing import ScriptedEngine
-        >>> engine = ScriptedEngine({})
-        >>> engine.sleep()
-        >>> _ = colocated_weight_sync(engine, [("w", torch.zeros(1))], 1,
-        ...     release_trainer_memory=lambda: engine.events.append("release"))
-        >>> engine.events
-        ['sleep', 'wake_up:weights', 'update_weights', 'release', 'wake_up:kv_cache']
+    cache last, once that memory has been given back. See the module docstring (the order is
+    pinned by ``tests/rollout/test_rollout_units.py``).
     """
     engine.wake_up(["weights"])
     update = engine.update_weights(named_tensors, version=version)

@@ -84,11 +84,6 @@ class ThinkVocab:
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int | None = None) -> ThinkVocab:
         """Encode the tags and prefills, and find the blank tokens among the first
         ``vocab_size`` ids (default: the tokenizer's length) by decoding each one.
-
-        >>> from megatron_autothink.rollout.testing import CharTokenizer
-        >>> v = ThinkVocab.from_tokenizer(CharTokenizer(), vocab_size=128)
-        >>> v.close_ids == tuple(map(ord, "</think>")), sorted(v.blank_ids)[:3]
-        (True, [9, 10, 11])
         """
 
         def encode(text: str) -> tuple[int, ...]:

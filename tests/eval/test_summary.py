@@ -113,7 +113,7 @@ def test_records_count_the_whole_turn_and_use_the_eval_temperature() -> None:
     auto mode's self-written one, and eval samples at the temperature it is given."""
     from megatron_autothink.data.batch import PromptSample
     from megatron_autothink.eval.runner import generate_records
-    from megatron_autothink.rollout.testing import CharTokenizer, ScriptedEngine
+    from tests.rollout.harness import CharTokenizer, ScriptedEngine
 
     block = "<think>\n\n</think>\n\n"  # 19 tokens (one per character)
     engine = ScriptedEngine({"eval-0-auto": block + "\\boxed{4}", "eval-0-short": "\\boxed{4}"})

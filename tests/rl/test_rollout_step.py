@@ -1,6 +1,6 @@
 """The rollout role's glue on hand-made inputs: forced rethinking and the length metrics.
 
-``rollout.testing``'s scripted engine (the ``RolloutEngine`` interface, canned completions per
+``tests.rollout.harness``'s scripted engine (the ``RolloutEngine`` interface, canned completions per
 request id) and one-character-per-token tokenizer make every token count computable by hand.
 """
 
@@ -16,8 +16,8 @@ from megatron_autothink.config import RethinkConfig, RLConfig
 from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.rl.rollout import ScoredResponse, force_rethinking
 from megatron_autothink.rl.trainer import rollout_metrics, rollout_records
-from megatron_autothink.rollout.testing import CharTokenizer, ScriptedEngine
 from megatron_autothink.rollout.types import SamplingConfig
+from tests.rollout.harness import CharTokenizer, ScriptedEngine
 
 
 class AlwaysHigh(random.Random):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_autothink.rollout.testing import build_tiny_qwen2_5_vl
+from tests.rollout.harness import build_tiny_qwen2_5_vl
 
 # Peaky next-token distributions (entropy ~2.8 nats instead of ~ln V): parity and "outputs
 # changed" checks are meaningless on a near-uniform random model.

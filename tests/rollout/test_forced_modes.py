@@ -21,8 +21,8 @@ import torch
 
 from megatron_autothink.modes import PREFILLS, is_thinking
 from megatron_autothink.rollout import GenerationRequest, SamplingConfig
-from megatron_autothink.rollout.testing import chat_prompt, hf_token_logprobs
 from megatron_autothink.rollout.types import ThinkRuleSettings
+from tests.rollout.harness import chat_prompt, hf_token_logprobs
 
 pytestmark = pytest.mark.vllm
 

@@ -185,7 +185,7 @@ def test_engine_process_gpu_follows_visible_devices() -> None:
 def test_colocated_sync_wakes_weights_then_frees_trainer_memory_then_kv_cache() -> None:
     """Issue #18 defect 10 (call order only: CPU has no sleep mode; GPU memory unverified)."""
     from megatron_autothink.rollout import colocated_weight_sync
-    from megatron_autothink.rollout.testing import ScriptedEngine
+    from tests.rollout.harness import ScriptedEngine
 
     engine = ScriptedEngine({})
     engine.sleep()

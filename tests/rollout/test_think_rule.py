@@ -127,3 +127,14 @@ def test_vocab_from_the_package_tokenizer(tmp_path: Path) -> None:
     assert len(newline) == 1 and newline[0] in vocab.blank_ids
     assert not (set(vocab.open_ids) | set(vocab.close_ids)) & vocab.blank_ids
     assert all(not tok.decode([i]).strip() for i in vocab.blank_ids)
+
+
+def test_vocab_from_a_multi_token_tokenizer() -> None:
+    from tests.rollout.harness import CharTokenizer
+
+    # One id per character: the tags span several ids, and whitespace ids are the blanks.
+    vocab = ThinkVocab.from_tokenizer(CharTokenizer(), vocab_size=128)
+    assert vocab.close_ids == tuple(map(ord, "</think>"))
+    assert vocab.open_ids == tuple(map(ord, "<think>"))
+    assert sorted(vocab.blank_ids)[:3] == [9, 10, 11]
+    assert ord("a") not in vocab.blank_ids

@@ -31,7 +31,7 @@ from megatron_autothink.rollout import (
     logprob_parity,
 )
 from megatron_autothink.rollout.images import expand_image_pads, preprocess_images
-from megatron_autothink.rollout.testing import (
+from tests.rollout.harness import (
     chat_prompt,
     hf_token_logprobs,
     megatron_model_from_hf,

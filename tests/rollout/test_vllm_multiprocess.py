@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from megatron_autothink.rollout import GenerationRequest, SamplingConfig
-from megatron_autothink.rollout.testing import chat_prompt
+from tests.rollout.harness import chat_prompt
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
