@@ -44,12 +44,12 @@ from megatron_autothink.parallel import (
 from megatron_autothink.rl.stage import EngineSlot
 from megatron_autothink.rl.stage import run_stage as run_rl_stage
 from megatron_autothink.train.checkpoint import CheckpointError, CheckpointManager, checkpoint_root
-from megatron_autothink.train.loop import LoopState
 from megatron_autothink.train.preempt import PreemptionWatcher, marker_path, write_marker
 from megatron_autothink.train.progress import phase
 from megatron_autothink.train.resume import ResumeRefused
 from megatron_autothink.train.setup import build_model_chunks, wrap_ddp
 from megatron_autothink.train.sft import run_sft_stage
+from megatron_autothink.train.state import LoopState
 
 log = logging.getLogger("megatron_autothink")
 

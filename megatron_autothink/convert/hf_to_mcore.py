@@ -35,12 +35,8 @@ from megatron_autothink.convert.mapping import (
     check_hf_names,
     weight_specs,
 )
-from megatron_autothink.convert.runtime import (
-    META_NAME,
-    TOKENIZER_SUBDIR,
-    conversion_context,
-    write_meta,
-)
+from megatron_autothink.convert.runtime import conversion_context
+from megatron_autothink.convert.source import META_NAME, TOKENIZER_SUBDIR, write_meta
 
 __all__ = ["hf_to_mcore", "inspect_hf_dir"]
 

@@ -1,4 +1,4 @@
-"""Process-group set-up for the offline conversions, and the checkpoint's side-car metadata.
+"""Process-group set-up for the offline conversions.
 
 Conversions build the real model, so they need torch.distributed and megatron's parallel state
 even in one process. :func:`conversion_context` creates them (a 1-rank gloo world, or whatever
@@ -7,18 +7,15 @@ even in one process. :func:`conversion_context` creates them (a 1-rank gloo worl
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_autothink.checkpoint_io import manifest
 from megatron_autothink.config import (
     AutothinkConfig,
     DataConfig,
@@ -26,18 +23,10 @@ from megatron_autothink.config import (
     ParallelConfig,
     TrainConfig,
 )
-from megatron_autothink.convert import source
 from megatron_autothink.convert.mapping import ConversionError
 from megatron_autothink.parallel import ParallelContext, destroy_distributed, init_distributed
 
-__all__ = ["META_NAME", "conversion_context", "read_meta", "write_meta"]
-
-META_NAME = source.META_NAME
-"""Side-car file in converted megatron checkpoints: model config, vocab, dtype, source HF config."""
-META_FORMAT = "megatron-autothink/qwen2.5-vl"
-META_VERSION = 1
-TOKENIZER_SUBDIR = source.TOKENIZER_SUBDIR
-"""Tokenizer / processor / chat-template files of a converted checkpoint live here."""
+__all__ = ["conversion_context"]
 
 
 @contextmanager
@@ -87,39 +76,3 @@ def conversion_context(
             destroy_distributed()
         elif created_groups:
             parallel_state.destroy_model_parallel()
-
-
-def write_meta(
-    out_dir: Path,
-    model_cfg: ModelConfig,
-    *,
-    dtype: torch.dtype,
-    hf_config: dict[str, Any] | None,
-    source: str,
-) -> None:
-    """Write the side-car, with a manifest of the dist-checkpoint files beside it (sizes and
-    CRCs, checked by ``checkpoint_io.verify_dist_dir`` before every load)."""
-    meta = {
-        "format": META_FORMAT,
-        "version": META_VERSION,
-        "model": model_cfg.model_dump(mode="json"),
-        "dtype": str(dtype).removeprefix("torch."),
-        "source": source,
-        "hf_config": hf_config,
-        "manifest": manifest(out_dir, exclude=(META_NAME, TOKENIZER_SUBDIR)),
-    }
-    (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def read_meta(ckpt_dir: Path) -> dict[str, Any] | None:
-    """The side-car of a converted checkpoint, or None for a checkpoint without one."""
-    path = ckpt_dir / META_NAME
-    if not path.is_file():
-        return None
-    meta = json.loads(path.read_text())
-    if meta.get("format") != META_FORMAT or int(meta.get("version", 0)) > META_VERSION:
-        raise ConversionError(
-            f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not one this "
-            f"version reads ({META_FORMAT!r} <= v{META_VERSION})"
-        )
-    return meta

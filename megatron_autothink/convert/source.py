@@ -18,23 +18,34 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from megatron_autothink.checkpoint_io import manifest
 from megatron_autothink.config import AutothinkConfig, ModelConfig
 from megatron_autothink.convert.mapping import ConversionError
 
-# convert.runtime imports megatron-core; this module is also imported by light CLIs (eval).
+if TYPE_CHECKING:
+    import torch
+
+# This module is also imported by light CLIs (eval): json and yaml only, no megatron-core.
 META_NAME = "autothink_model.json"
+"""Side-car file in converted megatron checkpoints: model config, vocab, dtype, source HF config."""
+META_FORMAT = "megatron-autothink/qwen2.5-vl"
+META_VERSION = 1
 TOKENIZER_SUBDIR = "tokenizer"
+"""Tokenizer / processor / chat-template files of a converted checkpoint live here."""
 
 __all__ = [
+    "META_NAME",
     "ExportSource",
     "is_training_checkpoint",
     "latest_iter",
+    "read_meta",
     "resolve_source",
     "run_dir_of",
+    "write_meta",
 ]
 
 
@@ -142,8 +153,6 @@ def resolve_source(
     if (src / META_NAME).is_file() or (src / "metadata.json").is_file():
         if stage is not None:
             raise ConversionError(f"{src} is a single checkpoint: --stage does not apply")
-        from megatron_autothink.convert.runtime import read_meta
-
         meta = read_meta(src)
         return ExportSource(
             ckpt_dir=src,
@@ -200,3 +209,39 @@ def resolve_source(
         hf_base=None,
         description=desc,
     )
+
+
+def write_meta(
+    out_dir: Path,
+    model_cfg: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    hf_config: dict[str, Any] | None,
+    source: str,
+) -> None:
+    """Write the side-car, with a manifest of the dist-checkpoint files beside it (sizes and
+    CRCs, checked by ``checkpoint_io.verify_dist_dir`` before every load)."""
+    meta = {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "model": model_cfg.model_dump(mode="json"),
+        "dtype": str(dtype).removeprefix("torch."),
+        "source": source,
+        "hf_config": hf_config,
+        "manifest": manifest(out_dir, exclude=(META_NAME, TOKENIZER_SUBDIR)),
+    }
+    (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any] | None:
+    """The side-car of a converted checkpoint, or None for a checkpoint without one."""
+    path = ckpt_dir / META_NAME
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("format") != META_FORMAT or int(meta.get("version", 0)) > META_VERSION:
+        raise ConversionError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not one this "
+            f"version reads ({META_FORMAT!r} <= v{META_VERSION})"
+        )
+    return meta

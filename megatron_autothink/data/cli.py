@@ -119,7 +119,7 @@ def _run_shards(args: argparse.Namespace) -> int:
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
-    from megatron_autothink.data.tokenizer import build_tiny_tokenizer
+    from megatron_autothink.data.digits import build_tiny_tokenizer
 
     print(build_tiny_tokenizer(args.out, vocab_size=args.vocab_size))
     return 0

@@ -49,7 +49,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import os
+import string
 from collections.abc import Iterator
 from typing import Literal
 
@@ -57,7 +59,8 @@ import numpy as np
 from PIL import Image
 
 from megatron_autothink.data.schema import IMAGE_PLACEHOLDER, Sample, Turn
-from megatron_autothink.modes import EMPTY_THINK
+from megatron_autothink.data.tokenizer import train_tokenizer
+from megatron_autothink.modes import CHAT_TEMPLATE, EMPTY_THINK
 
 Split = Literal["train", "test"]
 Kind = Literal["first", "count", "sum", "expr", "depth"]
@@ -396,6 +399,81 @@ def digits_corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
                 )
 
 
+# Frequent English words, so text beyond the digits task (e.g. LLaVA-style test data) does not
+# fall apart into single bytes; the digits corpus alone is too small to fill the vocabulary.
+_COMMON_WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this have from or "
+    "one had by word but not what all were we when your can said there use an each which she do "
+    "how their if will up other about out many then them these so some her would make like him "
+    "into time has look two more write go see number no way could people my than first water been "
+    "call who its now find long down day did get come made may part over new sound take only "
+    "little work know place year live me back give most very after thing our just name good "
+    "sentence man think say great where help through much before line right too mean old any "
+    "same tell boy follow came want show also around form three small set put end does another "
+    "well large must big even such because turn here why ask went men read need land different "
+    "home us move try kind hand picture again change off play spell air away animal house point "
+    "page letter mother answer found study still learn should image question describe color what "
+    "shown left count digit digits sum total compute step reason final box please correct option "
+    "choose following which best table chart text object person photo scene"
+)
+
+
+def _base_corpus() -> Iterator[str]:
+    yield string.ascii_letters + string.digits + string.punctuation
+    yield " ".join(string.ascii_lowercase) + " " + " ".join(string.ascii_uppercase)
+    yield " ".join(string.digits) + " " + " ".join(string.punctuation)
+    for _ in range(2):  # min_frequency=2: every word must appear twice to be merged
+        yield _COMMON_WORDS
+        yield _COMMON_WORDS.title()
+    yield "You are a helpful assistant. The answer is \\boxed{}. Please reason step by step."
+
+
+def build_tiny_tokenizer(
+    out_dir: str | os.PathLike[str], *, vocab_size: int = 768, corpus_size: int = 2000
+) -> str:
+    """Train the tiny tokenizer and save it as an HF tokenizer directory.
+
+    The directory holds ``tokenizer.json`` and ``tokenizer_config.json`` (with
+    :data:`~megatron_autothink.modes.CHAT_TEMPLATE` as ``chat_template``, eos
+    ``<|im_end|>``, pad ``<|endoftext|>``) and loads offline with
+    ``transformers.AutoTokenizer.from_pretrained(out_dir)``. Deterministic for fixed arguments.
+
+    Args:
+        out_dir: Target directory (created).
+        vocab_size: Learned vocabulary size (about 768 + 9 added tokens).
+        corpus_size: Digits problems per variant used as training text.
+
+    Returns:
+        ``out_dir`` as a string.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [*_base_corpus(), *digits_corpus(corpus_size)]
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    hf.save_pretrained(out)
+    # Keep the template inside tokenizer_config.json too: older loaders and vLLM read it there.
+    cfg_path = os.path.join(out, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = CHAT_TEMPLATE
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    return out
+
+
 def prep_digits(
     out: str,
     *,
@@ -412,7 +490,7 @@ def prep_digits(
 ) -> dict[str, object]:
     """Generate the digits set and write it as an energon dataset with ``train``/``test`` splits.
 
-    The tiny tokenizer (:func:`~megatron_autothink.data.tokenizer.build_tiny_tokenizer`) is saved
+    The tiny tokenizer (:func:`build_tiny_tokenizer`) is saved
     next to the shards in ``out/tokenizer`` (where ``autothink train`` looks for it).
 
     Args:
@@ -477,7 +555,6 @@ def _save_tokenizer_next_to(out: str, endpoint: str | None) -> None:
     import tempfile
 
     from megatron_autothink.data.storage import filesystem
-    from megatron_autothink.data.tokenizer import build_tiny_tokenizer
 
     fs, root = filesystem(out, endpoint=endpoint)
     if fs.exists(f"{root}/tokenizer/tokenizer.json"):

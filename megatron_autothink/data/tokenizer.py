@@ -1,9 +1,11 @@
-"""An offline, Qwen-style byte-level BPE tokenizer for tiny models and tests.
+"""Tokenizers: loading a local HF tokenizer directory, its special-token ids, and an offline,
+Qwen-style byte-level BPE trainer for tiny models and tests.
 
-Same machinery as Qwen2/Qwen2.5-VL's tokenizer: NFC normalisation, Qwen's pre-tokenisation regex
-(single digits, letter runs, punctuation runs, newlines), GPT-2 byte-level alphabet, BPE merges
-learned here from the digits generator's texts plus ASCII letters / digits / punctuation, and the
-Qwen2.5-VL control tokens appended after the learned vocabulary as added tokens. ``<think>`` /
+:func:`train_tokenizer` uses the same machinery as Qwen2/Qwen2.5-VL's tokenizer: NFC
+normalisation, Qwen's pre-tokenisation regex (single digits, letter runs, punctuation runs,
+newlines), GPT-2 byte-level alphabet, BPE merges learned from the given texts, and the Qwen2.5-VL
+control tokens appended after the learned vocabulary as added tokens (the digits task's tiny
+tokenizer, :func:`megatron_autothink.data.digits.build_tiny_tokenizer`, is trained with it). ``<think>`` /
 ``</think>`` are added but not "special" (as in Qwen3), so decoding with
 ``skip_special_tokens=True`` keeps them and reasoning parsers can see them.
 
@@ -13,10 +15,8 @@ the token strings below to exist.
 
 from __future__ import annotations
 
-import json
 import os
-import string
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from tokenizers import (
     trainers,
 )
 
-from megatron_autothink.modes import CHAT_TEMPLATE, SPECIAL_TOKENS, THINK_TOKENS
+from megatron_autothink.modes import SPECIAL_TOKENS, THINK_TOKENS
 
 if TYPE_CHECKING:
     from megatron_autothink.config import AutothinkConfig
@@ -42,35 +42,6 @@ QWEN_PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-# Frequent English words, so text beyond the digits task (e.g. LLaVA-style test data) does not
-# fall apart into single bytes; the digits corpus alone is too small to fill the vocabulary.
-_COMMON_WORDS = (
-    "the of and to in is you that it he was for on are as with his they at be this have from or "
-    "one had by word but not what all were we when your can said there use an each which she do "
-    "how their if will up other about out many then them these so some her would make like him "
-    "into time has look two more write go see number no way could people my than first water been "
-    "call who its now find long down day did get come made may part over new sound take only "
-    "little work know place year live me back give most very after thing our just name good "
-    "sentence man think say great where help through much before line right too mean old any "
-    "same tell boy follow came want show also around form three small set put end does another "
-    "well large must big even such because turn here why ask went men read need land different "
-    "home us move try kind hand picture again change off play spell air away animal house point "
-    "page letter mother answer found study still learn should image question describe color what "
-    "shown left count digit digits sum total compute step reason final box please correct option "
-    "choose following which best table chart text object person photo scene"
-)
-
-
-def _base_corpus() -> Iterator[str]:
-    yield string.ascii_letters + string.digits + string.punctuation
-    yield " ".join(string.ascii_lowercase) + " " + " ".join(string.ascii_uppercase)
-    yield " ".join(string.digits) + " " + " ".join(string.punctuation)
-    for _ in range(2):  # min_frequency=2: every word must appear twice to be merged
-        yield _COMMON_WORDS
-        yield _COMMON_WORDS.title()
-    yield "You are a helpful assistant. The answer is \\boxed{}. Please reason step by step."
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> Tokenizer:
@@ -104,54 +75,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> Tokenizer:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return tok
-
-
-def build_tiny_tokenizer(
-    out_dir: str | os.PathLike[str], *, vocab_size: int = 768, corpus_size: int = 2000
-) -> str:
-    """Train the tiny tokenizer and save it as an HF tokenizer directory.
-
-    The directory holds ``tokenizer.json`` and ``tokenizer_config.json`` (with
-    :data:`~megatron_autothink.modes.CHAT_TEMPLATE` as ``chat_template``, eos
-    ``<|im_end|>``, pad ``<|endoftext|>``) and loads offline with
-    ``transformers.AutoTokenizer.from_pretrained(out_dir)``. Deterministic for fixed arguments.
-
-    Args:
-        out_dir: Target directory (created).
-        vocab_size: Learned vocabulary size (about 768 + 9 added tokens).
-        corpus_size: Digits problems per variant used as training text.
-
-    Returns:
-        ``out_dir`` as a string.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    from megatron_autothink.data.digits import digits_corpus
-
-    texts = [*_base_corpus(), *digits_corpus(corpus_size)]
-    tok = train_tokenizer(texts, vocab_size=vocab_size)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        bos_token=None,
-        model_max_length=32768,
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
-    )
-    hf.chat_template = CHAT_TEMPLATE
-    out = os.fspath(out_dir)
-    os.makedirs(out, exist_ok=True)
-    hf.save_pretrained(out)
-    # Keep the template inside tokenizer_config.json too: older loaders and vLLM read it there.
-    cfg_path = os.path.join(out, "tokenizer_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["chat_template"] = CHAT_TEMPLATE
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f, indent=2, ensure_ascii=False)
-    return out
 
 
 def load_tokenizer(tokenizer: Any) -> Any:

@@ -44,10 +44,11 @@ from megatron_autothink.train.checkpoint import (
     checkpoint_root,
     rng_untouched,
 )
-from megatron_autothink.train.loop import LoopState, data_metrics
+from megatron_autothink.train.loop import data_metrics
 from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.progress import phase
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
+from megatron_autothink.train.state import LoopState
 
 log = logging.getLogger(__name__)
 

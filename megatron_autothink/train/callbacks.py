@@ -1,6 +1,6 @@
 """Callbacks: logging, checkpointing and evaluation hook into the loop instead of branching in it.
 
-Every callback sees the :class:`~megatron_autothink.train.loop.LoopState` (step, metrics, the
+Every callback sees the :class:`~megatron_autothink.train.state.LoopState` (step, metrics, the
 trainer's objects) at the same points; the loop itself only trains.
 """
 
@@ -14,13 +14,11 @@ import string
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from megatron_autothink.config import AutothinkConfig
 from megatron_autothink.fileio import atomic_write_text
-
-if TYPE_CHECKING:
-    from megatron_autothink.train.loop import LoopState
+from megatron_autothink.train.state import METRICS_FILE, LoopState
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +31,6 @@ class Callback:
     def on_step_end(self, state: LoopState, metrics: dict[str, float]) -> None: ...
 
     def on_train_end(self, state: LoopState) -> None: ...
-
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsFile(Callback):

@@ -21,10 +21,11 @@ from megatron_autothink.data.loader import (
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointManager, checkpoint_root
-from megatron_autothink.train.loop import LoopState, run_sft
+from megatron_autothink.train.loop import run_sft
 from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.progress import phase
 from megatron_autothink.train.setup import build_optimizer
+from megatron_autothink.train.state import LoopState
 from megatron_autothink.train.step import train_step
 
 log = logging.getLogger(__name__)

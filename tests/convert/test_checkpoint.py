@@ -125,7 +125,8 @@ def _tp2pp2_worker(mcore: str, ckpt2: str, hf_dist: str, x: VLInputs) -> dict:
     from megatron_autothink.config import ModelConfig
     from megatron_autothink.convert.live import unwrap
     from megatron_autothink.convert.mcore_to_hf import mcore_to_hf
-    from megatron_autothink.convert.runtime import META_NAME, conversion_context, read_meta
+    from megatron_autothink.convert.runtime import conversion_context
+    from megatron_autothink.convert.source import META_NAME, read_meta
     from megatron_autothink.train.setup import build_model_chunks
 
     meta = read_meta(Path(mcore))

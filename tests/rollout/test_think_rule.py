@@ -114,7 +114,8 @@ def test_settings_travel_as_flat_extra_args_and_are_validated() -> None:
 
 
 def test_vocab_from_the_package_tokenizer(tmp_path: Path) -> None:
-    from megatron_autothink.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+    from megatron_autothink.data.digits import build_tiny_tokenizer
+    from megatron_autothink.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(build_tiny_tokenizer(str(tmp_path), corpus_size=200))
     vocab = ThinkVocab.from_tokenizer(tok)

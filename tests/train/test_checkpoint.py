@@ -19,8 +19,9 @@ def _train(ckpt_dir: str, steps: int, save_every: int, overrides: list[str]) -> 
     from megatron_autothink.parallel import init_distributed, seed_everything
     from megatron_autothink.train.callbacks import CheckpointCallback
     from megatron_autothink.train.checkpoint import CheckpointManager
-    from megatron_autothink.train.loop import LoopState, run_sft
+    from megatron_autothink.train.loop import run_sft
     from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
+    from megatron_autothink.train.state import LoopState
     from tests.train.sources import SyntheticSource
 
     cfg = load_config(
