@@ -77,9 +77,9 @@ def write_random_hf(cfg: Any, out: Path, dtype: Any) -> int:
     """Random weights for ``cfg`` in HF layout, streamed; returns the parameter count."""
     import torch
 
-    from megatron_autothink.convert.hf_config import hf_config_from_model
-    from megatron_autothink.convert.hf_io import ShardedSafetensorsWriter
-    from megatron_autothink.convert.mapping import checkpoint_hf_name, weight_specs
+    from megatron_autothink.weights.hf_config import hf_config_from_model
+    from megatron_autothink.weights.hf_io import ShardedSafetensorsWriter
+    from megatron_autothink.weights.mapping import checkpoint_hf_name, weight_specs
 
     writer = ShardedSafetensorsWriter(out, max_shard_bytes=2 * 10**9)
     count = 0
@@ -96,13 +96,13 @@ def write_random_hf(cfg: Any, out: Path, dtype: Any) -> int:
 def run_one(name: str, dtype_name: str, workdir: Path) -> dict[str, Any]:
     import torch
 
-    from megatron_autothink.convert.gather import iter_hf_weights
-    from megatron_autothink.convert.hf_io import HFCheckpoint
     from megatron_autothink.convert.hf_to_mcore import hf_to_mcore
-    from megatron_autothink.convert.load import load_hf_weights
     from megatron_autothink.convert.mcore_to_hf import mcore_to_hf
     from megatron_autothink.convert.runtime import conversion_context
     from megatron_autothink.train.setup import build_model_chunks
+    from megatron_autothink.weights.gather import iter_hf_weights
+    from megatron_autothink.weights.hf_io import HFCheckpoint
+    from megatron_autothink.weights.load import load_hf_weights
 
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = getattr(torch, dtype_name)

@@ -2,7 +2,7 @@
 
 A tiny random Qwen2.5-VL is built offline and served by one vLLM engine; our megatron model is
 built from the same directory, its weights perturbed (so that everything the engine holds comes
-from megatron) and pushed into the engine with ``convert.gather.iter_hf_weights``, exactly as
+from megatron) and pushed into the engine with ``weights.gather.iter_hf_weights``, exactly as
 the RL weight sync does. The engine samples text and one-image prompts (temperature 1,
 preprocessed pixels, thinking modes auto/long/short); megatron then rescores the sampled tokens
 through the RL trainer's path (``pack_sequences`` -> ``actor.compute_logprobs``). Printed per
@@ -46,7 +46,6 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from megatron_autothink.convert.gather import iter_hf_weights
     from megatron_autothink.rl.rollout import cut_at_vision_tokens, vision_token_ids
     from megatron_autothink.rollout import (
         GenerationRequest,
@@ -57,6 +56,7 @@ def main() -> None:
         logprob_parity,
     )
     from megatron_autothink.rollout.images import preprocess_images
+    from megatron_autothink.weights.gather import iter_hf_weights
     from tests.rollout.harness import (
         build_tiny_qwen2_5_vl,
         chat_prompt,

@@ -124,8 +124,8 @@ def coin_samples(n: int, seed: int = 0, start: int = 0) -> Iterator[Any]:
 
 def prep_coin(root: Path, n: int = 400) -> tuple[Path, Path]:
     """The coin set (``n`` train samples) and the tiny tokenizer; returns (data, tokenizer)."""
-    from megatron_autothink.data.shards import PrepOptions, write_samples
     from megatron_autothink.data.digits import build_tiny_tokenizer
+    from megatron_autothink.data.shards import PrepOptions, write_samples
 
     data = root / "coin"
     if not (data / "tokenizer" / "tokenizer.json").exists():

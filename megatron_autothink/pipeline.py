@@ -99,8 +99,8 @@ def load_initial_weights(
             loaded = load_dist({"model": request} if training else request, src)
             mods[0].load_state_dict(loaded["model"] if training else loaded)
     elif (src / "config.json").is_file():
-        from megatron_autothink.convert.hf_io import HFCheckpoint
-        from megatron_autothink.convert.load import load_hf_weights
+        from megatron_autothink.weights.hf_io import HFCheckpoint
+        from megatron_autothink.weights.load import load_hf_weights
 
         with torch.no_grad():
             load_hf_weights(chunks, HFCheckpoint(src), cfg.model, ctx, progress=ctx.rank == 0)

@@ -8,7 +8,7 @@ in this process, then
 1. standalone: generation tokens/s of the engine alone;
 2. the trainer (``megatron_model_from_hf`` -> DDP -> optimizer) built next to it, the engine put
    to sleep (GPU memory before / after), two train steps, ``colocated_weight_sync`` of the
-   trainer's weights (``convert.gather.iter_hf_weights``: weights woken, pushed, trainer cache
+   trainer's weights (``weights.gather.iter_hf_weights``: weights woken, pushed, trainer cache
    released, KV cache woken) -> sync seconds;
 3. colocated: generation tokens/s again, now with both resident.
 
@@ -154,9 +154,9 @@ def run(out: str) -> dict[str, Any]:
             engine.generate(requests[:2], SamplingConfig(max_new_tokens=4))  # warm-up
             data["standalone"] = gen_rate(engine, requests, sampling)
             with megatron_model_from_hf(model_dir) as (chunks, cfg, ctx):
-                from megatron_autothink.convert.gather import iter_hf_weights
                 from megatron_autothink.train.setup import build_optimizer, wrap_ddp
                 from megatron_autothink.train.step import train_step
+                from megatron_autothink.weights.gather import iter_hf_weights
 
                 chunks = wrap_ddp(cfg, chunks, ctx)
                 opt = build_optimizer(cfg, chunks, ctx, total_steps=4)

@@ -142,7 +142,7 @@ def main(args: argparse.Namespace) -> int:
 
     from megatron_autothink.checkpoint_io import CheckpointError
     from megatron_autothink.config import ConfigError, load_config
-    from megatron_autothink.convert.mapping import ConversionError
+    from megatron_autothink.weights.mapping import ConversionError
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:

@@ -25,18 +25,18 @@ import torch
 import torch.distributed as dist
 
 from megatron_autothink.config import ModelConfig
-from megatron_autothink.convert.hf_config import model_config_from_hf, read_hf_config
-from megatron_autothink.convert.hf_io import HFCheckpoint, copy_hf_assets
-from megatron_autothink.convert.live import unwrap
-from megatron_autothink.convert.load import load_hf_weights
-from megatron_autothink.convert.mapping import (
+from megatron_autothink.convert.runtime import conversion_context
+from megatron_autothink.convert.source import META_NAME, TOKENIZER_SUBDIR, write_meta
+from megatron_autothink.weights.hf_config import model_config_from_hf, read_hf_config
+from megatron_autothink.weights.hf_io import HFCheckpoint, copy_hf_assets
+from megatron_autothink.weights.live import unwrap
+from megatron_autothink.weights.load import load_hf_weights
+from megatron_autothink.weights.mapping import (
     ConversionError,
     canonical_hf_name,
     check_hf_names,
     weight_specs,
 )
-from megatron_autothink.convert.runtime import conversion_context
-from megatron_autothink.convert.source import META_NAME, TOKENIZER_SUBDIR, write_meta
 
 __all__ = ["hf_to_mcore", "inspect_hf_dir"]
 
@@ -44,7 +44,7 @@ __all__ = ["hf_to_mcore", "inspect_hf_dir"]
 def inspect_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, HFCheckpoint]:
     """Validate a HF directory without reading any tensor: config, weight files, names, shapes.
 
-    Raises :class:`~megatron_autothink.convert.mapping.ConversionError` naming the problem.
+    Raises :class:`~megatron_autothink.weights.mapping.ConversionError` naming the problem.
     """
     raw = read_hf_config(hf_dir)
     model_cfg = model_config_from_hf(raw)

@@ -2,7 +2,7 @@
 
 The checkpoint is loaded into freshly built model chunks (megatron reshards it to the layout we
 build: TP=1/PP=1 in one process, or the ``torchrun`` layout), then
-:func:`~megatron_autothink.convert.gather.iter_hf_weights` streams HF tensors, which global rank
+:func:`~megatron_autothink.weights.gather.iter_hf_weights` streams HF tensors, which global rank
 0 writes into size-bounded safetensors shards. Output::
 
     model-0000k-of-0000n.safetensors, model.safetensors.index.json
@@ -46,28 +46,24 @@ from megatron_autothink.checkpoint_io import (
     verify_dist_dir,
 )
 from megatron_autothink.config import ModelConfig
-from megatron_autothink.convert.gather import iter_hf_weights
-from megatron_autothink.convert.hf_config import hf_config_from_model
-from megatron_autothink.convert.hf_io import (
-    INDEX_NAME,
-    ShardedSafetensorsWriter,
-    copy_hf_assets,
-    parse_size,
-)
-from megatron_autothink.convert.live import unwrap
-from megatron_autothink.convert.mapping import ConversionError, expected_hf_names
 from megatron_autothink.convert.runtime import conversion_context
 from megatron_autothink.convert.source import resolve_source
 from megatron_autothink.data.image_processing import (
-    ImageProcessingConfig,
     image_config,
-    write_preprocessor_config,
-    write_video_preprocessor_config,
 )
-from megatron_autothink.modes import CHAT_TEMPLATE
 from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.weights.assets import write_hf_assets
+from megatron_autothink.weights.gather import iter_hf_weights
+from megatron_autothink.weights.hf_config import hf_config_from_model
+from megatron_autothink.weights.hf_io import (
+    INDEX_NAME,
+    ShardedSafetensorsWriter,
+    parse_size,
+)
+from megatron_autothink.weights.live import unwrap
+from megatron_autothink.weights.mapping import ConversionError, expected_hf_names
 
-__all__ = ["checkpoint_dtype", "mcore_to_hf", "write_hf_assets"]
+__all__ = ["checkpoint_dtype", "mcore_to_hf"]
 
 _EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
 
@@ -84,56 +80,6 @@ def checkpoint_dtype(ckpt_dir: str | Path) -> torch.dtype:
     if entry is None:
         raise ConversionError(f"{ckpt_dir}: checkpoint has no {_EMBEDDING_KEY}")
     return entry.properties.dtype
-
-
-def write_hf_assets(
-    out_dir: Path,
-    model_cfg: ModelConfig,
-    *,
-    dtype: torch.dtype,
-    hf_base: dict[str, Any] | None,
-    tokenizer_dir: Path | None,
-    chat_template: Literal["thinking", "keep"] = "thinking",
-    image: ImageProcessingConfig | None = None,
-    config: Any = None,
-) -> None:
-    """config.json, generation_config.json, tokenizer/processor files and the chat template.
-
-    ``image`` writes ``preprocessor_config.json`` (else it is copied from ``tokenizer_dir``, or
-    written from the model's patch sizes when there is none: without it no image processor
-    loads). ``config``: an already validated ``hf_config_from_model`` result.
-    """
-    from transformers import GenerationConfig
-
-    if config is None:
-        config = hf_config_from_model(
-            model_cfg, base=hf_base, dtype=str(dtype).removeprefix("torch.")
-        )
-    config.save_pretrained(out_dir)
-    skip = ("chat_template.json", "chat_template.jinja") if chat_template == "thinking" else ()
-    copied = copy_hf_assets(tokenizer_dir, out_dir, skip=skip) if tokenizer_dir else []
-    if "generation_config.json" not in copied:
-        GenerationConfig.from_model_config(config.text_config).save_pretrained(out_dir)
-    v = model_cfg.vision
-    geometry = image or ImageProcessingConfig(
-        patch_size=v.patch_size,
-        temporal_patch_size=v.temporal_patch_size,
-        merge_size=v.spatial_merge_size,
-    )
-    if image is not None or "preprocessor_config.json" not in copied:
-        write_preprocessor_config(out_dir, geometry)
-    if "video_preprocessor_config.json" not in copied:  # for stock AutoProcessor (torchvision)
-        write_video_preprocessor_config(out_dir, geometry)
-    if chat_template == "thinking":
-        (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-        # One source of truth: a template embedded in these files would shadow the .jinja file
-        # in some loaders.
-        for name in ("tokenizer_config.json", "processor_config.json"):
-            path = out_dir / name
-            if path.is_file():
-                data = json.loads(path.read_text())
-                if data.pop("chat_template", None) is not None:
-                    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:

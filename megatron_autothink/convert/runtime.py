@@ -23,8 +23,8 @@ from megatron_autothink.config import (
     ParallelConfig,
     TrainConfig,
 )
-from megatron_autothink.convert.mapping import ConversionError
 from megatron_autothink.parallel import ParallelContext, destroy_distributed, init_distributed
+from megatron_autothink.weights.mapping import ConversionError
 
 __all__ = ["conversion_context"]
 

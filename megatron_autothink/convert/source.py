@@ -24,7 +24,7 @@ import yaml
 
 from megatron_autothink.checkpoint_io import manifest
 from megatron_autothink.config import AutothinkConfig, ModelConfig
-from megatron_autothink.convert.mapping import ConversionError
+from megatron_autothink.weights.mapping import ConversionError
 
 if TYPE_CHECKING:
     import torch

@@ -128,7 +128,7 @@ def resolve_tokenizer_dir(cfg: AutothinkConfig, data_path: str) -> str:
 
 def hf_token_ids(tokenizer: Any) -> dict[str, Any]:
     """Special-token ids of ``tokenizer`` for an exported HF config (the ``base`` of
-    ``convert.hf_config.hf_config_from_model``).
+    ``weights.hf_config.hf_config_from_model``).
 
     eos is ``<|im_end|>``, the chat template's end of turn, so ``generate`` stops after one
     assistant turn; bos is ``<|endoftext|>`` as in Qwen's own configs. Without these the config

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_autothink.config import AutothinkConfig
-from megatron_autothink.convert.mapping import ConversionError
 from megatron_autothink.convert.source import is_training_checkpoint, latest_iter, resolve_source
+from megatron_autothink.weights.mapping import ConversionError
 
 __all__ = [
     "ResolvedModel",

@@ -6,7 +6,7 @@ prompts; the other ranks of that group receive the rollouts (:mod:`megatron_auto
 With more than one rank, vLLM's engine core runs in its own process
 (``rollout.engine_process``): in-process vLLM would build its groups on torch's default process
 group, which the trainer owns, and destroy it on shutdown. Weights reach the engine through the
-HF name map shared with checkpoint conversion (``convert.gather.iter_hf_weights``), gathered
+HF name map shared with checkpoint conversion (``weights.gather.iter_hf_weights``), gathered
 over TP/PP and streamed in buckets, tagged with the step as the policy version.
 
 The engine is built once, in the run's first RL stage, and sized for its longest RL stage
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from megatron_autothink.config import AutothinkConfig, StageConfig, stage_config
+from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.data.image_processing import image_config
-from megatron_autothink.data.loader import build_prompt_loader, fetch_agreed, prompt_loader_config
+from megatron_autothink.data.loader import build_prompt_loader, prompt_loader_config
 from megatron_autothink.data.tokenizer import hf_token_ids, resolve_tokenizer_dir
 from megatron_autothink.modes import IMAGE_PAD
 from megatron_autothink.parallel import ParallelContext
@@ -44,11 +45,11 @@ from megatron_autothink.train.checkpoint import (
     checkpoint_root,
     rng_untouched,
 )
-from megatron_autothink.train.loop import data_metrics
+from megatron_autothink.train.loop import run_loop
 from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.progress import phase
 from megatron_autothink.train.setup import build_model_chunks, build_optimizer
-from megatron_autothink.train.state import LoopState
+from megatron_autothink.train.state import BatchSource, LoopState
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ def export_hf(
 ) -> None:
     """Write the live policy as a HF directory (collective: every rank gathers its
     model-parallel group's weights; global rank 0 writes, the others wait until it is done)."""
-    from megatron_autothink.convert.gather import iter_hf_weights
-    from megatron_autothink.convert.hf_io import ShardedSafetensorsWriter
-    from megatron_autothink.convert.mcore_to_hf import write_hf_assets
+    from megatron_autothink.weights.assets import write_hf_assets
+    from megatron_autothink.weights.gather import iter_hf_weights
+    from megatron_autothink.weights.hf_io import ShardedSafetensorsWriter
 
     writer = ShardedSafetensorsWriter(out_dir) if ctx.rank == 0 else None
     for name, t in iter_hf_weights(chunks, cfg.model, ctx, names="checkpoint"):
@@ -267,7 +268,7 @@ def run_stage(
             )
 
     def weight_sync(version: int) -> float:
-        from megatron_autothink.convert.gather import iter_hf_weights
+        from megatron_autothink.weights.gather import iter_hf_weights
 
         version += step_offset  # policy versions grow across stages
         t = time.perf_counter()
@@ -303,22 +304,23 @@ def run_stage(
     )
     callbacks = standard_callbacks(cfg, evaluate=False)
     phase(f"stage {stage.name}: training steps {state.step + 1}-{stage.steps}", rank=ctx.rank)
-    for cb in callbacks:
-        cb.on_train_start(state)
-    try:
-        while state.step < state.total_steps:
-            prompts = fetch_agreed(lambda: next(loader), device=ctx.device)  # see run_sft
-            metrics = rl_step(rc, prompts, state.step + 1) | data_metrics(loader)
-            state.step += 1
-            state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False
-            for cb in callbacks:
-                cb.on_step_end(state, metrics)
-            if state.stop_requested:
-                break
-    finally:
-        for cb in callbacks:
-            cb.on_train_end(state)
+    run_loop(state, RLModule(rc, loader), callbacks, watcher=watcher)
     return state, ckpt
+
+
+@dataclass
+class RLModule:
+    """One RL step for the shared loop: this rank's prompts, then generate -> score -> advantages
+    -> update -> weight sync (:func:`~megatron_autothink.rl.trainer.rl_step`)."""
+
+    rc: RLContext
+    prompts: BatchSource
+
+    def next_item(self) -> list[PromptSample]:
+        return next(self.prompts)  # type: ignore[no-any-return]
+
+    def train_step(self, item: list[PromptSample], step: int) -> dict[str, float]:
+        return rl_step(self.rc, item, step)
 
 
 @dataclass

@@ -1,24 +1,20 @@
-"""The supervised (bi-mode annealing) training loop.
+"""The one training loop: SFT and RL stages plug into it.
 
-Read top to bottom: build -> resume -> for each step: take this rank's micro-batches, one
-``train_step`` through megatron's schedule, callbacks. Logging, checkpoints and evaluation are
-callbacks; pre-emption (SIGUSR1/SIGTERM, see ``launch.preempt``) only raises a flag that every
-rank agrees on at the step boundary, so all ranks save the same step and exit together.
+Read top to bottom: the stage's builder has done set-up and resume -> for each step: this rank's
+input (agreed across ranks), the stage module's step, callbacks. Logging, checkpoints and
+evaluation are callbacks; pre-emption (SIGUSR1/SIGTERM, see ``train.preempt``) only raises a
+flag that every rank agrees on at the step boundary, so all ranks save the same step and exit
+together.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from typing import Any, Protocol
 
-import torch
-
-from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.train.callbacks import Callback
-from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
 from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.state import BatchSource, LoopState
-from megatron_autothink.train.step import train_step
 
 log = logging.getLogger(__name__)
 
@@ -35,57 +31,54 @@ def data_metrics(data: BatchSource) -> dict[str, float]:
     return {f"data/{k}": float(stats.get(k, 0)) for k in dict.fromkeys([*DATA_COUNTS, *stats])}
 
 
-def _micro_batches(data: BatchSource, n: int) -> list[PackedBatch]:
-    return [next(data) for _ in range(n)]
+class StageModule(Protocol):
+    """What a stage plugs into :func:`run_loop` (a TrainModule in OLMo-core's sense).
+
+    The stage's builder does the set-up (model, optimizer, loader, resume) and fills the
+    :class:`~megatron_autothink.train.state.LoopState`; the module says how to take this rank's
+    input for one step and how to take the step. Everything between steps (metrics file,
+    console, checkpoints, TensorBoard / W&B, evaluation) is a callback, so SFT and RL stages
+    share them. Implemented by ``train.sft.SFTModule`` and ``rl.stage.RLModule``.
+    """
+
+    def next_item(self) -> Any:
+        """This rank's input for one step (micro-batches for SFT, prompts for RL)."""
+        ...
+
+    def train_step(self, item: Any, step: int) -> dict[str, float]:
+        """One optimizer step on ``item``; ``step`` is the 1-based step it completes."""
+        ...
 
 
-def run_sft(
+def run_loop(
     state: LoopState,
+    module: StageModule,
     callbacks: list[Callback],
     *,
-    num_micro_batches: int,
     watcher: PreemptionWatcher | None = None,
 ) -> LoopState:
-    """Train ``state.total_steps`` steps from ``state.step``; returns the final state."""
+    """Train ``state.total_steps`` steps from ``state.step``; returns the final state.
+
+    ``on_train_end`` runs also when a step raises (TensorBoard is flushed, a W&B run is marked
+    failed); checkpoints are saved only by ``on_step_end``, so a failed step never saves.
+    """
     from megatron_autothink.data.loader import fetch_agreed  # energon: imported when used
 
-    cfg, ctx = state.cfg, state.ctx
+    device = state.ctx.device
     for cb in callbacks:
         cb.on_train_start(state)
-    while state.step < state.total_steps:
-        t0 = time.perf_counter()
-        # Agreed across ranks: a loader that gives up on one rank stops every rank together
-        batches = fetch_agreed(
-            lambda: _micro_batches(state.data, num_micro_batches), device=ctx.device
-        )
-        local_tokens = sum(b.num_tokens for b in batches)
-        result = train_step(state.chunks, state.opt, batches, ctx, seq_length=cfg.data.seq_length)
-        state.step += 1
-        dt = time.perf_counter() - t0
-        tokens = local_tokens * ctx.dp  # every DP rank processes the same amount
-        metrics: dict[str, float] = {
-            "loss": result.loss,
-            "loss_thinking": result.loss_thinking,
-            "loss_non_thinking": result.loss_non_thinking,
-            "lr": result.lr,
-            "grad_norm": result.grad_norm,
-            "loss_tokens": float(result.tokens),
-            "tokens_per_s": tokens / dt,
-            "step_time_s": dt,
-            **data_metrics(state.data),
-        }
-        if torch.cuda.is_available():
-            head_share = min(result.tokens / tokens, 1.0) if tokens else 1.0
-            # attention FLOPs at the packed samples' lengths, not the row's (see attended_length)
-            context = attended_length(torch.cat([b.segment_ids for b in batches]))
-            flops_per_token = train_flops_per_token(cfg.model, context, head_share)
-            metrics["mfu"] = mfu(flops_per_token * tokens / dt / ctx.world_size)
-            metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        state.stop_requested = watcher.should_stop(device=ctx.device) if watcher else False
+    try:
+        while state.step < state.total_steps:
+            # Agreed across ranks: a loader that gives up on one rank stops every rank together
+            item = fetch_agreed(module.next_item, device=device)
+            metrics = module.train_step(item, state.step + 1) | data_metrics(state.data)
+            state.step += 1
+            state.stop_requested = watcher.should_stop(device=device) if watcher else False
+            for cb in callbacks:
+                cb.on_step_end(state, metrics)
+            if state.stop_requested:
+                break
+    finally:
         for cb in callbacks:
-            cb.on_step_end(state, metrics)
-        if state.stop_requested:
-            break
-    for cb in callbacks:
-        cb.on_train_end(state)
+            cb.on_train_end(state)
     return state

@@ -1,4 +1,5 @@
-"""The SFT stage: packed loader, per-mode held-out loss, and the shared loop (``train/loop.py``).
+"""The SFT stage: packed loader, per-mode held-out loss, and its module for the shared loop
+(``train/loop.py``).
 
 ``pipeline.main`` calls :func:`run_sft_stage` for every stage of ``kind: sft`` (bi-mode
 annealing, the curated continuation); the RL stages are ``rl/stage.py``'s.
@@ -7,11 +8,14 @@ annealing, the curated continuation); the RL stages are ``rl/stage.py``'s.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from megatron_autothink.config import AutothinkConfig, StageConfig, stage_config
+from megatron_autothink.data.batch import PackedBatch
 from megatron_autothink.data.loader import (
     PackedLoader,
     build_packed_loader,
@@ -21,7 +25,8 @@ from megatron_autothink.data.loader import (
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import CheckpointManager, checkpoint_root
-from megatron_autothink.train.loop import run_sft
+from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
+from megatron_autothink.train.loop import run_loop
 from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.progress import phase
 from megatron_autothink.train.setup import build_optimizer
@@ -87,6 +92,46 @@ def make_eval_fn(
     return evaluate
 
 
+@dataclass
+class SFTModule:
+    """One SFT step: ``num_micro_batches`` packed micro-batches of this rank through megatron's
+    schedule (``train.step.train_step``), the loss per token and per mode."""
+
+    state: LoopState
+    num_micro_batches: int
+    _started: float = field(default=0.0, init=False)
+
+    def next_item(self) -> list[PackedBatch]:
+        self._started = time.perf_counter()  # tokens_per_s counts the wait for data too
+        return [next(self.state.data) for _ in range(self.num_micro_batches)]
+
+    def train_step(self, item: list[PackedBatch], step: int) -> dict[str, float]:
+        st = self.state
+        cfg, ctx = st.cfg, st.ctx
+        local_tokens = sum(b.num_tokens for b in item)
+        result = train_step(st.chunks, st.opt, item, ctx, seq_length=cfg.data.seq_length)
+        dt = time.perf_counter() - self._started
+        tokens = local_tokens * ctx.dp  # every DP rank processes the same amount
+        metrics: dict[str, float] = {
+            "loss": result.loss,
+            "loss_thinking": result.loss_thinking,
+            "loss_non_thinking": result.loss_non_thinking,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "loss_tokens": float(result.tokens),
+            "tokens_per_s": tokens / dt,
+            "step_time_s": dt,
+        }
+        if torch.cuda.is_available():
+            head_share = min(result.tokens / tokens, 1.0) if tokens else 1.0
+            # attention FLOPs at the packed samples' lengths, not the row's (see attended_length)
+            context = attended_length(torch.cat([b.segment_ids for b in item]))
+            flops_per_token = train_flops_per_token(cfg.model, context, head_share)
+            metrics["mfu"] = mfu(flops_per_token * tokens / dt / ctx.world_size)
+            metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
+
+
 def run_sft_stage(
     cfg: AutothinkConfig,
     ctx: ParallelContext,
@@ -129,5 +174,5 @@ def run_sft_stage(
     state.eval_fn = make_eval_fn(cfg, ctx, chunks, opt, eval_path, tokenizer)
     callbacks = standard_callbacks(cfg, evaluate=True)
     phase(f"stage {stage.name}: training steps {state.step + 1}-{stage.steps}", rank=ctx.rank)
-    run_sft(state, callbacks, num_micro_batches=n_micro, watcher=watcher)
+    run_loop(state, SFTModule(state, n_micro), callbacks, watcher=watcher)
     return state, ckpt

@@ -18,9 +18,9 @@ bridge = pytest.importorskip("megatron.bridge", reason="megatron-bridge is not i
 
 
 def test_language_model_tensors_match_bridge(tmp_path: Path) -> None:
-    from megatron_autothink.convert.hf_io import HFCheckpoint
     from megatron_autothink.convert.hf_to_mcore import inspect_hf_dir
-    from megatron_autothink.convert.mapping import hf_to_megatron_full
+    from megatron_autothink.weights.hf_io import HFCheckpoint
+    from megatron_autothink.weights.mapping import hf_to_megatron_full
     from tests.convert.hf_utils import TinySpec, save_hf_model
 
     save_hf_model(TinySpec(tie=False), tmp_path)

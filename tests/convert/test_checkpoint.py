@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_autothink.checkpoint_io import manifest
-from megatron_autothink.convert.hf_io import HFCheckpoint
-from megatron_autothink.convert.mapping import canonical_hf_name
+from megatron_autothink.weights.hf_io import HFCheckpoint
+from megatron_autothink.weights.mapping import canonical_hf_name
 from tests.convert.hf_utils import TinySpec, VLInputs, hf_logits, save_hf_dir, vl_inputs
 from tests.dist_utils import run_distributed
 
@@ -123,11 +123,11 @@ def _tp2pp2_worker(mcore: str, ckpt2: str, hf_dist: str, x: VLInputs) -> dict:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_autothink.config import ModelConfig
-    from megatron_autothink.convert.live import unwrap
     from megatron_autothink.convert.mcore_to_hf import mcore_to_hf
     from megatron_autothink.convert.runtime import conversion_context
     from megatron_autothink.convert.source import META_NAME, read_meta
     from megatron_autothink.train.setup import build_model_chunks
+    from megatron_autothink.weights.live import unwrap
 
     meta = read_meta(Path(mcore))
     assert meta is not None

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_autothink.config import ModelConfig
-from megatron_autothink.convert.hf_config import model_config_from_hf, read_hf_config
-from megatron_autothink.convert.mapping import canonical_hf_name
+from megatron_autothink.weights.hf_config import model_config_from_hf, read_hf_config
+from megatron_autothink.weights.mapping import canonical_hf_name
 from tests.convert.hf_utils import TinySpec, VLInputs, hf_logits, save_hf_model, vl_inputs
 from tests.dist_utils import run_distributed
 
@@ -59,12 +59,12 @@ def _parity_worker(phases: list[Phase]) -> list:
     import torch.distributed as dist
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_autothink.convert.gather import iter_hf_weights
-    from megatron_autothink.convert.hf_io import HFCheckpoint
-    from megatron_autothink.convert.live import unwrap
-    from megatron_autothink.convert.load import load_hf_weights
     from megatron_autothink.convert.runtime import conversion_context
     from megatron_autothink.train.setup import build_model_chunks
+    from megatron_autothink.weights.gather import iter_hf_weights
+    from megatron_autothink.weights.hf_io import HFCheckpoint
+    from megatron_autothink.weights.live import unwrap
+    from megatron_autothink.weights.load import load_hf_weights
 
     dist.init_process_group("gloo")  # kept across phases; conversion_context reuses it
     out = []

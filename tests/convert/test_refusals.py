@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_autothink.convert.hf_config import (
+from megatron_autothink.convert.hf_to_mcore import inspect_hf_dir
+from megatron_autothink.weights.hf_config import (
     hf_config_from_model,
     model_config_from_hf,
     read_hf_config,
 )
-from megatron_autothink.convert.hf_io import HFCheckpoint, ShardedSafetensorsWriter
-from megatron_autothink.convert.hf_to_mcore import inspect_hf_dir
-from megatron_autothink.convert.mapping import ConversionError, hf_to_megatron_full
+from megatron_autothink.weights.hf_io import HFCheckpoint, ShardedSafetensorsWriter
+from megatron_autothink.weights.mapping import ConversionError, hf_to_megatron_full
 from tests.convert.hf_utils import TinySpec, save_hf_model
 
 

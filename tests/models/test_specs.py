@@ -81,9 +81,9 @@ def test_te_layers_without_te_name_the_field(monkeypatch: pytest.MonkeyPatch) ->
 
 def _checkpoint_weight_keys() -> list[str]:
     from megatron_autothink.config import load_config
-    from megatron_autothink.convert.live import unwrap
     from megatron_autothink.parallel import init_distributed, seed_everything
     from megatron_autothink.train.setup import build_model_chunks
+    from megatron_autothink.weights.live import unwrap
 
     cfg = load_config("tiny_cpu")
     ctx = init_distributed(cfg)
@@ -104,7 +104,7 @@ def test_local_layers_checkpoint_under_transformer_engine_names() -> None:
     import re
 
     from megatron_autothink.config import load_config
-    from megatron_autothink.convert.mapping import weight_specs
+    from megatron_autothink.weights.mapping import weight_specs
     from tests.dist_utils import run_distributed
 
     (keys,) = run_distributed(_checkpoint_weight_keys, 1)

@@ -302,17 +302,17 @@ def megatron_model_from_hf(
 ) -> Iterator[tuple[list[torch.nn.Module], AutothinkConfig, ParallelContext]]:
     """Our megatron Qwen2.5-VL (TP=PP=1, fp32) holding a HF directory's weights.
 
-    The config comes from the directory's ``config.json`` (``convert.hf_config``), the weights
-    through ``convert.load.load_hf_weights``; megatron's process groups exist while the context
+    The config comes from the directory's ``config.json`` (``weights.hf_config``), the weights
+    through ``weights.load.load_hf_weights``; megatron's process groups exist while the context
     is open (a 1-rank gloo world unless one exists already, e.g. vLLM's in-process one).
 
     Yields:
         ``(chunks, run_config, parallel_context)``; ``run_config.model`` is the architecture.
     """
     from megatron_autothink.convert.hf_to_mcore import inspect_hf_dir
-    from megatron_autothink.convert.load import load_hf_weights
     from megatron_autothink.convert.runtime import conversion_context
     from megatron_autothink.train.setup import build_model_chunks
+    from megatron_autothink.weights.load import load_hf_weights
 
     model_cfg, ckpt = inspect_hf_dir(model_dir)
     with conversion_context(model_cfg, precision="fp32") as (cfg, ctx):

@@ -289,9 +289,9 @@ def test_logprob_parity_vs_megatron_trainer(engine: Any, tiny_vl_dir: Path) -> N
     from safetensors.torch import load_file
 
     from megatron_autothink.compat import cpu as cpu_compat
-    from megatron_autothink.convert.gather import iter_hf_weights
     from megatron_autothink.rl.rollout import cut_at_vision_tokens
     from megatron_autothink.rollout.types import vision_token_ids
+    from megatron_autothink.weights.gather import iter_hf_weights
 
     tok = engine.tokenizer
     pad = tok.convert_tokens_to_ids("<|image_pad|>")

@@ -19,8 +19,9 @@ def _train(ckpt_dir: str, steps: int, save_every: int, overrides: list[str]) -> 
     from megatron_autothink.parallel import init_distributed, seed_everything
     from megatron_autothink.train.callbacks import CheckpointCallback
     from megatron_autothink.train.checkpoint import CheckpointManager
-    from megatron_autothink.train.loop import run_sft
+    from megatron_autothink.train.loop import run_loop
     from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
+    from megatron_autothink.train.sft import SFTModule
     from megatron_autothink.train.state import LoopState
     from tests.train.sources import SyntheticSource
 
@@ -63,7 +64,7 @@ def _train(ckpt_dir: str, steps: int, save_every: int, overrides: list[str]) -> 
             losses.append(metrics["loss"])
             super().on_step_end(st, metrics)
 
-    run_sft(state, [Record(save_every)], num_micro_batches=2 // ctx.dp)
+    run_loop(state, SFTModule(state, 2 // ctx.dp), [Record(save_every)])
     return {
         "losses": losses,
         "resumed_from": None if loaded is None else loaded.step,

@@ -24,8 +24,9 @@ def _train(mode: str) -> dict[str, Any]:
     from megatron_autothink.config import load_config
     from megatron_autothink.parallel import init_distributed, seed_everything
     from megatron_autothink.train.callbacks import Callback
-    from megatron_autothink.train.loop import run_sft
+    from megatron_autothink.train.loop import run_loop
     from megatron_autothink.train.setup import build_model_chunks, build_optimizer, wrap_ddp
+    from megatron_autothink.train.sft import SFTModule
     from megatron_autothink.train.state import LoopState
     from tests.train.sources import SyntheticSource
 
@@ -67,7 +68,7 @@ def _train(mode: str) -> dict[str, Any]:
         stage="sft",
         total_steps=STEPS,
     )
-    run_sft(state, [Record()], num_micro_batches=MICRO)
+    run_loop(state, SFTModule(state, MICRO), [Record()])
     return out
 
 

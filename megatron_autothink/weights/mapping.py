@@ -471,7 +471,7 @@ def hf_to_megatron_full(
 ) -> dict[str, Tensor]:
     """HF tensors (canonical or checkpoint names) -> full megatron state dict (TP=1, PP=1).
 
-    ``hf_state`` may be lazy (e.g. :class:`~megatron_autothink.convert.hf_io.HFCheckpoint`):
+    ``hf_state`` may be lazy (e.g. :class:`~megatron_autothink.weights.hf_io.HFCheckpoint`):
     each tensor is read once, when its megatron parameter is built. ``padded_vocab`` defaults
     to the TP=1 padding of ``model_cfg.vocab_size``.
     """

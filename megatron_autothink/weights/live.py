@@ -1,7 +1,7 @@
 """Live (possibly TP/PP-sharded, DDP-wrapped) megatron model chunks <-> the mapping table.
 
-Shared by :mod:`~megatron_autothink.convert.load` (HF -> live model) and
-:mod:`~megatron_autothink.convert.gather` (live model -> HF): unwrap DDP / ``Float16Module``,
+Shared by :mod:`~megatron_autothink.weights.load` (HF -> live model) and
+:mod:`~megatron_autothink.weights.gather` (live model -> HF): unwrap DDP / ``Float16Module``,
 name each local parameter by its *global* name (pipeline stages and virtual stages hold decoder
 layers ``0..k`` locally; their global index comes from the layer's own ``layer_number``, which
 megatron sets from the pipeline layout, so uneven or interleaved layouts need no arithmetic here),
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from megatron_autothink.config import ModelConfig
-from megatron_autothink.convert.mapping import ConversionError, WeightSpec, weight_specs
 from megatron_autothink.models.qwen25vl import Qwen25VLModel
+from megatron_autothink.weights.mapping import ConversionError, WeightSpec, weight_specs
 
 __all__ = ["TIED_OUTPUT", "global_parameters", "specs_for", "unwrap", "uses_fused_norms"]
 
@@ -76,5 +76,5 @@ def check_tp_attributes(spec: WeightSpec, param: torch.Tensor) -> None:
     if axis != spec.tp_axis:
         raise ConversionError(
             f"mapping table says {spec.mcore} is split along {spec.tp_axis}, the model's parameter "
-            f"along {axis}: update convert/mapping.py"
+            f"along {axis}: update weights/mapping.py"
         )

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from megatron_autothink.convert.mapping import ConversionError
+from megatron_autothink.weights.mapping import ConversionError
 
 __all__ = [
     "ASSET_PATTERNS",

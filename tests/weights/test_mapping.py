@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from megatron_autothink.config import ModelConfig, VisionConfig
-from megatron_autothink.convert import hf_io, mapping
-from megatron_autothink.convert.mapping import (
+from megatron_autothink.weights import hf_io, mapping
+from megatron_autothink.weights.mapping import (
     ConversionError,
     Kind,
     canonical_hf_name,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_autothink.config import ModelConfig, VisionConfig
-from megatron_autothink.convert.mapping import ConversionError
+from megatron_autothink.weights.mapping import ConversionError
 
 __all__ = [
     "ARCHITECTURE",

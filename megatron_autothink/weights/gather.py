@@ -9,7 +9,7 @@ How ownership works, per parameter of the mapping table, in table order:
 
 1. The pipeline stage that owns it (found once, from a manifest every stage sends over the PP
    group) all-gathers the TP shards over ``ctx.pg.tp`` and re-assembles the full tensor
-   (:func:`~megatron_autothink.convert.mapping.unshard_from_tp`; the gated ``linear_fc1`` is
+   (:func:`~megatron_autothink.weights.mapping.unshard_from_tp`; the gated ``linear_fc1`` is
    not a plain concatenation).
 2. With PP > 1 the owner broadcasts the full tensor over ``ctx.pg.pp``, so **every rank yields
    every tensor**, in the same order. The collectives require every rank of the TP and PP groups
@@ -32,21 +32,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from megatron_autothink.config import ModelConfig
-from megatron_autothink.convert.live import (
+from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.weights.live import (
     TIED_OUTPUT,
     check_tp_attributes,
     global_parameters,
     specs_for,
     unwrap,
 )
-from megatron_autothink.convert.mapping import (
+from megatron_autothink.weights.mapping import (
     ConversionError,
     WeightSpec,
     checkpoint_hf_name,
     spec_to_hf,
     unshard_from_tp,
 )
-from megatron_autothink.parallel import ParallelContext
 
 __all__ = ["iter_hf_weights"]
 

@@ -15,14 +15,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from megatron_autothink.config import ModelConfig
-from megatron_autothink.convert.live import (
+from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.weights.live import (
     TIED_OUTPUT,
     check_tp_attributes,
     global_parameters,
     specs_for,
     unwrap,
 )
-from megatron_autothink.convert.mapping import (
+from megatron_autothink.weights.mapping import (
     ConversionError,
     Kind,
     canonical_view,
@@ -31,7 +32,6 @@ from megatron_autothink.convert.mapping import (
     shard_for_tp,
     spec_to_megatron,
 )
-from megatron_autothink.parallel import ParallelContext
 
 __all__ = ["load_hf_weights"]
 
@@ -52,7 +52,7 @@ def load_hf_weights(
     Args:
         model_chunks: this rank's chunks (DDP-wrapped or not), as from ``build_model_chunks``.
         hf_state: HF tensors under canonical or checkpoint names; may be lazy
-            (:class:`~megatron_autothink.convert.hf_io.HFCheckpoint`).
+            (:class:`~megatron_autothink.weights.hf_io.HFCheckpoint`).
         model_cfg: the architecture the chunks were built with.
         ctx: this rank's parallel context (its TP rank/size pick the slice); ``None``: TP=1.
         progress: show a tqdm bar.
