@@ -149,8 +149,14 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 if sorted(sa) != sorted(sb):
                     diffs.append(f"{key}[{stage}]: steps {sorted(sa)} vs {sorted(sb)}")
                     continue
-                worst = max((abs(sa[s] - sb[s]) for s in sa), default=0.0)
-                if not worst <= LOSS_TOLERANCE or any(math.isnan(sb[s]) for s in sb):
+                # A step that trained no sample logs NaN (RL with all advantages 0): the same
+                # when both are NaN, a difference when only one is.
+                nan_mismatch = [s for s in sa if math.isnan(sa[s]) != math.isnan(sb[s])]
+                both = [s for s in sa if not (math.isnan(sa[s]) or math.isnan(sb[s]))]
+                worst = max((abs(sa[s] - sb[s]) for s in both), default=0.0)
+                if nan_mismatch:
+                    diffs.append(f"{key}[{stage}]: NaN in one record only at steps {nan_mismatch}")
+                elif not worst <= LOSS_TOLERANCE:
                     diffs.append(f"{key}[{stage}]: max |loss diff| {worst:.3g}")
         elif a != b:
             diffs.append(f"{key}: differs")

@@ -16,7 +16,8 @@ from typing import Any
 
 from megatron_autothink.config import RLConfig
 from megatron_autothink.data.batch import PromptSample
-from megatron_autothink.modes import ThinkingMode, is_thinking
+from megatron_autothink.modes import is_thinking
+from megatron_autothink.rl.algorithm import Algorithm
 from megatron_autothink.rl.rethinking import accept_rethink, plan_rethink
 from megatron_autothink.rollout.engine import RolloutEngine
 from megatron_autothink.rollout.types import (
@@ -58,7 +59,7 @@ ScoreFn = Callable[[str, PromptSample, bool], tuple[float, bool, dict[str, float
 
 
 def requests_for(
-    prompts: Sequence[PromptSample], rl: RLConfig, step: int
+    prompts: Sequence[PromptSample], algo: Algorithm, step: int
 ) -> list[GenerationRequest]:
     """One request per prompt and forced mode (BPO: two)."""
     reqs = []
@@ -68,12 +69,7 @@ def requests_for(
             if p.pixel_values is not None and p.image_grid_thw is not None
             else None
         )
-        modes: list[tuple[ThinkingMode, int]] = (
-            [("long", rl.bpo.g_think), ("short", rl.bpo.g_nothink)]
-            if rl.algorithm == "bpo"
-            else [("auto", rl.group_size)]
-        )
-        for mode, n in modes:
+        for mode, n in algo.groups:
             if n > 0:
                 reqs.append(
                     GenerationRequest(
@@ -86,7 +82,7 @@ def requests_for(
 def generate_groups(
     engine: RolloutEngine,
     prompts: Sequence[PromptSample],
-    rl: RLConfig,
+    algo: Algorithm,
     sampling: SamplingConfig,
     tokenizer: Any,
     score: ScoreFn,
@@ -94,7 +90,7 @@ def generate_groups(
     step: int,
 ) -> list[list[ScoredResponse]]:
     """Sample and score every prompt's group (list per prompt, in prompt order)."""
-    reqs = requests_for(prompts, rl, step)
+    reqs = requests_for(prompts, algo, step)
     outs = engine.generate(reqs, sampling)
     groups: list[list[ScoredResponse]] = [[] for _ in prompts]
     for req, comps in zip(reqs, outs, strict=True):

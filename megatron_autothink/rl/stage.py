@@ -34,21 +34,21 @@ from megatron_autothink.data.loader import build_prompt_loader, prompt_loader_co
 from megatron_autothink.data.tokenizer import hf_token_ids, resolve_tokenizer_dir
 from megatron_autothink.modes import IMAGE_PAD
 from megatron_autothink.parallel import ParallelContext
+from megatron_autothink.rl.algorithm import Algorithm
 from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rewards import Rubric
 from megatron_autothink.rl.trainer import ReplayStore, RLContext, replay_capacity, rl_step
-from megatron_autothink.rollout.engine import colocated_weight_sync
+from megatron_autothink.rollout.engine import RolloutEngine, colocated_weight_sync
 from megatron_autothink.train.callbacks import standard_callbacks
 from megatron_autothink.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    checkpoint_root,
     rng_untouched,
 )
 from megatron_autothink.train.loop import run_loop
 from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.progress import phase
-from megatron_autothink.train.setup import build_model_chunks, build_optimizer
+from megatron_autothink.train.setup import build_model_chunks
 from megatron_autothink.train.state import BatchSource, LoopState
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def engine_context_length(run: AutothinkConfig) -> int:
 
 def build_engine(
     cfg: AutothinkConfig, model_dir: Path, version: int, *, in_process: bool, max_model_len: int
-) -> Any:
+) -> RolloutEngine:
     from megatron_autothink.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
     ro = cfg.rollout
@@ -134,6 +134,78 @@ def build_engine(
             initial_version=version,
             in_process=in_process,
         )
+    )
+
+
+def reference_policy(
+    cfg: AutothinkConfig,
+    ctx: ParallelContext,
+    stage: StageConfig,
+    chunks: list[torch.nn.Module],
+    ckpt: CheckpointManager,
+    tokenizer: Any,
+    *,
+    resumed: bool,
+) -> list[torch.nn.Module]:
+    """The KL reference: the policy the stage started from, saved before its first step and
+    reloaded on resume (the live weights then are the resumed policy, not the start)."""
+    ref_chunks = build_model_chunks(
+        cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=_image_id(tokenizer)
+    )
+    if not resumed:
+        ckpt.save_reference(chunks)
+        for ref, live in zip(ref_chunks, chunks, strict=True):
+            ref.load_state_dict(getattr(live, "module", live).state_dict())
+    elif ckpt.reference_dir.exists():
+        ckpt.load_reference(ref_chunks)
+    else:
+        raise CheckpointError(
+            f"{ckpt.reference_dir}: missing; stage {stage.name} resumes with "
+            "rl.kl_coef > 0 but its checkpoints predate the saved KL reference"
+        )
+    for ref in ref_chunks:
+        ref.requires_grad_(False)
+    return ref_chunks
+
+
+def start_engine(
+    run_cfg: AutothinkConfig,
+    cfg: AutothinkConfig,
+    ctx: ParallelContext,
+    stage: StageConfig,
+    chunks: list[torch.nn.Module],
+    tokenizer: Any,
+    tokenizer_dir: str,
+    slot: EngineSlot,
+) -> None:
+    """Export the live policy and start the run's one rollout engine on the owning ranks.
+
+    Called on every rank while ``slot.started`` is false, not while ``slot.engine is None``:
+    ranks that own no engine (TP/PP peers) hold None in every stage and would re-export alone
+    at a second RL stage, a collective the owners skip (deadlock). One engine serves the whole
+    run: an in-process vLLM's shutdown tears down the default process group, so the run shuts
+    it down once, after its last stage.
+    """
+    t0 = time.perf_counter()
+    engine_dir = Path(cfg.logging.run_dir) / "rollout_engine"
+    phase(
+        f"stage {stage.name}: exporting the policy, starting the vLLM rollout engine",
+        rank=ctx.rank,
+    )
+    if ctx.rank == 0:
+        engine_dir.mkdir(parents=True, exist_ok=True)
+    export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
+    if engine_owner(ctx):
+        slot.engine = build_engine(
+            cfg,
+            engine_dir,
+            version=0,
+            in_process=engine_in_process(cfg, ctx),
+            max_model_len=engine_context_length(run_cfg),
+        )
+    slot.started = True
+    phase(
+        f"stage {stage.name}: rollout engine up in {time.perf_counter() - t0:.1f}s", rank=ctx.rank
     )
 
 
@@ -168,25 +240,18 @@ def run_stage(
         dp_rank=ctx.dp_rank,
         dp_world_size=ctx.dp,
     )
-    opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
-    ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
-    replay = ReplayStore(replay_capacity(rl, ctx.dp)) if rl.ssr.enabled else None
+    state = LoopState.begin(cfg, ctx, stage, chunks, loader, step_offset=step_offset)
+    opt, ckpt = state.opt, state.ckpt
+    assert ckpt is not None  # LoopState.begin always gives the stage a checkpoint folder
+    algo = Algorithm.of(rl)  # the one place the algorithm is chosen
+    replay = (
+        ReplayStore(replay_capacity(algo, rl.prompts_per_step, ctx.dp)) if rl.ssr.enabled else None
+    )
     comm = RLComm.create(ctx)
     # Data-parallel ranks draw differently (rethinking triggers, SSR); the ranks of one
     # model-parallel group draw alike, so they select the same samples.
     rng = random.Random(cfg.train.seed + 17 + 7919 * ctx.dp_rank)
     gen = torch.Generator().manual_seed(cfg.train.seed + 29 + 7919 * ctx.dp_rank)
-    state = LoopState(
-        cfg=cfg,
-        ctx=ctx,
-        chunks=chunks,
-        opt=opt,
-        data=loader,
-        ckpt=ckpt,
-        stage=stage.name,
-        total_steps=stage.steps,
-        step_offset=step_offset,
-    )
     state.extra_rank_state = {
         "rethink_rng": rng.getstate,
         "ssr_generator": gen.get_state,
@@ -210,62 +275,14 @@ def run_stage(
     # leaves them as the checkpoint (or the stage before) left them, so a resumed stage
     # continues the same random streams as the uninterrupted run (found by the soak).
     with rng_untouched():
-        ref_chunks = None
-        if rl.kl_coef > 0:
-            # The reference is the policy the stage started from: saved before the first step,
-            # reloaded on resume (the live weights then are the resumed policy, not the start).
-            ref_chunks = build_model_chunks(
-                cfg, ctx, vocab_size=cfg.model.vocab_size, image_token_id=_image_id(tokenizer)
-            )
-            if rs is None:
-                ckpt.save_reference(chunks)
-                for ref, live in zip(ref_chunks, chunks, strict=True):
-                    ref.load_state_dict(getattr(live, "module", live).state_dict())
-            elif ckpt.reference_dir.exists():
-                ckpt.load_reference(ref_chunks)
-            else:
-                raise CheckpointError(
-                    f"{ckpt.reference_dir}: missing; stage {stage.name} resumes with "
-                    "rl.kl_coef > 0 but its checkpoints predate the saved KL reference"
-                )
-            for ref in ref_chunks:
-                ref.requires_grad_(False)
-
-        run_dir = Path(cfg.logging.run_dir)
-        engine = engine_slot.engine
-        t0 = time.perf_counter()
-        # Not `engine is None`: ranks that own no engine (TP/PP peers) hold None in every stage
-        # and would re-export alone at a second RL stage, a collective the owners skip
-        # (deadlock).
+        ref_chunks = (
+            reference_policy(cfg, ctx, stage, chunks, ckpt, tokenizer, resumed=rs is not None)
+            if rl.kl_coef > 0
+            else None
+        )
         if not engine_slot.started:
-            # One engine for the whole run: an in-process vLLM's shutdown tears down the default
-            # process group, so the run shuts it down once, after its last stage.
-            engine_dir = run_dir / "rollout_engine"
-            phase(
-                f"stage {stage.name}: exporting the policy, starting the vLLM rollout engine",
-                rank=ctx.rank,
-            )
-            if ctx.rank == 0:
-                engine_dir.mkdir(parents=True, exist_ok=True)
-            export_hf(cfg, ctx, chunks, tokenizer, tokenizer_dir, engine_dir)
-            in_process = engine_in_process(cfg, ctx)
-            engine = (
-                build_engine(
-                    cfg,
-                    engine_dir,
-                    version=0,
-                    in_process=in_process,
-                    max_model_len=engine_context_length(run_cfg),
-                )
-                if engine_owner(ctx)
-                else None
-            )
-            engine_slot.engine = engine
-            engine_slot.started = True
-            phase(
-                f"stage {stage.name}: rollout engine up in {time.perf_counter() - t0:.1f}s",
-                rank=ctx.rank,
-            )
+            start_engine(run_cfg, cfg, ctx, stage, chunks, tokenizer, tokenizer_dir, engine_slot)
+        engine = engine_slot.engine
 
     def weight_sync(version: int) -> float:
         from megatron_autothink.weights.gather import iter_hf_weights
@@ -291,6 +308,7 @@ def run_stage(
         opt=opt,
         engine=engine,
         tokenizer=tokenizer,
+        algo=algo,
         score=Rubric(rl.rewards),
         replay=replay,
         rng=rng,
@@ -327,7 +345,7 @@ class RLModule:
 class EngineSlot:
     """The run's rollout engine (None on ranks that own none), shared by its RL stages."""
 
-    engine: Any = None
+    engine: RolloutEngine | None = None
     started: bool = False  # set by the first RL stage on every rank, engine owner or not
 
     def shutdown(self) -> None:

@@ -39,15 +39,16 @@ Off-policy replays and the reference model:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,9 +62,9 @@ from megatron_autothink.data.image_processing import (
 from megatron_autothink.modes import mode_id
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.rl.actor import compute_logprobs, policy_update
-from megatron_autothink.rl.advantages import group_advantages
+from megatron_autothink.rl.algorithm import Algorithm
 from megatron_autothink.rl.batching import TrainSequence, pack_sequences, per_sample_values
-from megatron_autothink.rl.bpo import bpo_advantages, decision_position, decision_weights
+from megatron_autothink.rl.bpo import decision_position, decision_weights
 from megatron_autothink.rl.comm import RLComm, engine_owner
 from megatron_autothink.rl.rewards.rubric import length_cost
 from megatron_autothink.rl.rollout import (
@@ -73,9 +74,14 @@ from megatron_autothink.rl.rollout import (
     generate_groups,
 )
 from megatron_autothink.rl.ssr import ReplayBuffer, ReplayRecord, ssr_select
-from megatron_autothink.rl.types import TrainSample
+from megatron_autothink.rl.types import RolloutRecord, TrainSample
+from megatron_autothink.rollout.engine import RolloutEngine
 from megatron_autothink.rollout.parity import logprob_parity
 from megatron_autothink.rollout.types import SamplingConfig, ThinkRuleSettings
+from megatron_autothink.train.setup import OptimizerBundle
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +91,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
-def compute_advantages(groups: list[list[ScoredResponse]], rl: RLConfig) -> list[list[float]]:
+def compute_advantages(groups: list[list[ScoredResponse]], algo: Algorithm) -> list[list[float]]:
     """Group advantages per prompt (BPO: over the mixed thinking/non-thinking group)."""
     out: list[list[float]] = []
     for g in groups:
@@ -93,30 +99,25 @@ def compute_advantages(groups: list[list[ScoredResponse]], rl: RLConfig) -> list
             out.append([])
             continue
         r = torch.tensor([[x.reward for x in g]], dtype=torch.float64)
-        if rl.algorithm == "bpo":
-            modes = torch.tensor([[x.forced_mode == "long" for x in g]])
-            a = bpo_advantages(r, modes, std_normalize=rl.std_normalize)
-        else:
-            a = group_advantages(r, std_normalize=rl.std_normalize and rl.algorithm == "grpo")
-        out.append([float(v) for v in a[0]])
+        forced_long = torch.tensor([[x.forced_mode == "long" for x in g]])
+        out.append([float(v) for v in algo.advantages(r, forced_long)[0]])
     return out
 
 
-def replay_capacity(rl: RLConfig, dp: int) -> int:
+def replay_capacity(algo: Algorithm, prompts_per_step: int, dp: int) -> int:
     """SSR buffer capacity of ONE data-parallel rank: half of its own rollouts per step
     (VL-Rethinker's half of the batch), since each rank buffers only the prompts it generated.
 
     Example:
         8 prompts x 8 samples over 2 ranks: 32 rollouts per rank, 16 buffered (not 32).
 
-        >>> replay_capacity(RLConfig(prompts_per_step=8, group_size=8), dp=2)
+        >>> replay_capacity(Algorithm.of(RLConfig(group_size=8)), prompts_per_step=8, dp=2)
         16
-        >>> replay_capacity(RLConfig(algorithm="bpo", prompts_per_step=2,
-        ...                          bpo={"g_think": 2, "g_nothink": 1}), dp=2)
+        >>> bpo = Algorithm.of(RLConfig(algorithm="bpo", bpo={"g_think": 2, "g_nothink": 1}))
+        >>> replay_capacity(bpo, prompts_per_step=2, dp=2)
         1
     """
-    group = rl.bpo.g_think + rl.bpo.g_nothink if rl.algorithm == "bpo" else rl.group_size
-    return max(1, rl.prompts_per_step // dp * group // 2)
+    return max(1, prompts_per_step // dp * algo.group_size // 2)
 
 
 class ReplayStore:
@@ -315,36 +316,33 @@ def logprob_mismatch(batches: list[Any], old: list[torch.Tensor]) -> dict[str, f
 
 def rollout_records(
     step: int, prompts: list[PromptSample], groups: list[list[ScoredResponse]]
-) -> list[dict[str, Any]]:
-    """One JSON-able record per response: what was asked, in which mode, what came back."""
-    recs = []
-    for g in groups:
-        for r in g:
-            p = prompts[r.prompt_index]
-            recs.append(
-                {
-                    "step": step,
-                    "prompt_id": p.id,
-                    "difficulty": p.difficulty,
-                    "mode": r.forced_mode,
-                    "thinking": r.thinking,
-                    "reward": r.reward,
-                    "correct": r.correct,
-                    "finished": r.finished,
-                    "tokens": r.num_tokens,
-                    "rethink": r.rethink,
-                    "text": r.text,
-                }
-            )
-    return recs
+) -> list[RolloutRecord]:
+    """One record per response, in prompt order."""
+    return [
+        RolloutRecord(
+            step=step,
+            prompt_id=prompts[r.prompt_index].id,
+            difficulty=prompts[r.prompt_index].difficulty,
+            mode=r.forced_mode,
+            thinking=r.thinking,
+            reward=r.reward,
+            correct=r.correct,
+            finished=r.finished,
+            tokens=r.num_tokens,
+            rethink=r.rethink,
+            text=r.text,
+        )
+        for g in groups
+        for r in g
+    ]
 
 
-def log_rollouts(path: Path, records: list[dict[str, Any]]) -> None:
+def log_rollouts(path: Path, records: list[RolloutRecord]) -> None:
     """Append the records to the rollouts JSONL (one line each)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for rec in records:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
 
 
 # Metrics that add up over data-parallel ranks (the others are averaged).
@@ -369,9 +367,10 @@ class RLContext:
     ctx: ParallelContext
     chunks: list[torch.nn.Module]
     ref_chunks: list[torch.nn.Module] | None
-    opt: Any
-    engine: Any  # RolloutEngine on engine-owning ranks, None elsewhere
-    tokenizer: Any
+    opt: OptimizerBundle
+    engine: RolloutEngine | None  # on engine-owning ranks (rl.comm.engine_owner), else None
+    tokenizer: PreTrainedTokenizerBase
+    algo: Algorithm  # chosen once, from rl.algorithm, where the stage is built
     score: ScoreFn
     replay: ReplayStore | None
     rng: random.Random  # forced-rethinking draws
@@ -379,7 +378,7 @@ class RLContext:
     pad_id: int
     image_token_id: int
     image: ImageProcessingConfig  # the loader's: replays re-decode their shard bytes with it
-    weight_sync: Any  # callable(version) -> seconds
+    weight_sync: Callable[[int], float]  # (policy version) -> seconds taken
     comm: RLComm  # engine owner -> model-parallel group; reductions over data parallelism
     rollout_log: Path | None = None  # JSONL of every rollout (prompt id, mode, reward, text)
 
@@ -405,7 +404,7 @@ def rl_step(rc: RLContext, prompts: list[PromptSample], step: int) -> dict[str, 
         if rc.rollout_log is not None and records is not None:
             log_rollouts(rc.rollout_log, records)
     t1 = time.perf_counter()
-    advs = compute_advantages(groups, rl)
+    advs = compute_advantages(groups, rc.algo)
     ts = select_training_set(prompts, groups, advs, rl, rc.replay, rc.gen, step)
     metrics.update(ts.metrics)
     t_reward = time.perf_counter() - t1
@@ -449,7 +448,7 @@ def _sequences(
     """The packing input; images come from ``decoded`` or are decoded from the shard bytes
     (replays) into it; ``with_old`` packs the behaviour log-probs."""
     rl = rc.cfg.rl
-    train_prefill = rl.algorithm == "bpo" and rl.bpo.train_decision
+    train_prefill = rc.algo.trains_decision
     anchor = rl.bpo.prefill_anchor if train_prefill and rl.bpo.prefill_anchor > 0 else None
     seqs = []
     for i, (s, rep) in enumerate(zip(samples, is_replay, strict=True)):
@@ -591,7 +590,7 @@ def _update_policy(
         values = per_sample_values(scoring, behaviour, len(ts.fresh))
         for s, v in zip(ts.fresh, values, strict=True):
             s.behaviour_logprobs = torch.tensor(v, dtype=torch.float32)
-        if rl.algorithm == "bpo" and rl.bpo.train_decision:
+        if rc.algo.trains_decision:
             metrics.update(
                 weigh_decisions(
                     ts.fresh,
@@ -617,8 +616,12 @@ def _rollouts(
 ) -> tuple[list[list[ScoredResponse]], dict[str, float]]:
     """Generate and score every prompt's group (+ forced rethinking); engine owner only."""
     rl = rc.cfg.rl
+    if rc.engine is None:
+        raise RuntimeError(f"rank {rc.ctx.rank} owns no rollout engine but was asked to generate")
     rc.engine.wake_up()
-    groups = generate_groups(rc.engine, prompts, rl, sampling, rc.tokenizer, rc.score, step=step)
+    groups = generate_groups(
+        rc.engine, prompts, rc.algo, sampling, rc.tokenizer, rc.score, step=step
+    )
     metrics: dict[str, float] = {}
     if rl.rethink.enabled:
         metrics.update(

@@ -132,3 +132,21 @@ def _same(x: Any, y: Any) -> bool:
             and torch.equal(x.isnan(), y.isnan())
         )
     return bool(x == y)
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    """One line of ``<run>/rollouts/<stage>.jsonl``: what was asked, in which mode, what came
+    back. Gathered from every data-parallel rank to the first, which appends them."""
+
+    step: int
+    prompt_id: str
+    difficulty: int | None
+    mode: str  # the forced mode: "auto" | "long" | "short"
+    thinking: bool  # the response has a non-empty think block
+    reward: float
+    correct: bool
+    finished: bool  # ended with EOS, not at the token limit
+    tokens: int  # response tokens
+    rethink: str  # "" | "accepted" | "rejected:<reason>"
+    text: str

@@ -24,12 +24,11 @@ from megatron_autothink.data.loader import (
 )
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train.callbacks import standard_callbacks
-from megatron_autothink.train.checkpoint import CheckpointManager, checkpoint_root
+from megatron_autothink.train.checkpoint import CheckpointManager
 from megatron_autothink.train.flops import attended_length, mfu, train_flops_per_token
 from megatron_autothink.train.loop import run_loop
 from megatron_autothink.train.preempt import PreemptionWatcher
 from megatron_autothink.train.progress import phase
-from megatron_autothink.train.setup import build_optimizer
 from megatron_autothink.train.state import LoopState
 from megatron_autothink.train.step import train_step
 
@@ -152,20 +151,10 @@ def run_sft_stage(
         f"({path})",
         rank=ctx.rank,
     )
-    opt = build_optimizer(cfg, chunks, ctx, total_steps=stage.steps)
     loader = build_sft_loader(cfg, ctx, path, tokenizer, training=True, split="train")
-    ckpt = CheckpointManager(checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last)
-    state = LoopState(
-        cfg=cfg,
-        ctx=ctx,
-        chunks=chunks,
-        opt=opt,
-        data=loader,
-        ckpt=ckpt,
-        stage=stage.name,
-        total_steps=stage.steps,
-        step_offset=step_offset,
-    )
+    state = LoopState.begin(cfg, ctx, stage, chunks, loader, step_offset=step_offset)
+    opt, ckpt = state.opt, state.ckpt
+    assert ckpt is not None  # LoopState.begin always gives the stage a checkpoint folder
     state.resume(previous)
     if state.step >= stage.steps:
         log.info("stage %s already finished (step %d)", stage.name, state.step)

@@ -16,12 +16,12 @@ from typing import Any, Protocol
 
 import torch
 
-from megatron_autothink.config import AutothinkConfig, dump_config
+from megatron_autothink.config import AutothinkConfig, StageConfig, dump_config
 from megatron_autothink.fileio import drop_steps_after
 from megatron_autothink.parallel import ParallelContext
 from megatron_autothink.train import resume as resume_rules
-from megatron_autothink.train.checkpoint import CheckpointManager
-from megatron_autothink.train.setup import OptimizerBundle
+from megatron_autothink.train.checkpoint import CheckpointManager, checkpoint_root
+from megatron_autothink.train.setup import OptimizerBundle, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,33 @@ class LoopState:
     step_logs: list[Path] = field(default_factory=list)
     """Per-step JSONL files rank 0 appends to besides metrics.jsonl (RL: the rollouts); rows
     after the step a stage starts from are dropped at :meth:`resume`."""
+
+    @classmethod
+    def begin(
+        cls,
+        cfg: AutothinkConfig,
+        ctx: ParallelContext,
+        stage: StageConfig,
+        chunks: list[torch.nn.Module],
+        data: BatchSource,
+        *,
+        step_offset: int,
+    ) -> LoopState:
+        """A stage's state at step 0: its optimizer and LR schedule over ``stage.steps`` and
+        its checkpoint folder ``<checkpoint root>/<stage name>``; :meth:`resume` comes next."""
+        return cls(
+            cfg=cfg,
+            ctx=ctx,
+            chunks=chunks,
+            opt=build_optimizer(cfg, chunks, ctx, total_steps=stage.steps),
+            data=data,
+            ckpt=CheckpointManager(
+                checkpoint_root(cfg) / stage.name, ctx, cfg.checkpoint.keep_last
+            ),
+            stage=stage.name,
+            total_steps=stage.steps,
+            step_offset=step_offset,
+        )
 
     @property
     def global_step(self) -> int:

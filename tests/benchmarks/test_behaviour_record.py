@@ -38,3 +38,12 @@ def test_loss_beyond_tolerance_tables_and_weights_are_reported() -> None:
     assert "conversion round trip: hf1 and hf2 differ" in diffs
     del new["train_losses"]["sft"]["2"]
     assert any("steps" in d for d in compare(_record(), new))
+
+
+def test_a_step_that_trained_nothing_is_nan_in_both() -> None:
+    old, new = copy.deepcopy(_record()), copy.deepcopy(_record())
+    old["train_losses"]["ssr"] = {"1": float("nan")}
+    new["train_losses"]["ssr"] = {"1": float("nan")}
+    assert compare(old, new) == []
+    new["train_losses"]["ssr"]["1"] = 0.5
+    assert compare(old, new) == ["train_losses[ssr]: NaN in one record only at steps ['1']"]

@@ -296,23 +296,3 @@ def test_broken_input_aborts_early(tmp_path: Path) -> None:
     path.write_text("{oops\n" * 150)
     with pytest.raises(PrepError, match="looks broken"):
         prep_shards([path], str(tmp_path / "out"), PrepOptions(progress=False))
-
-
-def test_record_conversion() -> None:
-    rec = {
-        "id": 5,
-        "images": ["a.png", "b.png"],
-        "conversations": [
-            {"from": "system", "value": "s"},
-            {"from": "human", "value": "compare"},
-            {"from": "gpt", "value": "same"},
-        ],
-        "answer": 3,
-        "answer_type": "number",
-        "unrelated": "ignored",
-    }
-    s = shards_mod.record_to_sample(rec, fallback_id="f", source="src")
-    assert s.id == "5" and s.answer == "3" and s.source == "src"
-    assert s.conversations[1].content == "<image>\n<image>\ncompare"
-    with pytest.raises(shards_mod.BadRecord, match="invalid_schema"):
-        shards_mod.record_to_sample({"conversations": "[1"}, fallback_id="f", source=None)

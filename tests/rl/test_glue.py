@@ -16,6 +16,7 @@ from megatron_autothink.config import AutothinkConfig, RLConfig
 from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.data.image_processing import ImageProcessingConfig, encode_image
 from megatron_autothink.rl import trainer
+from megatron_autothink.rl.algorithm import Algorithm
 from megatron_autothink.rl.batching import RLMicroBatch, TrainSequence, pack_sequences
 from megatron_autothink.rl.losses import policy_loss
 from megatron_autothink.rl.rollout import ScoredResponse
@@ -64,21 +65,21 @@ def _prompt(pid: str, images: bool = True) -> PromptSample:
 def test_compute_advantages_per_algorithm() -> None:
     groups = [[_resp(1.0), _resp(0.0), _resp(0.0), _resp(1.0)], []]
     # GRPO: (r - 0.5) / (std + 1e-6), unbiased std of [1, 0, 0, 1] = sqrt(1/3)
-    grpo = compute_advantages(groups, RLConfig(algorithm="grpo"))
+    grpo = compute_advantages(groups, Algorithm.of(RLConfig(algorithm="grpo")))
     a = 0.5 / (math.sqrt(1 / 3) + 1e-6)
     assert grpo[0] == pytest.approx([a, -a, -a, a]) and grpo[1] == []
     # REINFORCE with baseline (LMM-R1): mean only, even with std_normalize left on
     one_right = [[_resp(1.0), _resp(0.0), _resp(0.0), _resp(0.0)]]
-    assert compute_advantages(one_right, RLConfig(algorithm="reinforce")) == [
+    assert compute_advantages(one_right, Algorithm.of(RLConfig(algorithm="reinforce"))) == [
         [0.75, -0.25, -0.25, -0.25]
     ]
     # VL-Rethinker's GRPO without std
-    assert compute_advantages(one_right, RLConfig(std_normalize=False)) == [
+    assert compute_advantages(one_right, Algorithm.of(RLConfig(std_normalize=False))) == [
         [0.75, -0.25, -0.25, -0.25]
     ]
     # BPO: one baseline over the mixed group (thinking solves it, non-thinking does not)
     bpo = [[_resp(1.0, mode="long"), _resp(1.0, mode="long"), _resp(0.0, mode="short")]]
-    out = compute_advantages(bpo, RLConfig(algorithm="bpo", std_normalize=False))
+    out = compute_advantages(bpo, Algorithm.of(RLConfig(algorithm="bpo", std_normalize=False)))
     assert out[0] == pytest.approx([1 / 3, 1 / 3, -2 / 3])
 
 
@@ -243,7 +244,7 @@ def test_update_policy_trains_replays_on_their_behaviour_logprobs(
     cfg.data.seq_length, cfg.data.micro_batch_size = 64, 1
     rc: Any = RLContext(
         cfg=cfg, ctx=None, chunks=[], ref_chunks=None, opt=None, engine=None, tokenizer=None,
-        score=None, replay=None, rng=None, gen=None, pad_id=0, image_token_id=99,
+        algo=Algorithm.of(cfg.rl), score=None, replay=None, rng=None, gen=None, pad_id=0, image_token_id=99,
         image=ImageProcessingConfig(), weight_sync=None, comm=None,
     )  # fmt: skip
 
@@ -289,7 +290,7 @@ def test_weigh_decisions_reads_p_think_and_weights_whole_groups_only() -> None:
         for _ in range(2)
     ]
     prompts = [_prompt("p0"), _prompt("p1")]
-    advs = compute_advantages(groups, rl)
+    advs = compute_advantages(groups, Algorithm.of(rl))
     gen = torch.Generator().manual_seed(0)
     ts = select_training_set(prompts, groups, advs, rl, None, gen, step=1)
     for s in ts.samples:
@@ -329,7 +330,13 @@ def test_weigh_decisions_refuses_groups_out_of_bpo_layout() -> None:
         [_forced("long", 1.0), _forced("short", 0.0), _forced("long", 1.0), _forced("short", 0.0)]
     ]
     ts = select_training_set(
-        [_prompt("p0")], groups, compute_advantages(groups, rl), rl, None, torch.Generator(), step=1
+        [_prompt("p0")],
+        groups,
+        compute_advantages(groups, Algorithm.of(rl)),
+        rl,
+        None,
+        torch.Generator(),
+        step=1,
     )
     for s in ts.samples:
         s.behaviour_logprobs = torch.full((s.prefill_ids.numel() + 3,), -0.1)
@@ -346,7 +353,13 @@ def test_weigh_decisions_skips_a_forced_trace_with_no_tokens() -> None:
     ]
     groups[0][1].response_ids, groups[0][1].engine_logprobs = [], []
     ts = select_training_set(
-        [_prompt("p0")], groups, compute_advantages(groups, rl), rl, None, torch.Generator(), step=1
+        [_prompt("p0")],
+        groups,
+        compute_advantages(groups, Algorithm.of(rl)),
+        rl,
+        None,
+        torch.Generator(),
+        step=1,
     )
     for s in ts.samples:
         s.behaviour_logprobs = torch.full((s.prefill_ids.numel() + s.response_ids.numel(),), -0.1)
@@ -404,12 +417,12 @@ def test_prefill_anchor_holds_the_opening_both_forced_modes_share(
     cfg.rl.bpo.prefill_anchor = anchor
     rc: Any = RLContext(
         cfg=cfg, ctx=None, chunks=[], ref_chunks=None, opt=None, engine=None, tokenizer=None,
-        score=None, replay=None, rng=None, gen=None, pad_id=0, image_token_id=99,
+        algo=Algorithm.of(cfg.rl), score=None, replay=None, rng=None, gen=None, pad_id=0, image_token_id=99,
         image=ImageProcessingConfig(), weight_sync=None, comm=None,
     )  # fmt: skip
     groups = [[_forced("long", 1.0), _forced("short", 0.0)]]
     ts = select_training_set(
-        [_prompt("p0", images=False)], groups, compute_advantages(groups, cfg.rl), cfg.rl, None,
+        [_prompt("p0", images=False)], groups, compute_advantages(groups, Algorithm.of(cfg.rl)), cfg.rl, None,
         torch.Generator(), step=1,
     )  # fmt: skip
     m = trainer._update_policy(rc, ts)

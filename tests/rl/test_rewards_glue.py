@@ -14,6 +14,7 @@ import pytest
 from megatron_autothink.config import RLConfig, load_config
 from megatron_autothink.data.batch import PromptSample
 from megatron_autothink.eval.runner import generate_records
+from megatron_autothink.rl.algorithm import Algorithm
 from megatron_autothink.rl.rewards import Rubric
 from megatron_autothink.rl.rollout import generate_groups
 from megatron_autothink.rollout.types import Completion, GenerationRequest, SamplingConfig
@@ -84,7 +85,13 @@ def test_training_rollout_uses_the_same_scores(rubric: Rubric) -> None:
     engine = _ScriptedEngine([SAMPLES])
     rl = RLConfig(algorithm="grpo", group_size=len(SAMPLES))
     [group] = generate_groups(
-        engine, PROMPTS, rl, SamplingConfig(max_new_tokens=8), _Tokenizer(), rubric, step=0
+        engine,
+        PROMPTS,
+        Algorithm.of(rl),
+        SamplingConfig(max_new_tokens=8),
+        _Tokenizer(),
+        rubric,
+        step=0,
     )
     assert [(r.reward, r.correct) for r in group] == [
         (1.0, True),

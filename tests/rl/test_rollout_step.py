@@ -119,7 +119,7 @@ def test_lengths_count_the_whole_assistant_turn_in_every_mode() -> None:
     m = rollout_metrics([PROMPT], groups)
     assert m["rollout/auto/length"] == m["rollout/short/length"] == 28.0
     assert m["rollout/long/length"] == 31.0
-    assert [r["tokens"] for r in rollout_records(1, [PROMPT], groups)] == [28, 28, 31]
+    assert [r.tokens for r in rollout_records(1, [PROMPT], groups)] == [28, 28, 31]
 
 
 def test_length_cost_lets_bpo_prefer_the_direct_answer_only_where_both_modes_are_right() -> None:
@@ -129,6 +129,7 @@ def test_length_cost_lets_bpo_prefer_the_direct_answer_only_where_both_modes_are
     advantages are all 0 (nothing tells BPO to stop thinking there)."""
     from megatron_autothink.config import AutothinkConfig
     from megatron_autothink.data.image_processing import ImageProcessingConfig
+    from megatron_autothink.rl.algorithm import Algorithm
     from megatron_autothink.rl.trainer import RLContext, _rollouts, compute_advantages
 
     trace = "a=4\n</think>\n\nThe answer is \\boxed{4}"  # 8 prefill + 37 = 45 tokens
@@ -147,12 +148,13 @@ def test_length_cost_lets_bpo_prefer_the_direct_answer_only_where_both_modes_are
         cfg.rl.bpo.g_think = cfg.rl.bpo.g_nothink = 2
         rc: Any = RLContext(
             cfg=cfg, ctx=None, chunks=[], ref_chunks=None, opt=None,
-            engine=ScriptedEngine(answers), tokenizer=CharTokenizer(), score=score, replay=None,
+            engine=ScriptedEngine(answers), tokenizer=CharTokenizer(), algo=Algorithm.of(cfg.rl),
+            score=score, replay=None,
             rng=None, gen=None, pad_id=0, image_token_id=99, image=ImageProcessingConfig(),
             weight_sync=None, comm=None,
         )  # fmt: skip
         groups, _ = _rollouts(rc, [easy, hard], sampling, 0)
-        return groups, compute_advantages(groups, cfg.rl)
+        return groups, compute_advantages(groups, Algorithm.of(cfg.rl))
 
     groups, adv = run(0.2)
     e_long, _, e_short, _ = groups[0]
